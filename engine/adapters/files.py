@@ -1,0 +1,74 @@
+"""Reading adapter files safely: JSON, safetensors or torch .bin (``weights_only=True``), checked values.
+
+Every failure becomes `InvalidAdapter` naming the file, so a corrupt upload never surfaces as a raw
+pickle, JSON or OS error.
+"""
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from safetensors.torch import load_file
+
+from engine.errors import InvalidAdapter
+from engine.model.common import ArchInfo
+
+
+@dataclass(frozen=True)
+class TargetModel:
+    """What validation needs to know of the base model an adapter will be attached to."""
+
+    info: ArchInfo
+    linear: Mapping[str, tuple[int, int]]  # site path -> (in_features, out_features)
+    junctions: frozenset[str]  # bottleneck site paths
+
+
+def read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InvalidAdapter(str(path.parent), f"missing {path.name}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidAdapter(str(path.parent), f"cannot read {path.name}: {exc}") from None
+    if not isinstance(data, dict):
+        raise InvalidAdapter(str(path.parent), f"{path.name} must hold a JSON object")
+    return data
+
+
+def read_weights(folder: Path, safetensors_name: str, bin_name: str) -> dict[str, torch.Tensor]:
+    """The first of the two files that exists; .bin files are unpickled with weights_only only."""
+    st, binary = folder / safetensors_name, folder / bin_name
+    try:
+        if st.exists():
+            return dict(load_file(st))
+        if binary.exists():
+            state = torch.load(binary, map_location="cpu", weights_only=True)
+            if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+                raise InvalidAdapter(str(folder), f"{bin_name} is not a state dict of tensors")
+            return state
+    except InvalidAdapter:
+        raise
+    except Exception as exc:  # truncated zip, bad header, refused pickle: all mean a corrupt file
+        name = st.name if st.exists() else binary.name
+        raise InvalidAdapter(str(folder), f"cannot read {name}: {type(exc).__name__}: {exc}") from None
+    raise InvalidAdapter(str(folder), f"no weights file ({safetensors_name} or {bin_name})")
+
+
+def checked(tensor: torch.Tensor, source: str, key: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """The tensor as float32 if it has the expected shape and only finite values."""
+    if tuple(tensor.shape) != tuple(shape):
+        raise InvalidAdapter(source, f"shape {tuple(tensor.shape)} does not fit the base model, expected {tuple(shape)}", key)
+    if not tensor.is_floating_point():
+        raise InvalidAdapter(source, f"dtype {tensor.dtype} is not a floating point type", key)
+    tensor = tensor.float()
+    if not bool(torch.isfinite(tensor).all()):
+        raise InvalidAdapter(source, "contains NaN or infinite values", key)
+    return tensor
+
+
+def take(state: dict[str, torch.Tensor], key: str, source: str) -> torch.Tensor:
+    """Pops a required key; its absence is an error naming the key."""
+    if key not in state:
+        raise InvalidAdapter(source, "missing key", key)
+    return state.pop(key)

@@ -1,0 +1,61 @@
+"""Prediction heads saved beside AdapterHub adapters (``head_config.json`` + head weights).
+
+The library builds a head as ``[Dropout, Linear(H, H), act] * (layers - 1) + [Dropout, Linear(H, labels)]``
+and names the Linears by their index in that list (``heads.<name>.1``, ``heads.<name>.4``).
+"""
+from pathlib import Path
+
+from engine.adapters.files import TargetModel, checked, read_json, read_weights, take
+from engine.adapters.spec import HeadSpec, HeadType
+from engine.errors import InvalidAdapter, UnsupportedAdapter
+from kernels import Act, act_from_name
+
+HEAD_TYPES = {t.value: t for t in HeadType}
+
+
+def read_head(folder: Path, target: TargetModel) -> HeadSpec | None:
+    """The folder's head, or None when it was saved without one."""
+    if not (folder / "head_config.json").exists():
+        return None
+    source = str(folder)
+    meta = read_json(folder / "head_config.json")
+    cfg, name = meta.get("config"), meta.get("name")
+    if not isinstance(cfg, dict) or not isinstance(name, str):
+        raise InvalidAdapter(source, "head_config.json needs a 'config' object and a 'name'")
+    head_type = HEAD_TYPES.get(cfg.get("head_type"))
+    if head_type is None:
+        raise UnsupportedAdapter(source, f"head type {cfg.get('head_type')!r} is not supported (classification, multilabel_classification, tagging)")
+    if cfg.get("use_pooler") and target.info.is_decoder:
+        raise InvalidAdapter(source, "use_pooler heads need an encoder with a pooler")
+    layers, num_labels = cfg.get("layers"), cfg.get("num_labels")
+    if not isinstance(layers, int) or layers < 1 or not isinstance(num_labels, int) or num_labels < 1:
+        raise InvalidAdapter(source, f"head layers and num_labels must be positive integers, got {layers!r}, {num_labels!r}")
+    try:
+        act = act_from_name(cfg.get("activation_function")) if cfg.get("activation_function") else Act.IDENTITY
+    except KeyError:
+        raise UnsupportedAdapter(source, f"head activation {cfg.get('activation_function')!r} is not supported") from None
+    state = read_weights(folder, "model_head.safetensors", "pytorch_model_head.bin")
+    hidden, index, linears = target.info.hidden_size, 0, []
+    for layer in range(layers):
+        last = layer == layers - 1
+        index += 1  # the Dropout before every Linear
+        key = f"heads.{name}.{index}."
+        out = num_labels if last else hidden
+        weight = checked(take(state, key + "weight", source), source, key + "weight", (out, hidden))
+        bias = None
+        if not last or cfg.get("bias", True):
+            bias = checked(take(state, key + "bias", source), source, key + "bias", (out,))
+        linears.append((weight, bias))
+        index += 1 if last or not cfg.get("activation_function") else 2  # the Linear, and its activation module
+    if state:
+        raise InvalidAdapter(source, "unexpected head weights", sorted(state)[0])
+    return HeadSpec(head_type, tuple(linears), act, bool(cfg.get("use_pooler")), _labels(cfg, num_labels, source))
+
+
+def _labels(cfg: dict, num_labels: int, source: str) -> tuple[str, ...]:
+    label2id = cfg.get("label2id")
+    if not label2id:
+        return tuple(f"LABEL_{i}" for i in range(num_labels))
+    if sorted(label2id.values()) != list(range(num_labels)):
+        raise InvalidAdapter(source, f"label2id must map onto 0..{num_labels - 1}, got {label2id}")
+    return tuple(label for label, _ in sorted(label2id.items(), key=lambda item: item[1]))

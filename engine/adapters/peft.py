@@ -1,0 +1,100 @@
+"""PEFT folders: ``adapter_config.json`` (peft_type LORA or IA3) + ``adapter_model.safetensors``/``.bin``.
+
+Keys are ``base_model.model.<module path>.lora_A.weight`` / ``lora_B.weight`` / ``ia3_l``. LoRA scales by
+``alpha / r`` (``alpha / sqrt(r)`` with use_rslora), per module overridable by rank_pattern and
+alpha_pattern. IA3 scales a module's output, or its input for feed-forward modules (``ia3_l`` [1, in]).
+``fan_in_fan_out`` only changes how PEFT merges Conv1D weights, not the unmerged math served here.
+"""
+import math
+import re
+from pathlib import Path
+
+from engine.adapters.files import TargetModel, checked, read_json, read_weights
+from engine.adapters.spec import AdapterSpec, IA3Weights, LoraWeights, Method
+from engine.errors import InvalidAdapter, UnsupportedAdapter
+
+KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<param>lora_A\.weight|lora_B\.weight|ia3_l)$")
+# options that change inference and that we do not implement: refused instead of silently ignored
+REFUSED = {"use_dora": "DoRA", "lora_bias": "LoRA bias", "layer_replication": "layer replication",
+           "modules_to_save": "modules_to_save", "trainable_token_indices": "trainable tokens",
+           "target_parameters": "target_parameters", "use_qalora": "QA-LoRA", "alora_invocation_tokens": "aLoRA"}
+
+
+def read_peft(folder: Path, target: TargetModel, name: str) -> AdapterSpec:
+    source = str(folder)
+    cfg = read_json(folder / "adapter_config.json")
+    peft_type = cfg.get("peft_type")
+    if peft_type not in ("LORA", "IA3"):
+        raise UnsupportedAdapter(source, f"peft_type {peft_type!r} is not supported (LORA, IA3)")
+    for field, what in REFUSED.items():
+        if cfg.get(field):
+            raise UnsupportedAdapter(source, f"{what} ({field}) is not supported")
+    if cfg.get("bias", "none") != "none":
+        raise UnsupportedAdapter(source, f"bias={cfg['bias']!r} is not supported (only 'none')")
+    state = read_weights(folder, "adapter_model.safetensors", "adapter_model.bin")
+    modules: dict[str, dict] = {}
+    for key, tensor in state.items():
+        match = KEY.match(key)
+        if match is None:
+            raise InvalidAdapter(source, "unexpected key", key)
+        module = _strip_prefix(match["module"], target)
+        if module not in target.linear:
+            raise UnsupportedAdapter(source, f"module {module!r} is not an adapter site of this base model ({key})")
+        modules.setdefault(module, {})[match["param"]] = (key, tensor)
+    if not modules:
+        raise InvalidAdapter(source, "no LoRA or IA3 weights in the file")
+    if peft_type == "LORA":
+        lora = {m: _lora(p, cfg, m, target, source) for m, p in modules.items()}
+        return AdapterSpec(name, Method.LORA, source, lora=lora, config=cfg)
+    ia3 = {m: _ia3(p, cfg, m, target, source) for m, p in modules.items()}
+    return AdapterSpec(name, Method.IA3, source, ia3=ia3, config=cfg)
+
+
+def _strip_prefix(module: str, target: TargetModel) -> str:
+    for prefix in target.info.state_dict_prefixes:
+        if module.startswith(prefix):
+            return module[len(prefix):]
+    return module
+
+
+def _pattern_value(patterns: dict, module: str, default):
+    """PEFT's `get_pattern_key`: the first pattern that matches the end of the module path."""
+    for pattern, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            return value
+    return default
+
+
+def _lora(params: dict, cfg: dict, module: str, target: TargetModel, source: str) -> LoraWeights:
+    in_f, out_f = target.linear[module]
+    r = _pattern_value(cfg.get("rank_pattern"), module, cfg.get("r", 8))
+    alpha = _pattern_value(cfg.get("alpha_pattern"), module, cfg.get("lora_alpha", 8))
+    if not isinstance(r, int) or r < 1:
+        raise InvalidAdapter(source, f"r for {module} must be a positive integer, got {r!r}")
+    for param in ("lora_A.weight", "lora_B.weight"):
+        if param not in params:
+            raise InvalidAdapter(source, "missing key", f"base_model.model.{module}.{param}")
+    a = checked(params["lora_A.weight"][1], source, params["lora_A.weight"][0], (r, in_f))
+    b = checked(params["lora_B.weight"][1], source, params["lora_B.weight"][0], (out_f, r))
+    scaling = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+    return LoraWeights(a, b, float(scaling))
+
+
+def _ia3(params: dict, cfg: dict, module: str, target: TargetModel, source: str) -> IA3Weights:
+    in_f, out_f = target.linear[module]
+    if set(params) != {"ia3_l"}:
+        raise InvalidAdapter(source, "IA3 adapters hold only ia3_l vectors", params[next(iter(params))][0])
+    key, tensor = params["ia3_l"]
+    feedforward = _matches(cfg.get("feedforward_modules"), module)
+    if feedforward:
+        return IA3Weights(checked(tensor, source, key, (1, in_f))[0], on_input=True)
+    return IA3Weights(checked(tensor, source, key, (out_f, 1))[:, 0], on_input=False)
+
+
+def _matches(targets, module: str) -> bool:
+    """PEFT's target matching: a regex string must match the whole path, list entries its end."""
+    if not targets:
+        return False
+    if isinstance(targets, str):
+        return re.fullmatch(targets, module) is not None
+    return module in targets or any(module.endswith(f".{t}") for t in targets)

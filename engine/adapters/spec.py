@@ -1,0 +1,79 @@
+"""Validated adapters as host tensors, independent of the file format they came from.
+
+Weights are already in the layout the pool stacks use (``w_down [H, R]``, ``lora_a [R, K]``), so the
+pool only copies. Every mapping is keyed by the model's site path (see `engine.model.sites`).
+"""
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Mapping
+
+import torch
+
+from engine.batch import BottleneckVariant
+from kernels import Act
+
+
+class Method(Enum):
+    BOTTLENECK = "bottleneck"
+    LORA = "lora"
+    IA3 = "ia3"
+
+
+class HeadType(Enum):
+    CLASSIFICATION = "classification"
+    MULTILABEL = "multilabel_classification"
+    TAGGING = "tagging"
+
+
+@dataclass(frozen=True)
+class BottleneckWeights:
+    w_down: torch.Tensor  # [H, R]
+    b_down: torch.Tensor  # [R]
+    w_up: torch.Tensor  # [R, H]
+    b_up: torch.Tensor  # [H]
+    scaling: torch.Tensor  # [H] (a float or learned scalar broadcast)
+    ln_before: tuple[torch.Tensor, torch.Tensor] | None  # (weight [H], bias [H])
+    ln_after: tuple[torch.Tensor, torch.Tensor] | None
+
+
+@dataclass(frozen=True)
+class LoraWeights:
+    lora_a: torch.Tensor  # [R, K]
+    lora_b: torch.Tensor  # [N, R]
+    scaling: float
+
+
+@dataclass(frozen=True)
+class IA3Weights:
+    vector: torch.Tensor  # [N] output scale, or [K] input scale when on_input
+    on_input: bool  # PEFT scales the input of feed-forward modules instead of the output
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    head_type: HeadType
+    layers: tuple[tuple[torch.Tensor, torch.Tensor | None], ...]  # (weight [out, in], bias [out]) per Linear
+    activation: Act  # between the linear layers
+    use_pooler: bool  # classification input is the BERT pooler output, not the CLS hidden state
+    labels: tuple[str, ...]  # index -> label name
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    name: str  # the name the adapter was saved under (its key namespace)
+    method: Method
+    source: str  # folder it was read from, for messages
+    act: Act = Act.IDENTITY  # bottleneck activation
+    variant: BottleneckVariant | None = None
+    bottleneck: Mapping[str, BottleneckWeights] = field(default_factory=dict)
+    lora: Mapping[str, LoraWeights] = field(default_factory=dict)
+    ia3: Mapping[str, IA3Weights] = field(default_factory=dict)
+    head: HeadSpec | None = None
+    config: Mapping = field(default_factory=dict)  # the saved config, for AdapterInfo
+
+    @property
+    def num_params(self) -> int:
+        tensors = [t for w in self.bottleneck.values() for t in (w.w_down, w.b_down, w.w_up, w.b_up)]
+        tensors += [t for w in self.lora.values() for t in (w.lora_a, w.lora_b)]
+        tensors += [w.vector for w in self.ia3.values()]
+        return sum(t.numel() for t in tensors)

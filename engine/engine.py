@@ -1,0 +1,157 @@
+"""`Engine`: the in-process API. One resident base model; every row of a batch may use its own adapter.
+
+The gRPC service wraps exactly these methods. Loading validates the whole adapter before anything
+is visible; a forward resolves names to slots (acquire), builds the batch metadata, runs ONE pass
+over the model and releases the adapters.
+"""
+import threading
+from pathlib import Path
+
+import torch
+
+from engine.adapters.files import TargetModel
+from engine.adapters.formats import read_adapter
+from engine.adapters.pool import AdapterPool
+from engine.adapters.registry import AdapterRecord, AdapterRegistry
+from engine.batch import AdapterBatch
+from engine.batcher import build_adapter_batch
+from engine.config import EngineConfig
+from engine.errors import InvalidRequest
+from engine.model.heads import apply_heads, last_token_index, pool
+from engine.model.sites import BottleneckSite, name_sites
+from engine.model.weights import load_base_model
+from engine.resolve import default_pooling, resolve_device, resolve_model
+from engine.types import AdapterInfo, ForwardOutput
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class Engine:
+    def __init__(self, config: EngineConfig):
+        if config.num_threads is not None:
+            torch.set_num_threads(config.num_threads)
+        self.config = config
+        self.device = resolve_device(config.device)
+        dtype = DTYPES[config.dtype] if config.dtype else None
+        self.model, self.model_config, self.model_dir = load_base_model(resolve_model(config.model), dtype, self.device)
+        self.dtype = next(self.model.parameters()).dtype
+        self.info = self.model.info
+        sites = name_sites(self.model)
+        linear = {p: (m.in_features, m.out_features) for p, m in sites.items() if not isinstance(m, BottleneckSite)}
+        junctions = [p for p, m in sites.items() if isinstance(m, BottleneckSite)]
+        self.target = TargetModel(self.info, linear, frozenset(junctions))
+        self.pool = AdapterPool(linear, junctions, self.info.hidden_size, config.max_device_adapters, self.device, self.dtype)
+        self.registry = AdapterRegistry()
+        self._pool_lock = threading.Lock()  # pool writes vs. batch metadata reads
+        pooling, normalize = default_pooling(self.model_dir, self.info.is_decoder)
+        self.pooling = config.pooling or pooling
+        self.normalize = normalize if config.normalize_embeddings is None else config.normalize_embeddings
+        self.max_seq_len = config.max_seq_len or getattr(self.model_config, "max_position_embeddings", None) \
+            or getattr(self.model_config, "n_positions")
+        self._tokenizer = None
+
+    @classmethod
+    def from_pretrained(cls, model: str | Path | None = None, device: str = "auto", dtype: str | None = None,
+                        config: EngineConfig | None = None) -> "Engine":
+        base = config or EngineConfig()
+        overrides = {"device": device, "dtype": dtype} | ({"model": str(model)} if model is not None else {})
+        return cls(EngineConfig(**{**base.__dict__, **overrides}))
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        return self._tokenizer
+
+    # ---- adapters -------------------------------------------------------------------------------
+    def load_adapter(self, path: str | Path, name: str | None = None, tenant: str | None = None) -> AdapterInfo:
+        """Validates and loads a folder; re-loading a name swaps to the new version atomically."""
+        spec = read_adapter(Path(path), self.target, name)
+        with self._pool_lock:
+            slot = self.pool.load(spec)
+        head = spec.head
+        info = AdapterInfo(spec.name, tenant, spec.method.value, spec.source, spec.num_params,
+                           head.head_type.value if head else None, head.labels if head else (), slot)
+        replaced = self.registry.register(info)
+        if replaced is not None and replaced.refs == 0:
+            self._free(replaced)
+        return info
+
+    def unload_adapter(self, name: str, tenant: str | None = None) -> None:
+        record = self.registry.retire(name, tenant)
+        if record.refs == 0:
+            self._free(record)
+
+    def list_adapters(self, tenant: str | None = None) -> list[AdapterInfo]:
+        return self.registry.list(tenant)
+
+    def _free(self, record: AdapterRecord) -> None:
+        with self._pool_lock:
+            self.pool.free(record.info.slot)
+
+    # ---- inference ------------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, adapters: list[str | None],
+                token_type_ids: torch.Tensor | None = None, tenant: str | None = None) -> ForwardOutput:
+        """One pass for the whole batch; ``adapters[b]`` names row b's adapter (None = base model)."""
+        self._check_batch(input_ids, attention_mask, adapters, token_type_ids)
+        records = self._acquire(adapters, tenant)
+        try:
+            row_slots = [r.info.slot if r else -1 for r in records]
+            with self._pool_lock:
+                meta = build_adapter_batch(row_slots, self.pool) if any(r for r in records) else None
+                heads = {s: self.pool.heads[s] for s in set(row_slots) if s in self.pool.heads}
+            return self._run(input_ids, attention_mask, token_type_ids, meta, row_slots, heads)
+        finally:
+            for record in records:
+                if record is not None and self.registry.release(record):
+                    self._free(record)
+
+    def _run(self, input_ids, attention_mask, token_type_ids, meta: AdapterBatch | None, row_slots, heads):
+        d = self.device
+        input_ids, attention_mask = input_ids.to(d), attention_mask.to(d)
+        token_type_ids = token_type_ids.to(d) if token_type_ids is not None else None
+        with torch.inference_mode():
+            hidden = self.model(input_ids, attention_mask, token_type_ids, meta)
+            embeddings = pool(hidden, attention_mask, self.pooling, self.normalize)
+            logits = (None,) * len(row_slots)
+            if heads:
+                if self.info.is_decoder:
+                    summary = hidden[torch.arange(hidden.shape[0], device=d), last_token_index(attention_mask)]
+                else:
+                    summary = hidden[:, 0]
+                needs_pooler = any(h.use_pooler for h in heads.values())
+                pooled = self.model.pooler(hidden) if needs_pooler and self.model.pooler is not None else None
+                logits = apply_heads(heads, row_slots, hidden, summary, pooled)
+        return ForwardOutput(hidden, embeddings, logits)
+
+    def _acquire(self, adapters, tenant) -> list[AdapterRecord | None]:
+        records = []
+        try:
+            for name in adapters:
+                records.append(self.registry.acquire(name, tenant) if name else None)
+        except Exception:
+            for record in records:
+                if record is not None and self.registry.release(record):
+                    self._free(record)
+            raise
+        return records
+
+    def _check_batch(self, input_ids, attention_mask, adapters, token_type_ids) -> None:
+        if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
+            raise InvalidRequest(f"input_ids and attention_mask must both be [B, T], got {tuple(input_ids.shape)} and {tuple(attention_mask.shape)}")
+        if token_type_ids is not None and token_type_ids.shape != input_ids.shape:
+            raise InvalidRequest(f"token_type_ids must be [B, T] like input_ids, got {tuple(token_type_ids.shape)}")
+        b, t = input_ids.shape
+        if len(adapters) != b:
+            raise InvalidRequest(f"adapters names {len(adapters)} rows, the batch has {b}")
+        if b == 0 or b > self.config.max_batch_rows:
+            raise InvalidRequest(f"batch size {b} is outside 1..{self.config.max_batch_rows}")
+        if t == 0 or t > self.max_seq_len:
+            raise InvalidRequest(f"sequence length {t} is outside 1..{self.max_seq_len}")
+        if bool((attention_mask.sum(1) == 0).any()):
+            raise InvalidRequest("every row needs at least one token with attention_mask 1")
+        vocab = self.model_config.vocab_size
+        if bool((input_ids < 0).any()) or bool((input_ids >= vocab).any()):
+            raise InvalidRequest(f"input_ids must lie in 0..{vocab - 1}")

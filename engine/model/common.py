@@ -1,0 +1,73 @@
+"""Pieces shared by the model files: the attention core, masks and the architecture description."""
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class SiteLayout:
+    """Module paths (with ``{i}`` for the layer) where the `adapters` library attaches each method."""
+
+    attn_junction: str  # bottleneck mh_adapter
+    ffn_junction: str  # bottleneck output_adapter
+    q: str
+    k: str
+    v: str
+    intermediate: str  # LoRA/IA3 intermediate_lora
+    output: str  # LoRA/IA3 output_lora
+    merged_qkv: bool = False  # GPT-2: q, k and v are one c_attn linear
+
+
+@dataclass(frozen=True)
+class ArchInfo:
+    """What the rest of the engine needs to know about a base model, independent of its family."""
+
+    model_type: str  # config.model_type, e.g. "bert", "llama"
+    hidden_size: int
+    num_layers: int
+    is_decoder: bool  # causal LM family: pools the last token, heads read the last non-pad token
+    state_dict_prefixes: tuple[str, ...]  # prefixes the checkpoints of this family may carry ("bert.", ...)
+    layout: SiteLayout
+
+
+def padding_bias(
+    attention_mask: torch.Tensor, dtype: torch.dtype, causal: bool, sliding_window: int | None = None
+) -> torch.Tensor:
+    """Additive attention bias [B, 1, T, T]: 0 where a query may attend, the dtype's minimum elsewhere.
+
+    Same convention as transformers' eager attention, so padded positions match it too. With a
+    sliding window (Mistral), query q sees keys k with q - window < k <= q.
+    """
+    b, t = attention_mask.shape
+    allowed = attention_mask[:, None, None, :].bool()  # [B, 1, 1, T]
+    if causal:
+        pos = torch.arange(t, device=attention_mask.device)
+        offset = pos[:, None] - pos[None, :]  # q - k
+        band = offset >= 0
+        if sliding_window is not None:
+            band = band & (offset < sliding_window)
+        allowed = allowed & band
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=attention_mask.device)
+    return bias.masked_fill(~allowed, torch.finfo(dtype).min).expand(b, 1, t, t)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) + bias) v over [B, heads, T, d]; k and v may have fewer (GQA) heads."""
+    if k.shape[1] != q.shape[1]:
+        repeat = q.shape[1] // k.shape[1]
+        k = k.repeat_interleave(repeat, dim=1)
+        v = v.repeat_interleave(repeat, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+
+
+def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """[B, T, heads*d] -> [B, heads, T, d]"""
+    b, t, _ = x.shape
+    return x.view(b, t, num_heads, -1).transpose(1, 2)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """[B, heads, T, d] -> [B, T, heads*d]"""
+    b, _, t, _ = x.shape
+    return x.transpose(1, 2).reshape(b, t, -1)

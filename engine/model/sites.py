@@ -1,0 +1,105 @@
+"""Adapter sites: the only places where adapters touch the base model (composition, gpt-fast style).
+
+`LinearSite` is a base linear layer plus the LoRA / IA3 terms of each row; `BottleneckSite` is the
+point after a sublayer's output projection where bottleneck adapters sit (``attention.output`` and
+``output`` in BERT, ``attention_adapters`` / ``output_adapters`` in decoders). Both read their
+per-batch terms from the explicit `AdapterBatch` by their module path, which equals the path of the
+same module in the `adapters` library's state dict keys.
+"""
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import kernels
+from engine.batch import AdapterBatch, BottleneckGroup, BottleneckSiteBatch, ResidualBeforeLN
+
+Norm = Callable[[torch.Tensor], torch.Tensor] | None
+ADAPTER_LN_EPS = 1e-5  # nn.LayerNorm default, used by the adapters library for ln_before / ln_after
+
+
+class LinearSite(nn.Linear):
+    """nn.Linear whose forward also applies each row's LoRA / IA3 terms for this site."""
+
+    path: str = ""  # set by `name_sites` after the model is built
+
+    def forward(self, x: torch.Tensor, meta: AdapterBatch | None = None) -> torch.Tensor:
+        site = meta.linear.get(self.path) if meta is not None else None
+        if site is None:
+            return F.linear(x, self.weight, self.bias)
+        if site.ia3_in is not None:
+            x = kernels.scale_ia3(x.clone(), site.ia3_in, site.ia3_in_slots)
+        y = F.linear(x, self.weight, self.bias)
+        if site.lora is not None:
+            t = site.lora
+            kernels.add_lora(y, x, t.lora_a, t.lora_b, t.scaling, t.ranks, site.lora_slots)
+        if site.ia3_out is not None:
+            kernels.scale_ia3(y, site.ia3_out, site.ia3_out_slots)
+        return y
+
+
+class BottleneckSite(nn.Module):
+    """Residual junction after a sublayer: ``ln(h + x)`` without adapter, the adapter variants with one.
+
+    ``h`` is the sublayer output, ``x`` its residual input, ``ln`` the sublayer's original LayerNorm
+    (None on pre-LN decoders, where the junction is a plain sum).
+    """
+
+    path: str = ""
+
+    def forward(self, h: torch.Tensor, x: torch.Tensor, ln: Norm, meta: AdapterBatch | None) -> torch.Tensor:
+        site = meta.bottleneck.get(self.path) if meta is not None else None
+        if site is None:
+            return _norm(ln, h + x)
+        if len(site.groups) == 1 and site.groups[0].rows is None:
+            return _apply_group(site, site.groups[0], h, x, ln)
+        y = torch.empty_like(h)
+        if site.plain_rows is not None:
+            rows = site.plain_rows
+            y[rows] = _norm(ln, h.index_select(0, rows) + x.index_select(0, rows))
+        for group in site.groups:
+            y[group.rows] = _apply_group(site, group, h.index_select(0, group.rows), x.index_select(0, group.rows), ln)
+        return y
+
+
+def _norm(ln: Norm, z: torch.Tensor) -> torch.Tensor:
+    return z if ln is None else ln(z)
+
+
+def _apply_group(site: BottleneckSiteBatch, group: BottleneckGroup, h, x, ln: Norm) -> torch.Tensor:
+    """One variant's math, as `adapters.methods.modeling.Adapter` / `ParallelAdapter` compute it."""
+    v, tab, slots = group.variant, site.tables, group.slots
+    if v.is_parallel:
+        t, residual = x, None
+    else:
+        t = residual = h
+        if v.original_ln_before:
+            t = h + x
+            if v.residual_before_ln == ResidualBeforeLN.POST_ADD:
+                residual = t
+            t = _norm(ln, t)
+        if v.residual_before_ln == ResidualBeforeLN.FALSE:
+            residual = t
+    if v.ln_before:
+        t = kernels.layer_norm_rows(t, tab.ln_before_weight, tab.ln_before_bias, ADAPTER_LN_EPS, slots)
+    out = kernels.bottleneck(t, tab.w_down, tab.b_down, tab.w_up, tab.b_up, tab.scaling, tab.act_ids, tab.ranks, slots)
+    if residual is not None and v.adapter_residual_before_ln:
+        out = out + residual
+    if v.ln_after:
+        out = kernels.layer_norm_rows(out, tab.ln_after_weight, tab.ln_after_bias, ADAPTER_LN_EPS, slots)
+    out = out + h if residual is None else (out if v.adapter_residual_before_ln else out + residual)
+    return _norm(ln, out + x) if v.original_ln_after else out
+
+
+def name_sites(model: nn.Module) -> dict[str, nn.Module]:
+    """Gives every site its module path and returns them by path (the adapter key namespace)."""
+    sites = {}
+    for path, module in model.named_modules():
+        if isinstance(module, BottleneckSite):
+            # the library keys BERT junctions by their sublayer ("attention.output.adapters.<name>")
+            path = path.removesuffix(".adapters")
+        if isinstance(module, (LinearSite, BottleneckSite)):
+            module.path = path
+            sites[path] = module
+    return sites

