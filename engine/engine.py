@@ -21,7 +21,8 @@ from engine.model.heads import apply_heads, last_token_index, pool
 from engine.model.sites import BottleneckSite, name_sites
 from engine.model.weights import load_base_model
 from engine.resolve import default_pooling, resolve_device, resolve_model
-from engine.types import AdapterInfo, ForwardOutput
+from engine.text import classifications, require_head, token_tags, tokenize
+from engine.types import AdapterInfo, Classification, ForwardOutput, TokenTag
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -107,6 +108,41 @@ class Engine:
             for record in records:
                 if record is not None and self.registry.release(record):
                     self._free(record)
+
+    def classify(self, texts: list[str], adapter: str, tenant: str | None = None) -> list[Classification]:
+        """Labels and scores from the adapter's (multi-label) classification head."""
+        info = self.registry.lookup(adapter, tenant)
+        require_head(info, ("classification", "multilabel_classification"), "classify")
+        results = []
+        for chunk in self._chunks(texts):
+            results += classifications(self._forward_texts(chunk, adapter, tenant)[0], info)
+        return results
+
+    def tag(self, texts: list[str], adapter: str, tenant: str | None = None) -> list[list[TokenTag]]:
+        """One label per token (special tokens skipped), with character offsets into the text."""
+        info = self.registry.lookup(adapter, tenant)
+        require_head(info, ("tagging",), "tag")
+        results = []
+        for chunk in self._chunks(texts):
+            out, batch = self._forward_texts(chunk, adapter, tenant)
+            results += token_tags(out, info, batch, self.tokenizer)
+        return results
+
+    def embed(self, texts: list[str], adapter: str | None = None, tenant: str | None = None) -> torch.Tensor:
+        """[n, H] sentence embeddings (the engine's pooling), through the adapter if one is named."""
+        return torch.cat([self._forward_texts(chunk, adapter, tenant)[0].embeddings for chunk in self._chunks(texts)])
+
+    def _chunks(self, texts: list[str]):
+        if not isinstance(texts, (list, tuple)) or not texts:
+            raise InvalidRequest("texts must be a non-empty list of strings")
+        step = self.config.max_batch_rows
+        return [list(texts[i:i + step]) for i in range(0, len(texts), step)]
+
+    def _forward_texts(self, texts: list[str], adapter: str | None, tenant: str | None):
+        batch = tokenize(self.tokenizer, texts, self.max_seq_len)
+        out = self.forward(batch["input_ids"], batch["attention_mask"], [adapter] * len(texts),
+                           batch.get("token_type_ids"), tenant)
+        return out, batch
 
     def _run(self, input_ids, attention_mask, token_type_ids, meta: AdapterBatch | None, row_slots, heads):
         d = self.device

@@ -1,0 +1,26 @@
+"""Test session set-up. Runs before any kernel module is imported (pytest loads the root conftest first).
+
+Without CUDA, Triton kernels run in the interpreter (TRITON_INTERPRET=1 must be set before the
+`@triton.jit` decorators execute). Torch threads are pinned: this suite shares 2 cores with nothing else.
+"""
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+
+
+def pytest_report_header(config):
+    return f"triton mode: {'interpreter' if INTERPRET else 'compiled'}; torch threads: {torch.get_num_threads()}"
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_gpu)

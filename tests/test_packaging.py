@@ -1,0 +1,32 @@
+"""Packaging promises: the engine runs on its own model code, and our `kernels` package name is harmless."""
+import subprocess
+import sys
+import textwrap
+
+
+def _run(code: str) -> str:
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                            timeout=300, env={"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_engine_uses_neither_adapters_nor_transformers_models():
+    out = _run("""
+        import sys
+        from engine import Engine
+        engine = Engine.from_pretrained(device="cpu")
+        assert engine.embed(["hello world"]).shape == (1, 384)
+        print(sorted(m for m in sys.modules if m == "adapters" or m.startswith("adapters.")
+                     or m == "peft" or (m.startswith("transformers.models.") and ".modeling_" in m)))
+    """)
+    assert out.strip() == "[]"
+
+
+def test_transformers_does_not_take_our_kernels_for_hub_kernels():
+    out = _run("""
+        import kernels
+        from transformers.utils.import_utils import is_kernels_available
+        print(kernels.__file__.endswith("kernels/__init__.py"), is_kernels_available())
+    """)
+    assert out.split() == ["True", "False"]
