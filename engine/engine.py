@@ -21,7 +21,7 @@ from engine.model.heads import apply_heads, last_token_index, pool
 from engine.model.sites import BottleneckSite, name_sites
 from engine.model.weights import load_base_model
 from engine.resolve import default_pooling, resolve_device, resolve_model
-from engine.text import classifications, require_head, token_tags, tokenize
+from engine.text import classifications, encode_texts, pad_rows, require_head, token_tags
 from engine.types import AdapterInfo, Classification, ForwardOutput, TokenTag
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -63,8 +63,16 @@ class Engine:
         if self._tokenizer is None:
             from transformers import AutoTokenizer
 
-            self._tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+            tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+            if tokenizer.pad_token_id is None:  # GPT-2 style tokenizers: pad (right) with EOS
+                tokenizer.pad_token = tokenizer.eos_token
+            self._tokenizer = tokenizer
         return self._tokenizer
+
+    @property
+    def pad_token_id(self) -> int:
+        pad = getattr(self.model_config, "pad_token_id", None)
+        return pad if pad is not None else (self.tokenizer.pad_token_id or 0)
 
     # ---- adapters -------------------------------------------------------------------------------
     def load_adapter(self, path: str | Path, name: str | None = None, tenant: str | None = None) -> AdapterInfo:
@@ -94,9 +102,15 @@ class Engine:
 
     # ---- inference ------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, adapters: list[str | None],
-                token_type_ids: torch.Tensor | None = None, tenant: str | None = None) -> ForwardOutput:
-        """One pass for the whole batch; ``adapters[b]`` names row b's adapter (None = base model)."""
+                token_type_ids: torch.Tensor | None = None,
+                tenant: str | None | list[str | None] = None) -> ForwardOutput:
+        """One pass for the whole batch; ``adapters[b]`` names row b's adapter (None = base model).
+
+        ``tenant`` is the caller's tenant for every row, or one tenant per row (a server batch mixes tenants).
+        """
         self._check_batch(input_ids, attention_mask, adapters, token_type_ids)
+        if isinstance(tenant, list) and len(tenant) != len(adapters):
+            raise InvalidRequest(f"tenant names {len(tenant)} rows, the batch has {len(adapters)}")
         records = self._acquire(adapters, tenant)
         try:
             row_slots = [r.info.slot if r else -1 for r in records]
@@ -113,36 +127,30 @@ class Engine:
         """Labels and scores from the adapter's (multi-label) classification head."""
         info = self.registry.lookup(adapter, tenant)
         require_head(info, ("classification", "multilabel_classification"), "classify")
-        results = []
-        for chunk in self._chunks(texts):
-            results += classifications(self._forward_texts(chunk, adapter, tenant)[0], info)
-        return results
+        return [c for out, _ in self._forward_texts(texts, adapter, tenant) for c in classifications(out.logits, info)]
 
     def tag(self, texts: list[str], adapter: str, tenant: str | None = None) -> list[list[TokenTag]]:
         """One label per token (special tokens skipped), with character offsets into the text."""
         info = self.registry.lookup(adapter, tenant)
         require_head(info, ("tagging",), "tag")
-        results = []
-        for chunk in self._chunks(texts):
-            out, batch = self._forward_texts(chunk, adapter, tenant)
-            results += token_tags(out, info, batch, self.tokenizer)
-        return results
+        return [t for out, rows in self._forward_texts(texts, adapter, tenant)
+                for t in token_tags(out.logits, info, rows, self.tokenizer)]
 
     def embed(self, texts: list[str], adapter: str | None = None, tenant: str | None = None) -> torch.Tensor:
         """[n, H] sentence embeddings (the engine's pooling), through the adapter if one is named."""
-        return torch.cat([self._forward_texts(chunk, adapter, tenant)[0].embeddings for chunk in self._chunks(texts)])
-
-    def _chunks(self, texts: list[str]):
-        if not isinstance(texts, (list, tuple)) or not texts:
-            raise InvalidRequest("texts must be a non-empty list of strings")
-        step = self.config.max_batch_rows
-        return [list(texts[i:i + step]) for i in range(0, len(texts), step)]
+        return torch.cat([out.embeddings for out, _ in self._forward_texts(texts, adapter, tenant)])
 
     def _forward_texts(self, texts: list[str], adapter: str | None, tenant: str | None):
-        batch = tokenize(self.tokenizer, texts, self.max_seq_len)
-        out = self.forward(batch["input_ids"], batch["attention_mask"], [adapter] * len(texts),
-                           batch.get("token_type_ids"), tenant)
-        return out, batch
+        """Tokenises, then runs chunks of at most max_batch_rows rows: [(output, rows)] per chunk."""
+        if not isinstance(texts, (list, tuple)):
+            raise InvalidRequest("texts must be a non-empty list of strings")
+        rows = encode_texts(self.tokenizer, texts, self.max_seq_len)
+        step, results = self.config.max_batch_rows, []
+        for i in range(0, len(rows), step):
+            chunk = rows[i:i + step]
+            ids, mask, types = pad_rows(chunk, self.pad_token_id)
+            results.append((self.forward(ids, mask, [adapter] * len(chunk), types, tenant), chunk))
+        return results
 
     def _run(self, input_ids, attention_mask, token_type_ids, meta: AdapterBatch | None, row_slots, heads):
         d = self.device
@@ -163,10 +171,11 @@ class Engine:
         return ForwardOutput(hidden, embeddings, logits)
 
     def _acquire(self, adapters, tenant) -> list[AdapterRecord | None]:
+        tenants = tenant if isinstance(tenant, list) else [tenant] * len(adapters)
         records = []
         try:
-            for name in adapters:
-                records.append(self.registry.acquire(name, tenant) if name else None)
+            for name, row_tenant in zip(adapters, tenants, strict=True):
+                records.append(self.registry.acquire(name, row_tenant) if name else None)
         except Exception:
             for record in records:
                 if record is not None and self.registry.release(record):

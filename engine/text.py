@@ -1,45 +1,86 @@
-"""Text-level tasks on top of `Engine.forward`: tokenise, run in row chunks, turn logits into labels."""
+"""Rows for text-level tasks: tokenise (or check pre-tokenised ids), pad, and turn logits into labels.
+
+Shared by `Engine.classify/tag/embed` and the gRPC service, so both give identical results.
+"""
+from dataclasses import dataclass
+from typing import Sequence
+
 import torch
 
 from engine.errors import InvalidRequest
-from engine.types import AdapterInfo, Classification, ForwardOutput, TokenTag
+from engine.types import AdapterInfo, Classification, TokenTag
 
 
-def tokenize(tokenizer, texts: list[str], max_len: int) -> dict[str, torch.Tensor]:
+@dataclass(frozen=True)
+class EncodedRow:
+    ids: tuple[int, ...]
+    type_ids: tuple[int, ...] | None  # BERT segment ids, None where the tokenizer gives none
+    offsets: tuple[tuple[int, int], ...] | None  # character span per token; None for pre-tokenised input
+
+
+def encode_texts(tokenizer, texts: Sequence[str], max_len: int) -> list[EncodedRow]:
+    """Tokenises with truncation to the model's limit; special tokens as the tokenizer adds them."""
     if not texts or not all(isinstance(t, str) for t in texts):
         raise InvalidRequest("texts must be a non-empty list of strings")
-    if tokenizer.pad_token is None:  # GPT-2 style tokenizers have none; right padding with EOS
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "right"
-    return tokenizer(texts, padding=True, truncation=True, max_length=max_len, return_tensors="pt",
-                     return_offsets_mapping=tokenizer.is_fast)
+    enc = tokenizer(list(texts), truncation=True, max_length=max_len, return_offsets_mapping=tokenizer.is_fast)
+    rows = []
+    for i in range(len(texts)):
+        types = enc.get("token_type_ids")
+        offsets = enc.get("offset_mapping")
+        rows.append(EncodedRow(tuple(enc["input_ids"][i]), tuple(types[i]) if types else None,
+                               tuple(map(tuple, offsets[i])) if offsets else None))
+    return rows
 
 
-def classifications(out: ForwardOutput, info: AdapterInfo) -> list[Classification]:
+def encode_ids(ids: Sequence[int], vocab_size: int, max_len: int) -> EncodedRow:
+    """A pre-tokenised row, checked against the vocabulary and the length limit."""
+    if not 0 < len(ids) <= max_len:
+        raise InvalidRequest(f"token_ids must hold 1..{max_len} ids, got {len(ids)}")
+    if min(ids) < 0 or max(ids) >= vocab_size:
+        raise InvalidRequest(f"token_ids must lie in 0..{vocab_size - 1}")
+    return EncodedRow(tuple(int(i) for i in ids), None, None)
+
+
+def pad_rows(rows: Sequence[EncodedRow], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Right-padded (input_ids, attention_mask, token_type_ids) [B, T] for one forward."""
+    t = max(len(r.ids) for r in rows)
+    ids = torch.full((len(rows), t), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), t), dtype=torch.long)
+    types = torch.zeros((len(rows), t), dtype=torch.long) if any(r.type_ids for r in rows) else None
+    for i, row in enumerate(rows):
+        ids[i, :len(row.ids)] = torch.tensor(row.ids)
+        mask[i, :len(row.ids)] = 1
+        if types is not None and row.type_ids:
+            types[i, :len(row.type_ids)] = torch.tensor(row.type_ids)
+    return ids, mask, types
+
+
+def classifications(logits: Sequence[torch.Tensor], info: AdapterInfo) -> list[Classification]:
     results = []
-    for logits in out.logits:
+    for row in logits:
         if info.head_type == "multilabel_classification":
-            probs = torch.sigmoid(logits.float())
-            chosen = tuple(info.labels[i] for i in range(len(info.labels)) if probs[i] > 0.5)
+            probs = torch.sigmoid(row.float())
+            chosen = tuple(label for label, p in zip(info.labels, probs.tolist()) if p > 0.5)
             results.append(Classification(chosen[0] if chosen else "", _scores(probs, info), chosen))
         else:
-            probs = torch.softmax(logits.float(), dim=-1)
+            probs = torch.softmax(row.float(), dim=-1)
             best = info.labels[int(probs.argmax())]
             results.append(Classification(best, _scores(probs, info), (best,)))
     return results
 
 
-def token_tags(out: ForwardOutput, info: AdapterInfo, batch, tokenizer) -> list[list[TokenTag]]:
-    results = []
+def token_tags(logits: Sequence[torch.Tensor], info: AdapterInfo, rows: Sequence[EncodedRow],
+               tokenizer) -> list[list[TokenTag]]:
+    """Per row, a tag for each real token; special tokens are skipped."""
     special = set(tokenizer.all_special_ids)
-    for row, logits in enumerate(out.logits):
-        probs = torch.softmax(logits.float(), dim=-1)
+    results = []
+    for row_logits, row in zip(logits, rows):
+        probs = torch.softmax(row_logits.float(), dim=-1)
         tags = []
-        for pos in range(int(batch["attention_mask"][row].sum())):
-            token_id = int(batch["input_ids"][row, pos])
+        for pos, token_id in enumerate(row.ids):
             if token_id in special:
                 continue
-            start, end = (int(v) for v in batch["offset_mapping"][row, pos]) if "offset_mapping" in batch else (0, 0)
+            start, end = row.offsets[pos] if row.offsets else (0, 0)
             label = int(probs[pos].argmax())
             tags.append(TokenTag(tokenizer.convert_ids_to_tokens(token_id), start, end, info.labels[label],
                                  float(probs[pos, label])))

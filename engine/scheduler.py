@@ -1,0 +1,133 @@
+"""Admission and batching across tenants and adapters. Pure Python: no torch, testable alone.
+
+Requests wait in one FIFO per tenant; `schedule` takes them round-robin over tenants (so one tenant's
+flood cannot starve another), up to a row count and a padded-token budget, waiting at most `max_wait_s`
+for a batch to fill. Expired or cancelled requests are dropped before any compute.
+"""
+import threading
+import time
+from collections import OrderedDict, deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from enum import Enum
+
+from engine.errors import AdapterServeError, InvalidRequest
+from engine.text import EncodedRow
+
+
+class QueueFull(AdapterServeError):
+    """The waiting queue is at its bound; the client should retry later or elsewhere."""
+
+
+class DeadlineExpired(AdapterServeError):
+    """The request's deadline passed while it waited; it was dropped before compute."""
+
+
+class Task(Enum):
+    CLASSIFY = "classify"
+    EMBED = "embed"
+    TAG = "tag"
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_queue: int = 1024  # waiting requests (not rows) before RESOURCE_EXHAUSTED
+    max_batch_rows: int = 64
+    max_batch_tokens: int = 8192  # rows x padded length of one forward
+    max_wait_s: float = 0.005  # how long a non-full batch waits for more requests
+
+    def __post_init__(self):
+        if min(self.max_queue, self.max_batch_rows, self.max_batch_tokens) < 1 or self.max_wait_s < 0:
+            raise ValueError("scheduler limits must be positive")
+
+
+@dataclass(eq=False)
+class Request:
+    task: Task
+    tenant: str | None
+    adapter: str | None
+    rows: list[EncodedRow]
+    deadline: float | None = None  # time.monotonic() seconds
+    request_id: str = ""
+    future: Future = field(default_factory=Future)  # result set by the engine loop
+    enqueued_at: float = field(default_factory=time.monotonic)
+
+    @property
+    def longest(self) -> int:
+        return max(len(r.ids) for r in self.rows)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig):
+        self.config = config
+        self._queues: OrderedDict[str | None, deque[Request]] = OrderedDict()
+        self._cond = threading.Condition()
+        self._size = 0
+        self._closed = False
+
+    def add(self, request: Request) -> None:
+        if len(request.rows) > self.config.max_batch_rows:
+            raise InvalidRequest(f"{len(request.rows)} inputs exceed the limit of {self.config.max_batch_rows} per request")
+        if request.longest * len(request.rows) > self.config.max_batch_tokens:
+            raise InvalidRequest(f"request needs {request.longest * len(request.rows)} padded tokens, "
+                                 f"over the batch budget of {self.config.max_batch_tokens}")
+        with self._cond:
+            if self._closed:
+                raise QueueFull("the server is shutting down")
+            if self._size >= self.config.max_queue:
+                raise QueueFull(f"queue is full ({self.config.max_queue} requests waiting)")
+            self._queues.setdefault(request.tenant, deque()).append(request)
+            self._size += 1
+            self._cond.notify()
+
+    @property
+    def num_waiting(self) -> int:
+        return self._size
+
+    def close(self) -> None:
+        """Refuse new requests; queued ones are still scheduled (drain)."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def schedule(self, timeout: float) -> list[Request]:
+        """Blocks up to ``timeout`` for work; returns one batch (possibly empty)."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._size > 0 or self._closed, timeout):
+                return []
+            fill_by = time.monotonic() + self.config.max_wait_s
+            while self._size < self.config.max_batch_rows and not self._closed:
+                remaining = fill_by - time.monotonic()
+                if remaining <= 0 or not self._cond.wait(remaining):
+                    break
+            return self._take()
+
+    def _take(self) -> list[Request]:
+        """Round-robin: the tenant at the front gives one request, then moves to the back."""
+        batch, rows, longest = [], 0, 0
+        while self._queues:
+            tenant, queue = next(iter(self._queues.items()))
+            request = queue[0]
+            if not self._drop_if_dead(queue, request):
+                new_longest = max(longest, request.longest)
+                new_rows = rows + len(request.rows)
+                if new_rows > self.config.max_batch_rows or new_rows * new_longest > self.config.max_batch_tokens:
+                    break  # this tenant stays at the front and goes first in the next batch
+                queue.popleft()
+                self._size -= 1
+                batch.append(request)
+                rows, longest = new_rows, new_longest
+            if queue:
+                self._queues.move_to_end(tenant)
+            else:
+                del self._queues[tenant]
+        return batch
+
+    def _drop_if_dead(self, queue: deque, request: Request) -> bool:
+        dead = request.future.cancelled() or (request.deadline is not None and time.monotonic() > request.deadline)
+        if dead:
+            queue.popleft()
+            self._size -= 1
+            if not request.future.cancelled():
+                request.future.set_exception(DeadlineExpired(f"request {request.request_id or '?'} expired in the queue"))
+        return dead
