@@ -11,7 +11,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from enum import Enum
 
-from engine.errors import AdapterServeError, InvalidRequest
+from engine.errors import AdapterServeError, InvalidRequest, ShuttingDown
 from engine.text import EncodedRow
 
 
@@ -73,7 +73,9 @@ class Scheduler:
                                  f"over the batch budget of {self.config.max_batch_tokens}")
         with self._cond:
             if self._closed:
-                raise QueueFull("the server is shutting down")
+                raise ShuttingDown("the server is draining; retry on another replica")
+            if self._size >= self.config.max_queue:
+                self._purge_dead()
             if self._size >= self.config.max_queue:
                 raise QueueFull(f"queue is full ({self.config.max_queue} requests waiting)")
             self._queues.setdefault(request.tenant, deque()).append(request)
@@ -83,6 +85,10 @@ class Scheduler:
     @property
     def num_waiting(self) -> int:
         return self._size
+
+    def waiting_adapters(self) -> set[str]:
+        with self._cond:
+            return {r.adapter for queue in self._queues.values() for r in queue if r.adapter}
 
     def close(self) -> None:
         """Refuse new requests; queued ones are still scheduled (drain)."""
@@ -104,30 +110,41 @@ class Scheduler:
 
     def _take(self) -> list[Request]:
         """Round-robin: the tenant at the front gives one request, then moves to the back."""
+        self._purge_dead()  # expired or cancelled requests never reach compute
         batch, rows, longest = [], 0, 0
         while self._queues:
             tenant, queue = next(iter(self._queues.items()))
             request = queue[0]
-            if not self._drop_if_dead(queue, request):
-                new_longest = max(longest, request.longest)
-                new_rows = rows + len(request.rows)
-                if new_rows > self.config.max_batch_rows or new_rows * new_longest > self.config.max_batch_tokens:
-                    break  # this tenant stays at the front and goes first in the next batch
-                queue.popleft()
-                self._size -= 1
-                batch.append(request)
-                rows, longest = new_rows, new_longest
+            new_longest = max(longest, request.longest)
+            new_rows = rows + len(request.rows)
+            if new_rows > self.config.max_batch_rows or new_rows * new_longest > self.config.max_batch_tokens:
+                break  # this tenant stays at the front and goes first in the next batch
+            queue.popleft()
+            self._size -= 1
+            batch.append(request)
+            rows, longest = new_rows, new_longest
             if queue:
                 self._queues.move_to_end(tenant)
             else:
                 del self._queues[tenant]
         return batch
 
-    def _drop_if_dead(self, queue: deque, request: Request) -> bool:
-        dead = request.future.cancelled() or (request.deadline is not None and time.monotonic() > request.deadline)
-        if dead:
-            queue.popleft()
-            self._size -= 1
-            if not request.future.cancelled():
-                request.future.set_exception(DeadlineExpired(f"request {request.request_id or '?'} expired in the queue"))
-        return dead
+    def _purge_dead(self) -> None:
+        """Drops cancelled and expired requests everywhere (they should not hold queue places)."""
+        for tenant in list(self._queues):
+            queue = self._queues[tenant]
+            for request in [r for r in queue if self._is_dead(r)]:
+                queue.remove(request)
+                self._size -= 1
+                self._fail_expired(request)
+            if not queue:
+                del self._queues[tenant]
+
+    @staticmethod
+    def _is_dead(request: Request) -> bool:
+        return request.future.cancelled() or (request.deadline is not None and time.monotonic() > request.deadline)
+
+    @staticmethod
+    def _fail_expired(request: Request) -> None:
+        if not request.future.cancelled():
+            request.future.set_exception(DeadlineExpired(f"request {request.request_id or '?'} expired in the queue"))

@@ -1,0 +1,160 @@
+"""`adapterserve` command line: the server, and client commands against a running one."""
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+
+from engine.config import DEFAULT_MODEL
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=os.environ.get("ADAPTERSERVE_LOG_LEVEL", "INFO"), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    return args.run(args)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="adapterserve", description="Multi-adapter inference server")
+    sub = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run the gRPC server")
+    serve.add_argument("--model", default=DEFAULT_MODEL, help="base model folder or hub id (default: %(default)s)")
+    serve.add_argument("--adapter", action="append", default=[], metavar="NAME=SOURCE",
+                       help="load an adapter at start-up (repeatable)")
+    serve.add_argument("--adapter-store", help="folder whose sub-folders form the adapter catalog")
+    serve.add_argument("--host", default="0.0.0.0")
+    serve.add_argument("--port", type=int, default=50051)
+    serve.add_argument("--metrics-port", type=int, default=9090, help="Prometheus /metrics port; -1 disables it")
+    serve.add_argument("--device", default="auto")
+    serve.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
+    serve.add_argument("--api-keys", help="JSON file of hashed API keys; without it auth is off")
+    serve.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    serve.add_argument("--max-batch-rows", type=int, default=64)
+    serve.add_argument("--max-batch-tokens", type=int, default=8192)
+    serve.add_argument("--max-wait-ms", type=float, default=5.0)
+    serve.add_argument("--max-queue", type=int, default=1024)
+    serve.add_argument("--max-device-adapters", type=int, default=64)
+    serve.add_argument("--grace-seconds", type=float, default=30.0)
+    serve.add_argument("--vllm-compat-metrics", action="store_true", help="also export vllm:lora_requests_info")
+    serve.set_defaults(run=_serve)
+
+    keys = sub.add_parser("hash-key", help="print the key-file entry for an API key")
+    keys.add_argument("key")
+    keys.add_argument("--tenant")
+    keys.add_argument("--role", choices=["inference", "admin"], default="inference")
+    keys.set_defaults(run=_hash_key)
+
+    client = argparse.ArgumentParser(add_help=False)
+    client.add_argument("--server", default=os.environ.get("ADAPTERSERVE_SERVER", "localhost:50051"))
+    client.add_argument("--api-key", default=os.environ.get("ADAPTERSERVE_API_KEY"))
+    client.add_argument("--tenant", help="act for this tenant (operators and auth-off servers)")
+
+    adapters = sub.add_parser("adapters", help="manage adapters on a running server")
+    verbs = adapters.add_subparsers(required=True, metavar="VERB")
+    load = verbs.add_parser("load", parents=[client])
+    load.add_argument("source")
+    load.add_argument("--name")
+    load.add_argument("--pin", action="store_true")
+    load.set_defaults(run=lambda a: _call(a, lambda c: c.load_adapter(a.source, a.name, a.tenant, a.pin)))
+    unload = verbs.add_parser("unload", parents=[client])
+    unload.add_argument("name")
+    unload.set_defaults(run=lambda a: _call(a, lambda c: c.unload_adapter(a.name, a.tenant)))
+    listing = verbs.add_parser("list", parents=[client])
+    listing.set_defaults(run=lambda a: _call(a, lambda c: c.list_adapters(a.tenant)))
+    show = verbs.add_parser("show", parents=[client])
+    show.add_argument("name")
+    show.set_defaults(run=lambda a: _call(a, lambda c: c.get_adapter(a.name, a.tenant)))
+
+    for task in ("classify", "embed", "tag"):
+        cmd = sub.add_parser(task, parents=[client], help=f"{task} texts on a running server")
+        cmd.add_argument("texts", nargs="+")
+        cmd.add_argument("--adapter", required=task != "embed")
+        cmd.set_defaults(run=lambda a, task=task: _call(a, lambda c: getattr(c, task)(a.texts, a.adapter)))
+    generate = sub.add_parser("generate", parents=[client], help="stream generated text (decoder bases)")
+    generate.add_argument("prompt")
+    generate.add_argument("--adapter", default="")
+    generate.set_defaults(run=_generate)
+    return parser
+
+
+def _serve(args) -> int:
+    from engine.engine import Engine
+    from engine.config import EngineConfig
+    from engine.scheduler import SchedulerConfig
+    from engine.service.server import AdapterServer, ServerConfig
+
+    print(f"adapterserve: loading base model {args.model} on {args.device} ...", file=sys.stderr, flush=True)
+    engine = Engine(EngineConfig(model=args.model, device=args.device, dtype=args.dtype, num_threads=args.threads,
+                                 max_device_adapters=args.max_device_adapters, max_batch_rows=args.max_batch_rows))
+    print(f"adapterserve: {engine.info.model_type} ready ({engine.dtype}, {engine.device}); loading "
+          f"{len(args.adapter)} adapter(s)", file=sys.stderr, flush=True)
+    for spec in args.adapter:
+        name, _, source = spec.partition("=")
+        if not source:
+            raise SystemExit(f"--adapter expects NAME=SOURCE, got {spec!r}")
+        engine.load_adapter(source, name=name)
+    server = AdapterServer(engine, ServerConfig(
+        host=args.host, port=args.port, metrics_port=None if args.metrics_port < 0 else args.metrics_port,
+        api_keys=args.api_keys, grace_s=args.grace_seconds, vllm_compat_metrics=args.vllm_compat_metrics),
+        SchedulerConfig(max_queue=args.max_queue, max_batch_rows=args.max_batch_rows,
+                        max_batch_tokens=args.max_batch_tokens, max_wait_s=args.max_wait_ms / 1000))
+
+    async def run():
+        port = await server.start()
+        print(f"adapterserve: serving on {args.host}:{port} (metrics on {server.metrics_port})", file=sys.stderr,
+              flush=True)
+        await server.serve_until_signal()
+
+    asyncio.run(run())
+    return 0
+
+
+def _hash_key(args) -> int:
+    from engine.service.auth import hash_key
+
+    print(json.dumps({"sha256": hash_key(args.key), "tenant": args.tenant, "role": args.role}))
+    return 0
+
+
+def _call(args, action) -> int:
+    from engine.client import Client, RpcError
+
+    with Client(args.server, api_key=args.api_key, tenant=args.tenant) as client:
+        try:
+            print(json.dumps(_plain(action(client)), indent=2))
+        except RpcError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+    return 0
+
+
+def _generate(args) -> int:
+    from engine.client import Client, RpcError
+
+    with Client(args.server, api_key=args.api_key, tenant=args.tenant) as client:
+        try:
+            for piece in client.generate(args.prompt, args.adapter or None):
+                print(piece, end="", flush=True)
+        except RpcError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+    print()
+    return 0
+
+
+def _plain(value):
+    """Dataclasses and lists of them as JSON-ready data."""
+    if hasattr(value, "__dataclass_fields__"):
+        return {k: _plain(v) for k, v in value.__dict__.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

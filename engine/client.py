@@ -1,0 +1,237 @@
+"""Typed Python client: `Client` (sync) and `AsyncClient` (asyncio) over the gRPC API.
+
+Errors arrive as `RpcError` with the gRPC code, the server's ErrorInfo reason and its message.
+Inputs are strings (tokenised by the server) or lists of token ids.
+"""
+from dataclasses import dataclass
+from typing import AsyncIterator, Callable, Iterator, Sequence
+
+import grpc
+from adapterserve.v1 import adapter_service_pb2 as admin_pb
+from adapterserve.v1 import adapter_service_pb2_grpc as admin_grpc
+from adapterserve.v1 import inference_service_pb2 as pb
+from adapterserve.v1 import inference_service_pb2_grpc as pb_grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from engine.types import AdapterInfo, Classification, TokenTag
+
+Inputs = Sequence[str | Sequence[int]]
+
+
+class RpcError(Exception):
+    def __init__(self, code: grpc.StatusCode, reason: str, message: str):
+        self.code, self.reason, self.message = code, reason, message
+        super().__init__(f"{code.name} ({reason or 'no reason'}): {message}")
+
+
+def _error(exc: grpc.RpcError) -> RpcError:
+    reason = ""
+    status = rpc_status.from_call(exc)
+    for detail in status.details if status else ():
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            reason = info.reason
+    return RpcError(exc.code(), reason, exc.details() or "")
+
+
+def _inputs(items: Inputs) -> list[pb.Input]:
+    if isinstance(items, str):
+        items = [items]
+    return [pb.Input(text=i) if isinstance(i, str) else pb.Input(token_ids=pb.TokenIds(ids=list(i))) for i in items]
+
+
+def _classification(c: pb.Classification) -> Classification:
+    return Classification(c.label, {s.label: s.score for s in c.scores}, tuple(c.labels))
+
+
+def _tags(t: pb.TokenTags) -> list[TokenTag]:
+    return [TokenTag(x.token, x.start, x.end, x.label, x.score) for x in t.tags]
+
+
+def _info(a: admin_pb.Adapter) -> AdapterInfo:
+    return AdapterInfo(a.name, a.tenant or None, a.method, a.source, a.num_params, a.head_type or None,
+                       tuple(a.labels), -1, a.tier, a.state, a.pinned)
+
+
+@dataclass(frozen=True)
+class _Call:
+    """One RPC, built once for both clients: which stub and method, the request, how to read the reply."""
+
+    stub: str
+    method: str
+    request: object
+    convert: Callable
+
+
+class _Calls:
+    """Request construction shared by `Client` and `AsyncClient`."""
+
+    @staticmethod
+    def classify(items: Inputs, adapter: str) -> _Call:
+        return _Call("inference", "Classify", pb.ClassifyRequest(adapter_id=adapter, inputs=_inputs(items)),
+                     lambda r: [_classification(c) for c in r.results])
+
+    @staticmethod
+    def embed(items: Inputs, adapter: str | None) -> _Call:
+        return _Call("inference", "Embed", pb.EmbedRequest(adapter_id=adapter or "", inputs=_inputs(items)),
+                     lambda r: [list(e.values) for e in r.embeddings])
+
+    @staticmethod
+    def tag(items: Inputs, adapter: str) -> _Call:
+        return _Call("inference", "Tag", pb.TagRequest(adapter_id=adapter, inputs=_inputs(items)),
+                     lambda r: [_tags(t) for t in r.results])
+
+    @staticmethod
+    def load_adapter(source: str, name: str | None, tenant: str | None, pin: bool) -> _Call:
+        request = admin_pb.LoadAdapterRequest(source=str(source), name=name or "", tenant=tenant or "", pin=pin)
+        return _Call("admin", "LoadAdapter", request, lambda r: _info(r.adapter))
+
+    @staticmethod
+    def unload_adapter(name: str, tenant: str | None) -> _Call:
+        return _Call("admin", "UnloadAdapter", admin_pb.UnloadAdapterRequest(name=name, tenant=tenant or ""),
+                     lambda r: None)
+
+    @staticmethod
+    def list_adapters(tenant: str | None) -> _Call:
+        return _Call("admin", "ListAdapters", admin_pb.ListAdaptersRequest(tenant=tenant or ""),
+                     lambda r: [_info(a) for a in r.adapters])
+
+    @staticmethod
+    def get_adapter(name: str, tenant: str | None) -> _Call:
+        return _Call("admin", "GetAdapter", admin_pb.GetAdapterRequest(name=name, tenant=tenant or ""),
+                     lambda r: _info(r.adapter))
+
+    @staticmethod
+    def server_info() -> _Call:
+        return _Call("server", "GetServerInfo", admin_pb.GetServerInfoRequest(), lambda r: r)
+
+
+class _Base:
+    def __init__(self, channel, api_key: str | None, tenant: str | None, timeout: float | None):
+        self.channel, self.timeout = channel, timeout
+        self.metadata = tuple(([("authorization", f"Bearer {api_key}")] if api_key else [])
+                              + ([("x-tenant-id", tenant)] if tenant else []))
+        self.stubs = {"inference": pb_grpc.InferenceServiceStub(channel),
+                      "admin": admin_grpc.AdapterServiceStub(channel), "server": admin_grpc.ServerServiceStub(channel)}
+
+    def _method(self, call: _Call):
+        return getattr(self.stubs[call.stub], call.method)
+
+
+class Client(_Base):
+    """Blocking client: ``with Client("localhost:50051", api_key=...) as c: c.classify(["text"], "imdb")``."""
+
+    def __init__(self, target: str = "localhost:50051", api_key: str | None = None, tenant: str | None = None,
+                 timeout: float | None = 60.0):
+        super().__init__(grpc.insecure_channel(target), api_key, tenant, timeout)
+
+    def _invoke(self, call: _Call):
+        try:
+            return call.convert(self._method(call)(call.request, metadata=self.metadata, timeout=self.timeout))
+        except grpc.RpcError as exc:
+            raise _error(exc) from None
+
+    def classify(self, inputs: Inputs, adapter: str) -> list[Classification]:
+        return self._invoke(_Calls.classify(inputs, adapter))
+
+    def embed(self, inputs: Inputs, adapter: str | None = None) -> list[list[float]]:
+        return self._invoke(_Calls.embed(inputs, adapter))
+
+    def tag(self, inputs: Inputs, adapter: str) -> list[list[TokenTag]]:
+        return self._invoke(_Calls.tag(inputs, adapter))
+
+    def load_adapter(self, source: str, name: str | None = None, tenant: str | None = None,
+                     pin: bool = False) -> AdapterInfo:
+        return self._invoke(_Calls.load_adapter(source, name, tenant, pin))
+
+    def unload_adapter(self, name: str, tenant: str | None = None) -> None:
+        return self._invoke(_Calls.unload_adapter(name, tenant))
+
+    def list_adapters(self, tenant: str | None = None) -> list[AdapterInfo]:
+        return self._invoke(_Calls.list_adapters(tenant))
+
+    def get_adapter(self, name: str, tenant: str | None = None) -> AdapterInfo:
+        return self._invoke(_Calls.get_adapter(name, tenant))
+
+    def server_info(self) -> admin_pb.GetServerInfoResponse:
+        return self._invoke(_Calls.server_info())
+
+    def generate(self, prompt: str, adapter: str | None = None, max_new_tokens: int = 64) -> Iterator[str]:
+        """Streams generated text pieces (decoder bases)."""
+        request = pb.GenerateStreamRequest(adapter_id=adapter or "", input=pb.Input(text=prompt),
+                                           max_new_tokens=max_new_tokens)
+        try:
+            for piece in self.stubs["inference"].GenerateStream(request, metadata=self.metadata, timeout=self.timeout):
+                yield piece.text
+        except grpc.RpcError as exc:
+            raise _error(exc) from None
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class AsyncClient(_Base):
+    """asyncio client with the same methods as `Client`, each a coroutine."""
+
+    def __init__(self, target: str = "localhost:50051", api_key: str | None = None, tenant: str | None = None,
+                 timeout: float | None = 60.0):
+        super().__init__(grpc.aio.insecure_channel(target), api_key, tenant, timeout)
+
+    async def _invoke(self, call: _Call):
+        try:
+            return call.convert(await self._method(call)(call.request, metadata=self.metadata, timeout=self.timeout))
+        except grpc.RpcError as exc:
+            raise _error(exc) from None
+
+    async def classify(self, inputs: Inputs, adapter: str) -> list[Classification]:
+        return await self._invoke(_Calls.classify(inputs, adapter))
+
+    async def embed(self, inputs: Inputs, adapter: str | None = None) -> list[list[float]]:
+        return await self._invoke(_Calls.embed(inputs, adapter))
+
+    async def tag(self, inputs: Inputs, adapter: str) -> list[list[TokenTag]]:
+        return await self._invoke(_Calls.tag(inputs, adapter))
+
+    async def load_adapter(self, source: str, name: str | None = None, tenant: str | None = None,
+                           pin: bool = False) -> AdapterInfo:
+        return await self._invoke(_Calls.load_adapter(source, name, tenant, pin))
+
+    async def unload_adapter(self, name: str, tenant: str | None = None) -> None:
+        return await self._invoke(_Calls.unload_adapter(name, tenant))
+
+    async def list_adapters(self, tenant: str | None = None) -> list[AdapterInfo]:
+        return await self._invoke(_Calls.list_adapters(tenant))
+
+    async def get_adapter(self, name: str, tenant: str | None = None) -> AdapterInfo:
+        return await self._invoke(_Calls.get_adapter(name, tenant))
+
+    async def server_info(self) -> admin_pb.GetServerInfoResponse:
+        return await self._invoke(_Calls.server_info())
+
+    async def generate(self, prompt: str, adapter: str | None = None, max_new_tokens: int = 64) -> AsyncIterator[str]:
+        """Streams generated text pieces (decoder bases)."""
+        request = pb.GenerateStreamRequest(adapter_id=adapter or "", input=pb.Input(text=prompt),
+                                           max_new_tokens=max_new_tokens)
+        try:
+            async for piece in self.stubs["inference"].GenerateStream(request, metadata=self.metadata,
+                                                                      timeout=self.timeout):
+                yield piece.text
+        except grpc.RpcError as exc:
+            raise _error(exc) from None
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def __aenter__(self) -> "AsyncClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()

@@ -1,0 +1,101 @@
+"""The engine loop: schedule -> pad -> one forward -> hand each request its rows. Runs in one thread.
+
+Admission happens in the service (tokenise, look up, `Scheduler.add`); this loop only computes. If a
+batch fails on a request-level error (an adapter unloaded while its request waited), each request is
+re-run alone so only the faulty one fails and the others still get their results.
+"""
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+
+from engine.engine import Engine
+from engine.errors import AdapterServeError
+from engine.scheduler import Request, Scheduler
+from engine.service.metrics import Metrics
+from engine.text import pad_rows
+
+log = logging.getLogger("adapterserve.loop")
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    logits: tuple[torch.Tensor | None, ...]  # per row: [L] or [T, L] (tagging), None without head
+    embeddings: torch.Tensor  # [n, H]
+
+
+class EngineLoop:
+    def __init__(self, engine: Engine, scheduler: Scheduler, metrics: Metrics):
+        self.engine, self.scheduler, self.metrics = engine, scheduler, metrics
+        self.running_adapters: frozenset[str] = frozenset()  # adapters of the batch in flight
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Finishes what is queued (the scheduler is closed first), then stops."""
+        self._stop.set()
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while not (self._stop.is_set() and self.scheduler.num_waiting == 0):
+            batch = self.scheduler.schedule(timeout=0.05)
+            self.metrics.waiting.set(self.scheduler.num_waiting)
+            if batch:
+                self.step(batch)
+
+    def step(self, batch: list[Request]) -> None:
+        live = [r for r in batch if r.future.set_running_or_notify_cancel()]  # cancelled ones are dropped here
+        if not live:
+            return
+        self.metrics.running.set(len(live))
+        self.running_adapters = frozenset(r.adapter for r in live if r.adapter)
+        try:
+            outputs = self._forward(live)
+        except AdapterServeError:
+            outputs = None
+        except Exception:  # a bug must not kill the loop: fail this batch, keep serving
+            log.exception("batch of %d requests failed", len(live))
+            outputs = None
+        if outputs is None and len(live) > 1:
+            for request in live:
+                self._step_alone(request)
+        elif outputs is None:
+            self._step_alone(live[0])
+        else:
+            for request, output in zip(live, outputs):
+                request.future.set_result(output)
+        self.metrics.running.set(0)
+        self.running_adapters = frozenset()
+
+    def _step_alone(self, request: Request) -> None:
+        try:
+            request.future.set_result(self._forward([request])[0])
+        except Exception as exc:
+            if not isinstance(exc, AdapterServeError):
+                log.exception("request %s failed", request.request_id)
+            request.future.set_exception(exc)
+
+    def _forward(self, batch: list[Request]) -> list[RequestOutput]:
+        rows = [row for r in batch for row in r.rows]
+        adapters = [r.adapter for r in batch for _ in r.rows]
+        tenants = [r.tenant for r in batch for _ in r.rows]
+        ids, mask, types = pad_rows(rows, self.engine.pad_token_id)
+        now = time.monotonic()
+        for request in batch:
+            self.metrics.queue_time.observe(now - request.enqueued_at)
+        out = self.engine.forward(ids, mask, adapters, types, tenants)
+        self.metrics.compute_time.observe(time.monotonic() - now)
+        self.metrics.batch_rows.observe(len(rows))
+        self.metrics.batch_adapters.observe(len({a for a in adapters if a}))
+        self.metrics.tokens.inc(int(mask.sum()))
+        outputs, start = [], 0
+        for request in batch:
+            end = start + len(request.rows)
+            outputs.append(RequestOutput(out.logits[start:end], out.embeddings[start:end].cpu()))
+            start = end
+        return outputs

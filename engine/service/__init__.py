@@ -1,0 +1,1 @@
+"""The gRPC service around `Engine`: servicers, auth, errors, metrics, the server process."""

@@ -1,0 +1,101 @@
+"""AdapterService (admin keys) and ServerService (any key): runtime adapter management and server info.
+
+Loads run in a worker thread, so reading and validating a large adapter never blocks the event loop or
+the engine loop; the engine makes the new adapter visible atomically when it is ready.
+"""
+import asyncio
+import platform
+import time
+from importlib import metadata
+
+from adapterserve.v1 import adapter_service_pb2 as pb
+from adapterserve.v1 import adapter_service_pb2_grpc as pb_grpc
+
+from engine.engine import Engine
+from engine.errors import InvalidRequest
+from engine.scheduler import SchedulerConfig
+from engine.service.auth import Authenticator, Role
+from engine.service.convert import adapter_pb
+from engine.service.metrics import Metrics
+from engine.service.rpc import RpcContext, Servicer, rpc
+
+
+class AdapterServicer(Servicer, pb_grpc.AdapterServiceServicer):
+    def __init__(self, engine: Engine, auth: Authenticator, metrics: Metrics):
+        super().__init__(auth, metrics)
+        self.engine = engine
+
+    @rpc(Role.ADMIN)
+    async def LoadAdapter(self, request: pb.LoadAdapterRequest, ctx: RpcContext) -> pb.LoadAdapterResponse:
+        if not request.source:
+            raise InvalidRequest("source is required", "source")
+        tenant = ctx.principal.scope(request.tenant or None)
+        start = time.perf_counter()
+        try:
+            info = await asyncio.to_thread(self.engine.load_adapter, request.source, request.name or None, tenant,
+                                           request.pin)
+        except Exception:
+            self.metrics.loads.labels("error").inc()
+            raise
+        self.metrics.loads.labels("ok").inc()
+        self.metrics.load_time.observe(time.perf_counter() - start)
+        self.update_residency()
+        return pb.LoadAdapterResponse(adapter=adapter_pb(info))
+
+    @rpc(Role.ADMIN)
+    async def UnloadAdapter(self, request: pb.UnloadAdapterRequest, ctx: RpcContext) -> pb.UnloadAdapterResponse:
+        if not request.name:
+            raise InvalidRequest("name is required", "name")
+        await asyncio.to_thread(self.engine.unload_adapter, request.name, ctx.principal.scope(request.tenant or None))
+        self.update_residency()
+        return pb.UnloadAdapterResponse()
+
+    @rpc(Role.ADMIN)
+    async def ListAdapters(self, request: pb.ListAdaptersRequest, ctx: RpcContext) -> pb.ListAdaptersResponse:
+        tenant = ctx.principal.scope(request.tenant or None)
+        response = pb.ListAdaptersResponse(adapters=[adapter_pb(i) for i in self.engine.list_adapters(tenant)])
+        if request.include_catalog:
+            response.catalog.extend(pb.CatalogEntry(name=e.name, method=e.method, base_model=e.base_model,
+                                                    source=e.source) for e in self.engine.catalog())
+        return response
+
+    @rpc(Role.ADMIN)
+    async def GetAdapter(self, request: pb.GetAdapterRequest, ctx: RpcContext) -> pb.GetAdapterResponse:
+        if not request.name:
+            raise InvalidRequest("name is required", "name")
+        info = self.engine.get_adapter(request.name, ctx.principal.scope(request.tenant or None))
+        return pb.GetAdapterResponse(adapter=adapter_pb(info))
+
+    def update_residency(self) -> None:
+        tiers: dict[str, int] = {}
+        for info in self.engine.list_adapters():
+            tiers[info.tier] = tiers.get(info.tier, 0) + 1
+        for tier in ("device", "cpu", "source"):
+            self.metrics.resident.labels(tier).set(tiers.get(tier, 0))
+
+
+class ServerServicer(Servicer, pb_grpc.ServerServiceServicer):
+    def __init__(self, engine: Engine, scheduler_config: SchedulerConfig, auth: Authenticator, metrics: Metrics):
+        super().__init__(auth, metrics)
+        self.engine, self.scheduler_config = engine, scheduler_config
+
+    @rpc(Role.INFERENCE)
+    async def GetServerInfo(self, request: pb.GetServerInfoRequest, ctx: RpcContext) -> pb.GetServerInfoResponse:
+        e = self.engine
+        return pb.GetServerInfoResponse(
+            base_model=e.config.model, model_type=e.info.model_type, dtype=str(e.dtype).removeprefix("torch."),
+            device=str(e.device), hidden_size=e.info.hidden_size, max_seq_len=e.max_seq_len,
+            max_batch_rows=self.scheduler_config.max_batch_rows,
+            max_inputs_per_request=self.scheduler_config.max_batch_rows,
+            max_device_adapters=e.config.max_device_adapters, auth_enabled=self.auth.enabled,
+            versions=versions(), pooling=e.pooling.value)
+
+
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for package in ("adapterserve", "torch", "transformers", "grpcio", "protobuf", "triton"):
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue
+    return found

@@ -1,0 +1,85 @@
+"""API keys: a JSON file of SHA-256 hashes, each mapped to a tenant and a role; checked per call.
+
+File format (plaintext keys are never stored)::
+
+    {"keys": [{"sha256": "<hex of sha256(key)>", "tenant": "acme", "role": "inference"},
+              {"sha256": "...", "tenant": null, "role": "admin"}]}
+
+``tenant`` null means not bound to one tenant (an operator). An ``admin`` key may also call inference.
+Keys arrive as ``authorization: Bearer <key>`` metadata. With auth off every caller is an operator and may
+pick a tenant with ``x-tenant-id`` metadata (local use and tests).
+"""
+import hashlib
+import hmac
+import json
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+from engine.errors import PermissionDenied, Unauthenticated
+
+
+class Role(Enum):
+    INFERENCE = "inference"
+    ADMIN = "admin"
+
+
+@dataclass(frozen=True)
+class Principal:
+    tenant: str | None  # None: an operator, not bound to a tenant
+    role: Role
+
+    def check_role(self, needed: Role) -> None:
+        if needed == Role.ADMIN and self.role != Role.ADMIN:
+            raise PermissionDenied("this call needs an admin key")
+
+    def scope(self, requested: str | None) -> str | None:
+        """The tenant a call acts for: a tenant-bound key may only act for its own tenant."""
+        if self.tenant is None:
+            return requested
+        if requested not in (None, self.tenant):
+            raise PermissionDenied(f"this key belongs to tenant {self.tenant!r}, not {requested!r}")
+        return self.tenant
+
+
+@dataclass(frozen=True)
+class KeyEntry:
+    digest: bytes
+    principal: Principal
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class Authenticator:
+    def __init__(self, entries: tuple[KeyEntry, ...] | None):
+        self.entries = entries  # None: auth off
+
+    @property
+    def enabled(self) -> bool:
+        return self.entries is not None
+
+    @classmethod
+    def from_file(cls, path: str | Path | None) -> "Authenticator":
+        if path is None:
+            return cls(None)
+        try:
+            data = json.loads(Path(path).read_text())
+            entries = tuple(KeyEntry(bytes.fromhex(k["sha256"]), Principal(k.get("tenant"), Role(k["role"])))
+                            for k in data["keys"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"cannot read API key file {path}: {exc}") from exc
+        return cls(entries)
+
+    def authenticate(self, metadata: dict[str, str]) -> Principal:
+        if self.entries is None:
+            return Principal(metadata.get("x-tenant-id") or None, Role.ADMIN)
+        header = metadata.get("authorization", "")
+        if not header.lower().startswith("bearer ") or not header[7:].strip():
+            raise Unauthenticated("missing API key: send 'authorization: Bearer <key>' metadata")
+        digest = hashlib.sha256(header[7:].strip().encode()).digest()
+        for entry in self.entries:
+            if hmac.compare_digest(entry.digest, digest):
+                return entry.principal
+        raise Unauthenticated("unknown API key")

@@ -1,0 +1,22 @@
+"""Protobuf messages <-> engine types, in one place."""
+from adapterserve.v1 import adapter_service_pb2 as admin_pb
+from adapterserve.v1 import inference_service_pb2 as pb
+
+from engine.types import AdapterInfo, Classification, TokenTag
+
+
+def classification_pb(result: Classification) -> pb.Classification:
+    scores = [pb.LabelScore(label=k, score=v) for k, v in result.scores.items()]
+    return pb.Classification(label=result.label, scores=scores, labels=list(result.labels))
+
+
+def token_tags_pb(tags: list[TokenTag]) -> pb.TokenTags:
+    return pb.TokenTags(tags=[pb.TokenTag(token=t.token, start=t.start, end=t.end, label=t.label, score=t.score)
+                              for t in tags])
+
+
+def adapter_pb(info: AdapterInfo) -> admin_pb.Adapter:
+    return admin_pb.Adapter(name=info.name, tenant=info.tenant or "", method=info.method, source=info.source,
+                            num_params=info.num_params, head_type=info.head_type or "", labels=list(info.labels),
+                            tier=getattr(info, "tier", "device"), state=getattr(info, "state", "ready"),
+                            pinned=getattr(info, "pinned", False))

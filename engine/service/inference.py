@@ -1,0 +1,103 @@
+"""InferenceService: admission (adapter lookup, tokenising, limits), then wait for the engine loop."""
+import asyncio
+
+import grpc
+from adapterserve.v1 import inference_service_pb2 as pb
+from adapterserve.v1 import inference_service_pb2_grpc as pb_grpc
+
+from engine.engine import Engine
+from engine.errors import InvalidRequest, ShuttingDown
+from engine.loop import RequestOutput
+from engine.scheduler import Request, Scheduler, Task
+from engine.service.auth import Authenticator, Role
+from engine.service.convert import classification_pb, token_tags_pb
+from engine.service.metrics import Metrics
+from engine.service.rpc import RpcContext, Servicer, rpc
+from engine.text import EncodedRow, classifications, encode_ids, encode_texts, require_head, token_tags
+
+MAX_TEXT_CHARS = 100_000  # per input; the tokenizer truncates to the model's limit anyway
+
+
+class InferenceServicer(Servicer, pb_grpc.InferenceServiceServicer):
+    def __init__(self, engine: Engine, scheduler: Scheduler, auth: Authenticator, metrics: Metrics):
+        super().__init__(auth, metrics)
+        self.engine, self.scheduler = engine, scheduler
+        self.draining = False
+
+    @rpc(Role.INFERENCE)
+    async def Classify(self, request: pb.ClassifyRequest, ctx: RpcContext) -> pb.ClassifyResponse:
+        adapter, tenant = self._adapter(request.adapter_id, ctx, required=True)
+        info = self.engine.registry.lookup(adapter, tenant)
+        require_head(info, ("classification", "multilabel_classification"), "Classify")
+        _, output = await self._submit(Task.CLASSIFY, request.inputs, adapter, tenant, ctx)
+        return pb.ClassifyResponse(results=[classification_pb(c) for c in classifications(output.logits, info)],
+                                   request_id=ctx.request_id)
+
+    @rpc(Role.INFERENCE)
+    async def Embed(self, request: pb.EmbedRequest, ctx: RpcContext) -> pb.EmbedResponse:
+        adapter, tenant = self._adapter(request.adapter_id, ctx, required=False)
+        if adapter:
+            self.engine.registry.lookup(adapter, tenant)
+        _, output = await self._submit(Task.EMBED, request.inputs, adapter, tenant, ctx)
+        return pb.EmbedResponse(embeddings=[pb.Embedding(values=row) for row in output.embeddings.float().tolist()],
+                                request_id=ctx.request_id)
+
+    @rpc(Role.INFERENCE)
+    async def Tag(self, request: pb.TagRequest, ctx: RpcContext) -> pb.TagResponse:
+        adapter, tenant = self._adapter(request.adapter_id, ctx, required=True)
+        info = self.engine.registry.lookup(adapter, tenant)
+        require_head(info, ("tagging",), "Tag")
+        rows, output = await self._submit(Task.TAG, request.inputs, adapter, tenant, ctx)
+        tags = token_tags(output.logits, info, rows, self.engine.tokenizer)
+        return pb.TagResponse(results=[token_tags_pb(t) for t in tags], request_id=ctx.request_id)
+
+    async def GenerateStream(self, request: pb.GenerateStreamRequest, context: grpc.aio.ServicerContext):
+        kind = "a decoder" if self.engine.info.is_decoder else f"an encoder ({self.engine.info.model_type})"
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED,
+                            f"text generation is not implemented yet; the base model is {kind}")
+        yield pb.GenerateStreamResponse()  # unreachable: abort raises; makes this an async generator
+
+    def _adapter(self, body: str, ctx: RpcContext, required: bool) -> tuple[str | None, str | None]:
+        """The adapter from the body or `x-adapter-id` metadata (equal if both), and the caller's tenant."""
+        header = ctx.metadata.get("x-adapter-id", "")
+        if body and header and body != header:
+            raise InvalidRequest(f"adapter_id {body!r} differs from x-adapter-id metadata {header!r}", "adapter_id")
+        adapter = body or header or None
+        if required and adapter is None:
+            raise InvalidRequest("adapter_id is required (body or x-adapter-id metadata)", "adapter_id")
+        if adapter:
+            self.metrics.count_adapter(adapter)
+        return adapter, ctx.principal.scope(ctx.metadata.get("x-tenant-id") or None)
+
+    async def _submit(self, task: Task, inputs, adapter, tenant, ctx: RpcContext) -> tuple[list[EncodedRow], RequestOutput]:
+        if self.draining:
+            raise ShuttingDown("the server is draining; retry on another replica")
+        rows = self._encode(inputs)
+        request = Request(task, tenant, adapter, rows, ctx.deadline(), ctx.request_id)
+        self.scheduler.add(request)
+        self.metrics.waiting.set(self.scheduler.num_waiting)
+        try:
+            return rows, await asyncio.wrap_future(request.future)
+        except asyncio.CancelledError:
+            request.future.cancel()  # still queued: the scheduler drops it before compute
+            raise
+
+    def _encode(self, inputs) -> list[EncodedRow]:
+        if not inputs:
+            raise InvalidRequest("inputs must not be empty", "inputs")
+        limit, vocab = self.engine.max_seq_len, self.engine.model_config.vocab_size
+        rows = []
+        for i, item in enumerate(inputs):
+            kind = item.WhichOneof("content")
+            if kind == "text":
+                if not item.text or len(item.text) > MAX_TEXT_CHARS:
+                    raise InvalidRequest(f"inputs[{i}].text must hold 1..{MAX_TEXT_CHARS} characters", f"inputs[{i}].text")
+                rows += encode_texts(self.engine.tokenizer, [item.text], limit)
+            elif kind == "token_ids":
+                try:
+                    rows.append(encode_ids(list(item.token_ids.ids), vocab, limit))
+                except InvalidRequest as exc:
+                    raise InvalidRequest(str(exc), f"inputs[{i}].token_ids") from None
+            else:
+                raise InvalidRequest(f"inputs[{i}] has neither text nor token_ids", f"inputs[{i}]")
+        return rows

@@ -1,0 +1,60 @@
+"""Prometheus metrics on their own registry and HTTP port (names per serving-conventions §3).
+
+Per-adapter request counts use a bounded label set: the first ``max_adapter_labels`` adapters seen get
+their own series, the rest are folded into ``other``. Adapter names otherwise appear only in the
+vLLM-compatible ``lora_requests_info`` gauge that inference gateways parse.
+"""
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class Metrics:
+    def __init__(self, max_adapter_labels: int = 50, vllm_compat: bool = False):
+        self.registry = CollectorRegistry()
+        r, p = self.registry, "adapterserve_"
+        self.requests = Counter(p + "requests_total", "RPCs by method and gRPC code", ["method", "code"], registry=r)
+        self.latency = Histogram(p + "request_duration_seconds", "End-to-end RPC latency", ["method"],
+                                 buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_time = Histogram(p + "request_queue_time_seconds", "Time waiting for a batch",
+                                    buckets=LATENCY_BUCKETS, registry=r)
+        self.compute_time = Histogram(p + "batch_compute_seconds", "Forward pass time per batch",
+                                      buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_rows = Histogram(p + "batch_rows", "Rows per forward pass", buckets=SIZE_BUCKETS, registry=r)
+        self.batch_adapters = Histogram(p + "batch_distinct_adapters", "Distinct adapters per forward pass",
+                                        buckets=SIZE_BUCKETS, registry=r)
+        self.tokens = Counter(p + "prompt_tokens_total", "Tokens processed (rate() gives tokens/s)", registry=r)
+        self.running = Gauge(p + "num_requests_running", "Requests in the current forward pass", registry=r)
+        self.waiting = Gauge(p + "num_requests_waiting", "Requests waiting for a batch", registry=r)
+        self.resident = Gauge(p + "adapters_resident", "Adapters per tier", ["tier"], registry=r)
+        self.slots = Gauge(p + "adapter_slots_total", "Device adapter slots", registry=r)
+        self.load_time = Histogram(p + "adapter_load_duration_seconds", "LoadAdapter time", buckets=LATENCY_BUCKETS,
+                                   registry=r)
+        self.loads = Counter(p + "adapter_loads_total", "LoadAdapter calls by result", ["result"], registry=r)
+        self.adapter_requests = Counter(p + "adapter_requests_total", "Requests per adapter (bounded labels)",
+                                        ["adapter"], registry=r)
+        self.build_info = Gauge(p + "build_info", "Build and model", ["version", "base_model"], registry=r)
+        lora_labels = ["max_lora", "running_lora_adapters", "waiting_lora_adapters"]
+        self.lora_info = [Gauge(p + "lora_requests_info", "Running/waiting adapters (vLLM gateway contract)",
+                                lora_labels, registry=r)]
+        if vllm_compat:
+            self.lora_info.append(Gauge("vllm:lora_requests_info", "vLLM-compatible alias", lora_labels, registry=r))
+        self._max_labels, self._labelled = max_adapter_labels, set()
+
+    def serve(self, port: int, addr: str = "0.0.0.0"):
+        return start_http_server(port, addr=addr, registry=self.registry)
+
+    def count_adapter(self, adapter: str | None) -> None:
+        name = adapter or "none"
+        if name not in self._labelled and len(self._labelled) < self._max_labels:
+            self._labelled.add(name)
+        self.adapter_requests.labels(name if name in self._labelled else "other").inc()
+
+    def set_lora_info(self, max_lora: int, running: set[str], waiting: set[str]) -> None:
+        """One series, value = update time; names comma-joined without spaces (the gateway splits on ',')."""
+        for gauge in self.lora_info:
+            gauge.clear()
+            gauge.labels(str(max_lora), ",".join(sorted(running)), ",".join(sorted(waiting))).set(time.time())

@@ -1,0 +1,69 @@
+"""The wrapper every RPC goes through: request id, auth, error mapping, metrics, one log line.
+
+Health and reflection are separate servicers and never pass through here, so probes need no key.
+"""
+import functools
+import json
+import logging
+import time
+import uuid
+
+import grpc
+
+from engine.service.auth import Authenticator, Principal, Role
+from engine.service.metrics import Metrics
+from engine.service.status import to_status
+
+log = logging.getLogger("adapterserve.rpc")
+
+
+class RpcContext:
+    """What a servicer method gets besides its request: who calls, and the raw gRPC context."""
+
+    def __init__(self, principal: Principal, metadata: dict[str, str], request_id: str, grpc_context):
+        self.principal, self.metadata, self.request_id, self.grpc = principal, metadata, request_id, grpc_context
+
+    def deadline(self) -> float | None:
+        """The client deadline as time.monotonic() seconds, or None."""
+        remaining = self.grpc.time_remaining()
+        return None if remaining is None else time.monotonic() + remaining
+
+
+class Servicer:
+    """Base of our servicers: holds what `rpc` needs."""
+
+    def __init__(self, auth: Authenticator, metrics: Metrics):
+        self.auth, self.metrics = auth, metrics
+
+
+def rpc(role: Role):
+    """Decorates ``async def Method(self, request, ctx: RpcContext)`` into a gRPC handler."""
+
+    def wrap(method):
+        name = method.__name__
+
+        @functools.wraps(method)
+        async def handler(self: Servicer, request, context: grpc.aio.ServicerContext):
+            start, code = time.perf_counter(), grpc.StatusCode.OK
+            metadata = {k.lower(): v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
+            request_id = getattr(request, "request_id", "") or metadata.get("x-request-id") or uuid.uuid4().hex
+            try:
+                principal = self.auth.authenticate(metadata)
+                principal.check_role(role)
+                return await method(self, request, RpcContext(principal, metadata, request_id, context))
+            except Exception as exc:  # every error leaves through the one mapping
+                status = to_status(exc, request_id)
+                code = status.code
+                if code == grpc.StatusCode.INTERNAL:
+                    log.exception("rpc %s request %s failed", name, request_id)
+                await context.abort_with_status(status)
+            finally:
+                elapsed = time.perf_counter() - start
+                self.metrics.requests.labels(name, code.name).inc()
+                self.metrics.latency.labels(name).observe(elapsed)
+                log.info(json.dumps({"rpc": name, "request_id": request_id, "code": code.name,
+                                     "ms": round(elapsed * 1000, 2), "peer": context.peer()}))
+
+        return handler
+
+    return wrap

@@ -1,0 +1,130 @@
+"""The server process: gRPC (inference, admin, health, reflection), metrics HTTP, engine loop, drain.
+
+Health ("" and the inference service) is NOT_SERVING until a warm-up forward has run, and again as soon
+as a drain starts. Drain (SIGTERM): stop admitting, let accepted requests finish within the grace
+period, stop the engine loop, exit 0.
+"""
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+
+import grpc
+import torch
+from adapterserve.v1 import adapter_service_pb2, adapter_service_pb2_grpc, inference_service_pb2
+from adapterserve.v1 import inference_service_pb2_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from engine.engine import Engine
+from engine.loop import EngineLoop
+from engine.scheduler import Scheduler, SchedulerConfig
+from engine.service.admin import AdapterServicer, ServerServicer, versions
+from engine.service.auth import Authenticator
+from engine.service.inference import InferenceServicer
+from engine.service.metrics import Metrics
+
+log = logging.getLogger("adapterserve.server")
+INFERENCE_SERVICE = inference_service_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
+SERVICES = (INFERENCE_SERVICE,
+            adapter_service_pb2.DESCRIPTOR.services_by_name["AdapterService"].full_name,
+            adapter_service_pb2.DESCRIPTOR.services_by_name["ServerService"].full_name)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "0.0.0.0"
+    port: int = 50051  # 0 picks a free port (tests)
+    metrics_port: int | None = 9090  # None: no metrics endpoint
+    api_keys: str | None = None  # key file; None: auth off
+    grace_s: float = 30.0  # drain: how long accepted requests may take to finish
+    max_message_mb: int = 16
+    reflection: bool = True
+    vllm_compat_metrics: bool = False
+
+
+class AdapterServer:
+    def __init__(self, engine: Engine, config: ServerConfig, scheduler_config: SchedulerConfig):
+        self.engine, self.config = engine, config
+        self.auth = Authenticator.from_file(config.api_keys)
+        self.metrics = Metrics(vllm_compat=config.vllm_compat_metrics)
+        self.scheduler = Scheduler(scheduler_config)
+        self.loop = EngineLoop(engine, self.scheduler, self.metrics)
+        self.health = health.aio.HealthServicer()
+        self.inference = InferenceServicer(engine, self.scheduler, self.auth, self.metrics)
+        self.admin = AdapterServicer(engine, self.auth, self.metrics)
+        self.server_info = ServerServicer(engine, scheduler_config, self.auth, self.metrics)
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+        self._metrics_http = None
+        self._grpc: grpc.aio.Server | None = None
+        self._stopped = asyncio.Event()
+        self._draining = False
+        self._tasks: list[asyncio.Task] = []
+
+    async def start(self) -> int:
+        size = self.config.max_message_mb * 1024 * 1024
+        self._grpc = grpc.aio.server(options=[
+            ("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size),
+            ("grpc.keepalive_time_ms", 30_000), ("grpc.keepalive_timeout_ms", 10_000),
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+            ("grpc.max_connection_age_ms", 300_000), ("grpc.max_connection_age_grace_ms", 30_000)])
+        inference_service_pb2_grpc.add_InferenceServiceServicer_to_server(self.inference, self._grpc)
+        adapter_service_pb2_grpc.add_AdapterServiceServicer_to_server(self.admin, self._grpc)
+        adapter_service_pb2_grpc.add_ServerServiceServicer_to_server(self.server_info, self._grpc)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
+        for name in ("", *SERVICES):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.config.reflection:
+            reflection.enable_server_reflection((*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc)
+        self.port = self._grpc.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        await self._grpc.start()
+        if self.config.metrics_port is not None:
+            self._metrics_http, _ = self.metrics.serve(self.config.metrics_port, self.config.host)
+            self.metrics_port = self._metrics_http.server_port
+        self.metrics.build_info.labels(versions().get("adapterserve", "dev"), self.engine.config.model).set(1)
+        self.metrics.slots.set(self.engine.config.max_device_adapters)
+        self.admin.update_residency()
+        if not self.auth.enabled:
+            log.warning("authentication is OFF: every caller is an operator (pass --api-keys to enable it)")
+        self.loop.start()
+        await asyncio.to_thread(self._warm_up)
+        for name in ("", *SERVICES):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._tasks.append(asyncio.create_task(self._publish_lora_info()))
+        log.info("serving %s on %s:%d", self.engine.config.model, self.config.host, self.port)
+        return self.port
+
+    def _warm_up(self) -> None:
+        ids = torch.full((1, 4), self.engine.pad_token_id, dtype=torch.long)
+        self.engine.forward(ids, torch.ones_like(ids), [None])
+
+    async def _publish_lora_info(self) -> None:
+        while True:
+            self.metrics.set_lora_info(self.engine.config.max_device_adapters, set(self.loop.running_adapters),
+                                       self.scheduler.waiting_adapters())
+            await asyncio.sleep(1.0)
+
+    async def drain(self) -> None:
+        """Stop admitting, finish accepted requests within the grace period, then stop everything."""
+        if self._draining:  # SIGTERM and SIGINT may both arrive
+            return
+        self._draining = True
+        log.info("draining: health NOT_SERVING, no new requests, %.0fs grace", self.config.grace_s)
+        await self.health.enter_graceful_shutdown()
+        self.inference.draining = True
+        self.scheduler.close()
+        await self._grpc.stop(self.config.grace_s)
+        await asyncio.to_thread(self.loop.stop, self.config.grace_s)
+        for task in self._tasks:
+            task.cancel()
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+        self._stopped.set()
+
+    async def serve_until_signal(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(self.drain()))
+        await self._stopped.wait()
+        log.info("stopped")

@@ -1,0 +1,75 @@
+"""Typed engine errors -> gRPC status codes with google.rpc details. The only place that decides codes.
+
+Every status carries ErrorInfo(reason, domain, metadata); bad requests add BadRequest field violations,
+retryable overloads add RetryInfo. Unknown exceptions become INTERNAL without leaking internals.
+"""
+import logging
+from dataclasses import dataclass
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from engine.errors import (AdapterCapacityExceeded, AdapterNotFound, AdapterServeError, InvalidAdapter, InvalidRequest,
+                           ModelLoadError, PermissionDenied, ShuttingDown, Unauthenticated, UnsupportedAdapter)
+from engine.scheduler import DeadlineExpired, QueueFull
+
+DOMAIN = "adapterserve.dev"
+log = logging.getLogger("adapterserve.service")
+
+
+@dataclass(frozen=True)
+class Mapping:
+    code: grpc.StatusCode
+    reason: str
+    retry_s: float | None = None  # RetryInfo for transient overloads
+
+
+# most specific first: the first matching class wins
+MAPPINGS: tuple[tuple[type[Exception], Mapping], ...] = (
+    (AdapterNotFound, Mapping(grpc.StatusCode.NOT_FOUND, "ADAPTER_NOT_FOUND")),
+    (InvalidRequest, Mapping(grpc.StatusCode.INVALID_ARGUMENT, "INVALID_REQUEST")),
+    (InvalidAdapter, Mapping(grpc.StatusCode.FAILED_PRECONDITION, "ADAPTER_INVALID")),
+    (UnsupportedAdapter, Mapping(grpc.StatusCode.FAILED_PRECONDITION, "ADAPTER_UNSUPPORTED")),
+    (AdapterCapacityExceeded, Mapping(grpc.StatusCode.RESOURCE_EXHAUSTED, "ADAPTER_SLOTS_EXHAUSTED", 1.0)),
+    (QueueFull, Mapping(grpc.StatusCode.RESOURCE_EXHAUSTED, "QUEUE_FULL", 0.1)),
+    (DeadlineExpired, Mapping(grpc.StatusCode.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED")),
+    (Unauthenticated, Mapping(grpc.StatusCode.UNAUTHENTICATED, "API_KEY_INVALID")),
+    (PermissionDenied, Mapping(grpc.StatusCode.PERMISSION_DENIED, "PERMISSION_DENIED")),
+    (ShuttingDown, Mapping(grpc.StatusCode.UNAVAILABLE, "SERVER_SHUTTING_DOWN", 1.0)),
+    (ModelLoadError, Mapping(grpc.StatusCode.FAILED_PRECONDITION, "MODEL_LOAD_FAILED")),
+    (AdapterServeError, Mapping(grpc.StatusCode.FAILED_PRECONDITION, "ENGINE_REFUSED")),
+)
+INTERNAL = Mapping(grpc.StatusCode.INTERNAL, "ENGINE_ERROR")
+
+
+def mapping_for(exc: Exception) -> Mapping:
+    for cls, mapping in MAPPINGS:
+        if isinstance(exc, cls):
+            return mapping
+    return INTERNAL
+
+
+def to_status(exc: Exception, request_id: str) -> grpc.Status:
+    """The status for ``exc``; messages of unknown errors are replaced (they may hold internals)."""
+    mapping = mapping_for(exc)
+    message = str(exc) if mapping is not INTERNAL else f"internal error (request {request_id}); see server logs"
+    info = error_details_pb2.ErrorInfo(reason=mapping.reason, domain=DOMAIN, metadata={"requestId": request_id})
+    if isinstance(exc, AdapterNotFound):
+        info.metadata["adapterId"] = exc.name
+    details = [_pack(info)]
+    if isinstance(exc, InvalidRequest):
+        violation = error_details_pb2.BadRequest.FieldViolation(field=exc.field or "", description=message)
+        details.append(_pack(error_details_pb2.BadRequest(field_violations=[violation])))
+    if mapping.retry_s is not None:
+        delay = duration_pb2.Duration(seconds=int(mapping.retry_s), nanos=int(mapping.retry_s % 1 * 1e9))
+        details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
+    code = getattr(code_pb2, mapping.code.name)
+    return rpc_status.to_status(status_pb2.Status(code=code, message=message, details=details))
+
+
+def _pack(message) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)
+    return packed

@@ -1,0 +1,96 @@
+"""Triton multi-LoRA: shrink (x @ A^T) and expand (@ B^T) fused, added into y in place.
+
+Prefill (T > 1) is SGMV-like: rows sorted by slot, tokens of a segment in BLOCK_M blocks sharing the
+slot's A and B tiles. Decode (T == 1) is BGMV-like: one program per row, no sort. Either way the
+rank-r intermediate stays in registers. Columns >= ranks[s] are masked in both GEMMs; rows with
+slot -1 are never touched (their programs return before loading anything).
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .segments import (FLOAT_DTYPES, block_r, block_rows, check_rows, check_table, dot_fp32, mma,
+                       num_n_splits, row_order, token_block)
+
+
+@triton.jit
+def _lora_kernel(
+    y_ptr, x_ptr, a_ptr, b_ptr, scaling_ptr, rank_ptr, slots_ptr, perm_ptr,
+    num_rows, T, K, N, R,  # K: in features, N: out features, R: padded rank of the tables
+    stride_yb, stride_yt, stride_xb, stride_xt,
+    SEGMENTED: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    pid_n, num_splits = tl.program_id(2), tl.num_programs(2)
+    slot, row, tok, m_mask = token_block(tl.program_id(0), tl.program_id(1), T, num_rows, slots_ptr, perm_ptr,
+                                         SEGMENTED, BLOCK_ROWS, BLOCK_M)
+    if (slot < 0) | (tl.sum(m_mask.to(tl.int32), axis=0) == 0):
+        return
+    s = slot.to(tl.int64)
+    rank = tl.load(rank_ptr + s)
+    if rank == 0:
+        return
+    x_rows = x_ptr + row * stride_xb + tok * stride_xt  # [BLOCK_M] row starts (int64 offsets)
+    y_rows = y_ptr + row * stride_yb + tok * stride_yt
+    offs_k, offs_n, offs_r = tl.arange(0, BLOCK_K), tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_R)
+    r_mask = offs_r < rank
+    a = a_ptr + s * R * K  # A[s] is [R, K]: read as a [BLOCK_K, BLOCK_R] tile of A^T
+    b = b_ptr + s * N * R  # B[s] is [N, R]: read as a [BLOCK_R, BLOCK_N] tile of B^T
+
+    # shrink: x @ A^T over K in BLOCK_K chunks
+    acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + offs_k
+        k_mask = k < K
+        xt = tl.load(x_rows[:, None] + k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        at = tl.load(a + offs_r[None, :] * K + k[:, None], mask=k_mask[:, None] & r_mask[None, :], other=0.0)
+        acc = mma(xt, at, acc, DOT_FP32)
+    scale = tl.load(scaling_ptr + s)
+
+    # expand and accumulate into y, one BLOCK_N chunk of N at a time (chunks pid_n, pid_n + splits, ...)
+    for n0 in range(pid_n * BLOCK_N, N, num_splits * BLOCK_N):
+        n = n0 + offs_n
+        mask = m_mask[:, None] & (n < N)[None, :]
+        bt = tl.load(b + n[None, :] * R + offs_r[:, None], mask=r_mask[:, None] & (n < N)[None, :], other=0.0)
+        delta = mma(acc, bt, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), DOT_FP32)
+        y = tl.load(y_rows[:, None] + n[None, :], mask=mask, other=0.0).to(tl.float32)
+        tl.store(y_rows[:, None] + n[None, :], (y + scale * delta).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def launch_config(T: int, max_rank: int, dtype: torch.dtype, num_rows: int, segmented: bool | None = None,
+                  block_m: int | None = None) -> dict:
+    """The constexprs a launch uses (also what the AOT compile test compiles)."""
+    seg = T > 1 if segmented is None else segmented
+    br = block_r(max_rank)
+    if block_m is None:
+        block_m = 16 if T == 1 else (64 if br <= 64 else 32 if br <= 128 else 16)
+    return dict(SEGMENTED=seg, DOT_FP32=dot_fp32(dtype), BLOCK_ROWS=block_rows(num_rows) if seg else 16,
+                BLOCK_M=block_m, BLOCK_K=64, BLOCK_N=64, BLOCK_R=br)
+
+
+def add_lora(y, x, lora_a, lora_b, scaling, ranks, row_slots, *,
+             segmented: bool | None = None, block_m: int | None = None, n_splits: int | None = None):
+    """Same contract as `kernels.add_lora` (y updated in place and returned); keyword-only knobs for tests."""
+    B, T, K = x.shape
+    S, R, _ = lora_a.shape
+    N = y.shape[-1]
+    dtype, dev = x.dtype, x.device
+    assert dtype in FLOAT_DTYPES, f"x: unsupported dtype {dtype}"
+    check_rows("x", x, dtype, (B, T, K))
+    check_rows("y", y, dtype, (B, T, N))
+    assert y.device == dev, f"y on {y.device}, x on {dev}"
+    check_table("lora_a", lora_a, dtype, (S, R, K), dev)
+    check_table("lora_b", lora_b, dtype, (S, N, R), dev)
+    check_table("scaling", scaling, torch.float32, (S,), dev)
+    check_table("ranks", ranks, torch.int32, (S,), dev)
+    check_table("row_slots", row_slots, torch.int64, (B,), dev)
+    if y.numel() == 0 or K == 0:
+        return y
+    cfg = launch_config(T, R, dtype, B, segmented, block_m)
+    slots, perm, cfg["SEGMENTED"] = row_order(row_slots, T, cfg["SEGMENTED"])
+    row_blocks = triton.cdiv(T, cfg["BLOCK_M"])
+    splits = n_splits or num_n_splits(B * row_blocks, N, cfg["BLOCK_N"], dev)
+    _lora_kernel[(B, row_blocks, splits)](
+        y, x, lora_a, lora_b, scaling, ranks, slots, perm,
+        B, T, K, N, R, y.stride(0), y.stride(1), x.stride(0), x.stride(1), **cfg)
+    return y

@@ -1,0 +1,85 @@
+"""Draining: health flips to NOT_SERVING, in-flight requests finish, new ones are refused; SIGTERM exits 0."""
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from engine.client import Client, RpcError
+from test_errors import BlockedEngine
+
+
+def _health(target: str, service: str = "") -> int:
+    with grpc.insecure_channel(target) as channel:
+        return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service)).status
+
+
+def test_health_flips_during_drain_and_in_flight_work_finishes(start_server, minilm_setup, monkeypatch):
+    running = start_server(grace_s=30)
+    assert _health(running.target) == health_pb2.HealthCheckResponse.SERVING
+    blocked = BlockedEngine(minilm_setup.engine, monkeypatch)
+    results = []
+    client = running.client()
+    in_flight = threading.Thread(target=lambda: results.append(client.embed(["still served"])))
+    in_flight.start()
+    while not blocked.calls:
+        time.sleep(0.01)
+    import asyncio
+    drain = asyncio.run_coroutine_threadsafe(running.server.drain(), running.loop)
+    deadline = time.monotonic() + 10
+    while _health(running.target, "adapterserve.v1.InferenceService") != health_pb2.HealthCheckResponse.NOT_SERVING:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert _health(running.target) == health_pb2.HealthCheckResponse.NOT_SERVING
+    blocked.release.set()
+    drain.result(30)
+    in_flight.join(30)
+    assert len(results) == 1 and len(results[0][0]) == 384
+    client.close()
+
+
+@pytest.mark.slow
+def test_sigterm_loses_no_accepted_request(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--port", "0", "--host", "127.0.0.1",
+                             "--metrics-port", "-1", "--threads", "1", "--grace-seconds", "30"],
+                            stderr=subprocess.PIPE, text=True, env=env)
+    port = None
+    for line in proc.stderr:
+        match = re.search(r"serving on 127\.0\.0\.1:(\d+)", line)
+        if match:
+            port = int(match.group(1))
+            break
+    assert port, "server did not start"
+    threading.Thread(target=proc.stderr.read, daemon=True).start()  # keep the pipe drained
+    outcomes, stop = [], threading.Event()
+
+    def worker(i):
+        with Client(f"127.0.0.1:{port}", timeout=60) as client:
+            while not stop.is_set():
+                try:
+                    vectors = client.embed([f"sentence number {i} " * 20] * 4)
+                    outcomes.append("ok" if len(vectors) == 4 else "wrong")
+                except RpcError as exc:
+                    outcomes.append(exc.code.name)  # refused at the door while draining: allowed
+                    return
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    while outcomes.count("ok") < 8:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    stop.set()
+    for t in threads:
+        t.join(60)
+    assert proc.wait(60) == 0
+    refused = [o for o in outcomes if o != "ok"]
+    assert set(refused) <= {"UNAVAILABLE"}, outcomes  # nothing accepted was lost or failed
+    assert outcomes.count("ok") >= 8

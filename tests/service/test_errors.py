@@ -1,0 +1,134 @@
+"""Every error code the service promises, produced by a real call, with its ErrorInfo reason."""
+import json
+import threading
+import time
+
+import grpc
+import pytest
+from adapterserve.v1 import inference_service_pb2 as pb
+from adapterserve.v1 import inference_service_pb2_grpc as pb_grpc
+
+from engine.client import RpcError
+from engine.scheduler import SchedulerConfig
+
+TEXTS = ["A fine day.", "A bad day."]
+
+
+def _expect(code, reason, call):
+    with pytest.raises(RpcError) as info:
+        call()
+    assert (info.value.code, info.value.reason) == (code, reason), info.value
+    return info.value
+
+
+@pytest.fixture()
+def authed(start_server, key_file, minilm_setup):
+    running = start_server(api_keys=key_file)
+    with running.client("root-admin") as root:
+        root.load_adapter(str(minilm_setup.folders["sentiment"]), name="shared-sentiment")
+    with running.client("acme-admin") as acme_admin:
+        acme_admin.load_adapter(str(minilm_setup.folders["sentiment"]), name="acme-secret")
+        acme_admin.load_adapter(str(minilm_setup.folders["ner"]), name="acme-ner")
+    return running
+
+
+def test_authentication_and_permissions(authed):
+    with authed.client() as anonymous:
+        _expect(grpc.StatusCode.UNAUTHENTICATED, "API_KEY_INVALID", lambda: anonymous.classify(TEXTS, "acme-secret"))
+    with authed.client("stolen-key") as wrong:
+        _expect(grpc.StatusCode.UNAUTHENTICATED, "API_KEY_INVALID", lambda: wrong.embed(TEXTS))
+    with authed.client("acme-key") as acme:
+        assert len(acme.classify(TEXTS, "acme-secret")) == 2
+        assert len(acme.classify(TEXTS, "shared-sentiment")) == 2
+        _expect(grpc.StatusCode.PERMISSION_DENIED, "PERMISSION_DENIED", lambda: acme.load_adapter("/x"))
+    with authed.client("globex-key") as globex:
+        err = _expect(grpc.StatusCode.NOT_FOUND, "ADAPTER_NOT_FOUND", lambda: globex.classify(TEXTS, "acme-secret"))
+        assert "globex" in err.message
+        assert len(globex.classify(TEXTS, "shared-sentiment")) == 2
+    with authed.client("acme-admin") as acme_admin:
+        _expect(grpc.StatusCode.PERMISSION_DENIED, "PERMISSION_DENIED",
+                lambda: acme_admin.load_adapter("/x", tenant="globex"))
+        assert {a.name for a in acme_admin.list_adapters()} == {"acme-secret", "acme-ner", "shared-sentiment"}
+
+
+def test_health_needs_no_key(authed):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(authed.target) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""))
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_invalid_arguments(authed):
+    with authed.client("acme-key") as acme:
+        bad = grpc.StatusCode.INVALID_ARGUMENT
+        _expect(bad, "INVALID_REQUEST", lambda: acme.classify([], "acme-secret"))
+        _expect(bad, "INVALID_REQUEST", lambda: acme.classify([[1, 2, 10**6]], "acme-secret"))
+        err = _expect(bad, "INVALID_REQUEST", lambda: acme.classify(TEXTS, "acme-ner"))
+        assert "tagging" in err.message
+        _expect(bad, "INVALID_REQUEST", lambda: acme.classify(["x"] * 65, "acme-secret"))
+    with grpc.insecure_channel(authed.target) as channel:
+        stub = pb_grpc.InferenceServiceStub(channel)
+        request = pb.ClassifyRequest(adapter_id="acme-secret", inputs=[pb.Input(text="hi")])
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Classify(request, metadata=(("authorization", "Bearer acme-key"), ("x-adapter-id", "other")))
+        assert info.value.code() == bad and "differs from x-adapter-id" in info.value.details()
+        by_header = pb.ClassifyRequest(inputs=[pb.Input(text="hi")])
+        reply = stub.Classify(by_header, metadata=(("authorization", "Bearer acme-key"), ("x-adapter-id", "acme-secret")))
+        assert len(reply.results) == 1
+
+
+def test_bad_adapter_load_is_failed_precondition(authed, tmp_path):
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text("{broken")
+    with authed.client("root-admin") as root:
+        err = _expect(grpc.StatusCode.FAILED_PRECONDITION, "ADAPTER_INVALID", lambda: root.load_adapter(str(folder)))
+        assert "adapter_config.json" in err.message
+        assert len(root.classify(TEXTS, "shared-sentiment")) == 2  # the server and other adapters are fine
+
+
+def test_oversize_message_is_resource_exhausted(start_server):
+    running = start_server(max_message_mb=1)
+    with running.client() as client, pytest.raises(RpcError) as info:
+        client.embed(["word " * 300_000])
+    assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class BlockedEngine:
+    """Holds every forward until released, to fill the queue or pass deadlines deterministically."""
+
+    def __init__(self, engine, monkeypatch):
+        self.release, self.calls = threading.Event(), []
+        forward = engine.forward
+
+        def blocked(*args, **kwargs):
+            self.calls.append(args[0].shape[0])
+            assert self.release.wait(60)
+            return forward(*args, **kwargs)
+
+        monkeypatch.setattr(engine, "forward", blocked)
+
+
+def test_queue_full_and_deadline(start_server, minilm_setup, monkeypatch):
+    running = start_server(scheduler=SchedulerConfig(max_queue=1, max_batch_rows=2, max_wait_s=0))
+    blocked = BlockedEngine(minilm_setup.engine, monkeypatch)
+    results = []
+    with running.client(timeout=60) as slow:
+        first = threading.Thread(target=lambda: results.append(slow.embed(["one", "two"])))
+        first.start()
+        while not blocked.calls:  # the first request is now inside the (blocked) forward
+            time.sleep(0.01)
+        with running.client(timeout=0.5) as hasty:
+            _expect(grpc.StatusCode.DEADLINE_EXCEEDED, "", lambda: hasty.embed(["late"]))  # waits in the queue
+        second = threading.Thread(target=lambda: results.append(slow.embed(["three"])))
+        second.start()
+        time.sleep(0.3)
+        with running.client(timeout=5) as third:
+            err = _expect(grpc.StatusCode.RESOURCE_EXHAUSTED, "QUEUE_FULL", lambda: third.embed(["four"]))
+            assert "queue is full" in err.message
+        blocked.release.set()
+        first.join(30)
+        second.join(30)
+    assert len(results) == 2
+    assert blocked.calls == [2, 1]  # the expired request was dropped before any compute

@@ -1,0 +1,117 @@
+"""Every RPC round-trips through a real server, and results equal the in-process engine's."""
+import threading
+import urllib.request
+
+import grpc
+import pytest
+import torch
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
+
+from engine.client import RpcError
+from minilm import library_logits
+
+TEXTS = ["The movie was wonderful and moving.", "Terrible plot, I walked out.", "Paris is in France."]
+
+
+@pytest.fixture()
+def server(start_server, minilm_setup):
+    running = start_server()
+    with running.client() as admin:
+        for name, folder in minilm_setup.folders.items():
+            admin.load_adapter(str(folder), name=name)
+    return running
+
+
+def test_classify_embed_tag_round_trip_and_match_the_library(server, minilm_setup):
+    with server.client() as client:
+        results = client.classify(TEXTS, "sentiment")
+        logits, batch = library_logits(minilm_setup.library, "sentiment", TEXTS)
+        for result, probs in zip(results, torch.softmax(logits, -1)):
+            assert result.scores["pos"] == pytest.approx(float(probs[1]), abs=1e-5)
+        multi = client.classify(TEXTS, "topics")
+        assert set(multi[0].scores) == {"art", "geo", "film"}
+        tags = client.tag(TEXTS, "ner")
+        assert [len(t) for t in tags] == [int(m.sum()) - 2 for m in batch["attention_mask"]]
+        embeddings = torch.tensor(client.embed(TEXTS))
+        assert torch.allclose(embeddings, minilm_setup.engine.embed(TEXTS), atol=1e-5)
+        ids = minilm_setup.engine.tokenizer(TEXTS[0])["input_ids"]
+        by_ids = client.classify([ids], "sentiment")  # pre-tokenised input, same result as the text
+        assert by_ids[0].scores["pos"] == pytest.approx(results[0].scores["pos"], abs=1e-5)
+
+
+def test_generate_is_unimplemented_with_a_clear_message(server):
+    with server.client() as client, pytest.raises(RpcError) as info:
+        list(client.generate("hello"))
+    assert info.value.code == grpc.StatusCode.UNIMPLEMENTED
+    assert "encoder (bert)" in info.value.message
+
+
+def test_admin_rpcs(server, minilm_setup):
+    with server.client() as admin:
+        names = {a.name for a in admin.list_adapters()}
+        assert names == {"sentiment", "topics", "ner", "plain"}
+        info = admin.get_adapter("ner")
+        assert (info.method, info.head_type, info.labels) == ("ia3", "tagging", ("O", "LOC", "MISC"))
+        admin.unload_adapter("plain")
+        with pytest.raises(RpcError) as missing:
+            admin.get_adapter("plain")
+        assert (missing.value.code, missing.value.reason) == (grpc.StatusCode.NOT_FOUND, "ADAPTER_NOT_FOUND")
+        server_info = admin.server_info()
+        assert (server_info.model_type, server_info.hidden_size, server_info.pooling) == ("bert", 384, "mean")
+        assert "torch" in server_info.versions and not server_info.auth_enabled
+
+
+def test_concurrent_clients_get_the_engines_per_row_results(server, minilm_setup):
+    engine = minilm_setup.engine
+    want = {name: engine.classify(TEXTS, name) for name in ("sentiment", "topics")}
+    want_embed = {None: engine.embed(TEXTS), "plain": engine.embed(TEXTS, "plain")}
+    failures = []
+
+    def worker(i):
+        with server.client(tenant=f"tenant{i % 3}") as client:
+            for _ in range(3):
+                name = ("sentiment", "topics")[i % 2]
+                got = client.classify(TEXTS, name)
+                for g, w in zip(got, want[name]):
+                    if any(abs(g.scores[k] - w.scores[k]) > 1e-5 for k in w.scores):
+                        failures.append((name, g, w))
+                adapter = (None, "plain")[i % 2]
+                emb = torch.tensor(client.embed(TEXTS, adapter))
+                if not torch.allclose(emb, want_embed[adapter], atol=1e-5):
+                    failures.append((adapter, "embed"))
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures
+
+
+def test_reflection_lists_the_services(server):
+    channel = grpc.insecure_channel(server.target)
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    reply = next(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+    names = {s.name for s in reply.list_services_response.service}
+    assert {"adapterserve.v1.InferenceService", "adapterserve.v1.AdapterService", "adapterserve.v1.ServerService",
+            "grpc.health.v1.Health"} <= names
+    channel.close()
+
+
+def test_metrics_scrape_and_parse(server):
+    with server.client() as client:
+        client.classify(TEXTS, "sentiment")
+        with pytest.raises(RpcError):
+            client.classify(TEXTS, "nope")
+    text = urllib.request.urlopen(f"http://127.0.0.1:{server.server.metrics_port}/metrics").read().decode()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    requests = {(s.labels["method"], s.labels["code"]): s.value for s in families["adapterserve_requests"].samples
+                if s.name == "adapterserve_requests_total"}
+    assert requests[("Classify", "OK")] >= 1 and requests[("Classify", "NOT_FOUND")] >= 1
+    for name in ("adapterserve_request_duration_seconds", "adapterserve_batch_rows", "adapterserve_batch_distinct_adapters",
+                 "adapterserve_prompt_tokens", "adapterserve_adapters_resident", "adapterserve_lora_requests_info",
+                 "adapterserve_request_queue_time_seconds", "adapterserve_adapter_requests"):
+        assert name in families, name
+    lora = families["adapterserve_lora_requests_info"].samples[0]
+    assert lora.labels["max_lora"] == "64" and lora.value > 1.7e9

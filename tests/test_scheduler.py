@@ -1,0 +1,72 @@
+"""Scheduler alone (no torch work): fairness across tenants, budgets, queue bound, deadlines, cancellation."""
+import time
+
+import pytest
+
+from engine.errors import InvalidRequest, ShuttingDown
+from engine.scheduler import DeadlineExpired, QueueFull, Request, Scheduler, SchedulerConfig, Task
+from engine.text import EncodedRow
+
+
+def _req(tenant, rows=1, length=4, deadline=None):
+    return Request(Task.EMBED, tenant, None, [EncodedRow(tuple(range(length)), None, None)] * rows, deadline)
+
+
+def test_a_flooding_tenant_cannot_starve_another():
+    sched = Scheduler(SchedulerConfig(max_batch_rows=4, max_wait_s=0))
+    flood = [_req("flood") for _ in range(40)]
+    for r in flood:
+        sched.add(r)
+    victim = _req("victim")
+    sched.add(victim)
+    first = sched.schedule(timeout=1)
+    assert victim in first and len(first) == 4  # served in the first batch despite 40 queued before it
+    assert sched.num_waiting == 37
+
+
+def test_round_robin_order_across_batches():
+    sched = Scheduler(SchedulerConfig(max_batch_rows=2, max_wait_s=0))
+    for tenant in "aaabbc":
+        sched.add(_req(tenant))
+    tenants = [[r.tenant for r in sched.schedule(timeout=1)] for _ in range(3)]
+    assert tenants == [["a", "b"], ["c", "a"], ["b", "a"]]
+
+
+def test_token_budget_and_request_limits():
+    sched = Scheduler(SchedulerConfig(max_batch_rows=8, max_batch_tokens=40, max_wait_s=0))
+    sched.add(_req("a", rows=2, length=10))  # 20 padded tokens
+    sched.add(_req("b", rows=2, length=15))  # with a: 4 rows x 15 = 60 > 40
+    assert len(sched.schedule(timeout=1)) == 1
+    assert len(sched.schedule(timeout=1)) == 1
+    with pytest.raises(InvalidRequest, match="over the batch budget"):
+        sched.add(_req("a", rows=3, length=20))
+    with pytest.raises(InvalidRequest, match="exceed the limit of 8"):
+        sched.add(_req("a", rows=9))
+
+
+def test_queue_bound_and_dead_requests_free_their_place():
+    sched = Scheduler(SchedulerConfig(max_queue=2, max_wait_s=0))
+    expiring = _req("a", deadline=time.monotonic() + 0.05)
+    cancelled = _req("b")
+    sched.add(expiring)
+    sched.add(cancelled)
+    with pytest.raises(QueueFull, match="2 requests waiting"):
+        sched.add(_req("c"))
+    cancelled.future.cancel()
+    time.sleep(0.06)
+    survivor = _req("c")
+    sched.add(survivor)  # both dead requests were purged to make room
+    assert sched.schedule(timeout=1) == [survivor]
+    with pytest.raises(DeadlineExpired):
+        expiring.future.result(0)
+
+
+def test_close_refuses_new_work_but_keeps_queued():
+    sched = Scheduler(SchedulerConfig(max_wait_s=0))
+    queued = _req("a")
+    sched.add(queued)
+    sched.close()
+    with pytest.raises(ShuttingDown, match="draining"):
+        sched.add(_req("a"))
+    assert sched.schedule(timeout=1) == [queued]
+    assert sched.schedule(timeout=0.01) == []
