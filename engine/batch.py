@@ -1,14 +1,18 @@
 """Per-batch adapter metadata passed explicitly through the model (punica style, no globals).
 
-Built once per forward by `engine.batcher`; read by the adapter sites. Tensors named ``*_slots`` hold
-one pool slot per row (int64, ``-1`` = no adapter of that kind at that site). Table tensors are the
-pool's own stacks (never copied per batch).
+Built once per forward by `engine.batcher`; read by the adapter sites. The batcher sorts the rows so
+that rows sharing a method, bottleneck variant and adapter are neighbours: each site then works on
+contiguous row slices (views, no copies). ``rows`` fields are such a slice, or an index tensor when a
+site's rows are not contiguous (an adapter that leaves this layer out). Tensors named ``*_slots`` hold
+the pool slot of each of those rows. Table tensors are the pool's own stacks (never copied per batch).
 """
 from dataclasses import dataclass
 from enum import Enum
 from typing import Mapping
 
 import torch
+
+Rows = slice | torch.Tensor  # a contiguous row range, or row indices [n] (int64)
 
 
 class ResidualBeforeLN(Enum):
@@ -56,39 +60,46 @@ class BottleneckTables:
 
 
 @dataclass(frozen=True)
+class RowSet:
+    """The rows of the batch that use one kind of term at one site, and their slots."""
+
+    rows: Rows
+    slots: torch.Tensor  # [n] int64 slot per row in ``rows`` (-1 only when rows is the whole batch)
+
+
+@dataclass(frozen=True)
 class LinearSiteBatch:
-    """Adapter terms of one linear layer for this batch; a None table means no row uses it."""
+    """Adapter terms of one linear layer for this batch; None where no row uses that kind."""
 
     lora: LoraTables | None
-    lora_slots: torch.Tensor | None  # [B]
+    lora_rows: RowSet | None
     ia3_out: torch.Tensor | None  # [S, N] scales the layer output (bias included)
-    ia3_out_slots: torch.Tensor | None  # [B]
+    ia3_out_rows: RowSet | None
     ia3_in: torch.Tensor | None  # [S, K] scales the layer input (PEFT feed-forward IA3)
-    ia3_in_slots: torch.Tensor | None  # [B]
+    ia3_in_rows: RowSet | None
 
 
 @dataclass(frozen=True)
 class BottleneckGroup:
-    """Rows of one variant at one site."""
+    """Rows of one variant (and one rank bucket, to bound rank padding) at one site."""
 
     variant: BottleneckVariant
-    rows: torch.Tensor | None  # [g] row indices into the batch; None = every row of the batch
+    rows: Rows
     slots: torch.Tensor  # [g] their slots (all >= 0)
+    covers_batch: bool  # every row of the batch is in this group
 
 
 @dataclass(frozen=True)
 class BottleneckSiteBatch:
     tables: BottleneckTables
     groups: tuple[BottleneckGroup, ...]
-    plain_rows: torch.Tensor | None  # [p] rows without an adapter here; None when there are none
+    has_plain_rows: bool  # some rows have no adapter at this site
 
 
 @dataclass(frozen=True)
 class AdapterBatch:
-    row_slots: torch.Tensor  # [B] int64 pool slot of each row's adapter, -1 for none
+    order: torch.Tensor | None  # [B] batch row -> original row (the sort); None = already in order
+    inverse: torch.Tensor | None  # [B] original row -> batch row
+    row_slots: list[int]  # pool slot of each (sorted) row, -1 for none
     linear: Mapping[str, LinearSiteBatch]  # site path -> terms; absent path = no adapter rows
     bottleneck: Mapping[str, BottleneckSiteBatch]
-
-    @staticmethod
-    def empty(batch_size: int, device: torch.device) -> "AdapterBatch":
-        return AdapterBatch(torch.full((batch_size,), -1, dtype=torch.long, device=device), {}, {})

@@ -1,16 +1,20 @@
-"""Rows' pool slots -> `AdapterBatch`: per-site slot vectors and bottleneck variant groups.
+"""Rows' pool slots -> `AdapterBatch`: the row order, per-site row sets and bottleneck groups.
 
-Host-side bookkeeping only (a few hundred dict lookups per batch); the tensors it builds are small
-index vectors. Sites no row uses are left out, so the model skips them at no cost.
+Host-side bookkeeping only (dict lookups per row and site); the tensors it builds are small index
+vectors, memoised because most sites share the same few. Rows are sorted by the pool's per-slot key
+(method, bottleneck variant, rank bucket, slot), so at each site the rows of one kind are usually one
+contiguous slice that the model can work on in place. Sites no row uses are left out.
 """
 import torch
 
 from engine.adapters.pool import AdapterPool, BottleneckSlots, LinearSlots
-from engine.batch import AdapterBatch, BottleneckGroup, BottleneckSiteBatch, LinearSiteBatch
+from engine.batch import AdapterBatch, BottleneckGroup, BottleneckSiteBatch, LinearSiteBatch, RowSet
+
+NO_ADAPTER = (3,)  # after every adapter kind
 
 
 class _Index:
-    """Memoised host list -> device int64 tensor: most sites share the same few slot vectors."""
+    """Memoised host tuple -> device int64 tensor."""
 
     def __init__(self, device: torch.device):
         self.device, self.cache = device, {}
@@ -23,50 +27,59 @@ class _Index:
 
 def build_adapter_batch(row_slots: list[int], pool: AdapterPool) -> AdapterBatch:
     index = _Index(pool.device)
+    order = sorted(range(len(row_slots)), key=lambda r: (pool.sort_keys.get(row_slots[r], NO_ADAPTER), row_slots[r]))
+    slots = [row_slots[r] for r in order]
+    identity = order == list(range(len(order)))
+    inverse = [0] * len(order)
+    for batch_row, original in enumerate(order):
+        inverse[original] = batch_row
     linear = {}
     for path, site in pool.linear.items():
-        entry = _linear_site(row_slots, site, index)
+        entry = _linear_site(slots, site, index)
         if entry is not None:
             linear[path] = entry
     bottleneck = {}
     for path, site in pool.bottleneck.items():
-        entry = _bottleneck_site(row_slots, site, index)
+        entry = _bottleneck_site(slots, site, pool.sort_keys, index)
         if entry is not None:
             bottleneck[path] = entry
-    return AdapterBatch(index(tuple(row_slots)), linear, bottleneck)
+    return AdapterBatch(None if identity else index(tuple(order)), None if identity else index(tuple(inverse)),
+                        slots, linear, bottleneck)
 
 
-def _present(row_slots: list[int], present) -> tuple[int, ...] | None:
-    slots = tuple(s if s in present else -1 for s in row_slots)
-    return None if all(s < 0 for s in slots) else slots
+def _row_set(slots: list[int], present, index: _Index) -> RowSet | None:
+    """The rows whose slot is in ``present``: a slice if contiguous, else the whole batch with -1 elsewhere."""
+    rows = [r for r, s in enumerate(slots) if s in present]
+    if not rows:
+        return None
+    start, end = rows[0], rows[-1] + 1
+    if end - start == len(rows):
+        return RowSet(slice(start, end), index(tuple(slots[start:end])))
+    return RowSet(slice(0, len(slots)), index(tuple(s if s in present else -1 for s in slots)))
 
 
-def _linear_site(row_slots: list[int], site: LinearSlots, index: _Index) -> LinearSiteBatch | None:
-    lora = _present(row_slots, site.lora_present)
-    ia3_out = _present(row_slots, site.ia3_out_present)
-    ia3_in = _present(row_slots, site.ia3_in_present)
+def _linear_site(slots: list[int], site: LinearSlots, index: _Index) -> LinearSiteBatch | None:
+    lora = _row_set(slots, site.lora_present, index)
+    ia3_out = _row_set(slots, site.ia3_out_present, index)
+    ia3_in = _row_set(slots, site.ia3_in_present, index)
     if lora is None and ia3_out is None and ia3_in is None:
         return None
-    return LinearSiteBatch(
-        lora=site.lora if lora else None, lora_slots=index(lora) if lora else None,
-        ia3_out=site.ia3_out if ia3_out else None, ia3_out_slots=index(ia3_out) if ia3_out else None,
-        ia3_in=site.ia3_in if ia3_in else None, ia3_in_slots=index(ia3_in) if ia3_in else None)
+    return LinearSiteBatch(site.lora if lora else None, lora, site.ia3_out if ia3_out else None, ia3_out,
+                           site.ia3_in if ia3_in else None, ia3_in)
 
 
-def _bottleneck_site(row_slots: list[int], site: BottleneckSlots, index: _Index) -> BottleneckSiteBatch | None:
-    groups: dict = {}
-    plain = []
-    for row, slot in enumerate(row_slots):
-        variant = site.variants.get(slot)
-        if variant is None:
-            plain.append(row)
-        else:
-            groups.setdefault(variant, []).append(row)
+def _bottleneck_site(slots: list[int], site: BottleneckSlots, sort_keys: dict, index: _Index):
+    groups: dict[tuple, list[int]] = {}
+    for row, slot in enumerate(slots):
+        if slot in site.variants:
+            groups.setdefault(sort_keys[slot], []).append(row)
     if not groups:
         return None
-    if not plain and len(groups) == 1:
-        variant = next(iter(groups))
-        return BottleneckSiteBatch(site.tables, (BottleneckGroup(variant, None, index(tuple(row_slots))),), None)
-    built = tuple(BottleneckGroup(v, index(tuple(rows)), index(tuple(row_slots[r] for r in rows)))
-                  for v, rows in groups.items())
-    return BottleneckSiteBatch(site.tables, built, index(tuple(plain)) if plain else None)
+    built = []
+    for rows in groups.values():
+        variant = site.variants[slots[rows[0]]]
+        start, end = rows[0], rows[-1] + 1
+        selected = slice(start, end) if end - start == len(rows) else index(tuple(rows))
+        built.append(BottleneckGroup(variant, selected, index(tuple(slots[r] for r in rows)), len(rows) == len(slots)))
+    has_plain = sum(len(rows) for rows in groups.values()) < len(slots)
+    return BottleneckSiteBatch(site.tables, tuple(built), has_plain)

@@ -1,20 +1,18 @@
 """`Engine`: the in-process API. One resident base model; every row of a batch may use its own adapter.
 
 The gRPC service wraps exactly these methods. Loading validates the whole adapter before anything
-is visible; a forward resolves names to slots (acquire), builds the batch metadata, runs ONE pass
-over the model and releases the adapters.
+is visible; a forward admits its rows' adapters (acquire, bring onto the device, batch metadata), runs
+ONE pass over the model and releases them. Adapter lifecycle and what blocks what:
+`engine.adapters.lifecycle`.
 """
-import threading
 from pathlib import Path
 
 import torch
 
 from engine.adapters.files import TargetModel
-from engine.adapters.formats import read_adapter
+from engine.adapters.lifecycle import AdapterLifecycle
 from engine.adapters.pool import AdapterPool
-from engine.adapters.registry import AdapterRecord, AdapterRegistry
 from engine.batch import AdapterBatch
-from engine.batcher import build_adapter_batch
 from engine.config import EngineConfig
 from engine.errors import InvalidRequest
 from engine.model.heads import apply_heads, last_token_index, pool
@@ -22,7 +20,7 @@ from engine.model.sites import BottleneckSite, name_sites
 from engine.model.weights import load_base_model
 from engine.resolve import default_pooling, resolve_device, resolve_model
 from engine.text import classifications, encode_texts, pad_rows, require_head, token_tags
-from engine.types import AdapterInfo, Classification, ForwardOutput, TokenTag
+from engine.types import AdapterInfo, CatalogEntry, Classification, ForwardOutput, TokenTag
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -42,8 +40,8 @@ class Engine:
         junctions = [p for p, m in sites.items() if isinstance(m, BottleneckSite)]
         self.target = TargetModel(self.info, linear, frozenset(junctions))
         self.pool = AdapterPool(linear, junctions, self.info.hidden_size, config.max_device_adapters, self.device, self.dtype)
-        self.registry = AdapterRegistry()
-        self._pool_lock = threading.Lock()  # pool writes vs. batch metadata reads
+        self.adapters = AdapterLifecycle(self.target, self.pool, config)
+        self.registry = self.adapters.registry  # names and versions (the text API reads heads and labels there)
         pooling, normalize = default_pooling(self.model_dir, self.info.is_decoder)
         self.pooling = config.pooling or pooling
         self.normalize = normalize if config.normalize_embeddings is None else config.normalize_embeddings
@@ -75,30 +73,40 @@ class Engine:
         return pad if pad is not None else (self.tokenizer.pad_token_id or 0)
 
     # ---- adapters -------------------------------------------------------------------------------
-    def load_adapter(self, path: str | Path, name: str | None = None, tenant: str | None = None) -> AdapterInfo:
-        """Validates and loads a folder; re-loading a name swaps to the new version atomically."""
-        spec = read_adapter(Path(path), self.target, name)
-        with self._pool_lock:
-            slot = self.pool.load(spec)
-        head = spec.head
-        info = AdapterInfo(spec.name, tenant, spec.method.value, spec.source, spec.num_params,
-                           head.head_type.value if head else None, head.labels if head else (), slot)
-        replaced = self.registry.register(info)
-        if replaced is not None and replaced.refs == 0:
-            self._free(replaced)
-        return info
+    def load_adapter(self, source: str | Path, name: str | None = None, tenant: str | None = None,
+                     pin: bool = False) -> AdapterInfo:
+        """Fetches, validates and registers an adapter; re-loading a name swaps to the new version
+        atomically (in-flight rows finish on the old one). ``source``: a folder, ``store://<path>``,
+        ``org/name[@revision]`` (Hugging Face), or an fsspec URL (`engine.adapters.sources`). A pinned
+        adapter is placed on the device now and never evicted."""
+        return self.adapters.load(source, name, tenant, pin)
 
     def unload_adapter(self, name: str, tenant: str | None = None) -> None:
-        record = self.registry.retire(name, tenant)
-        if record.refs == 0:
-            self._free(record)
+        """New requests get AdapterNotFound at once; memory is freed when in-flight rows are done."""
+        self.adapters.unload(name, tenant)
 
     def list_adapters(self, tenant: str | None = None) -> list[AdapterInfo]:
-        return self.registry.list(tenant)
+        """Adapters visible to ``tenant`` (its own and shared); every adapter when tenant is None."""
+        return self.adapters.infos(tenant)
 
-    def _free(self, record: AdapterRecord) -> None:
-        with self._pool_lock:
-            self.pool.free(record.info.slot)
+    def get_adapter(self, name: str, tenant: str | None = None) -> AdapterInfo:
+        return self.adapters.get(name, tenant)
+
+    def catalog(self, base_model: str | None = None, method: str | None = None) -> list[CatalogEntry]:
+        """The adapter store's folders (empty without ``adapter_store``), by base model name or type and method."""
+        return self.adapters.catalog(base_model, method)
+
+    def average_adapters(self, name: str, sources: list[str], weights: list[float], tenant: str | None = None,
+                         combine_strategy: str = "linear", *, svd_rank: int | None = None) -> AdapterInfo:
+        """A new adapter, the weighted average of loaded ones (the `adapters` library's `average_adapter`):
+        combine_strategy "linear", "lora_linear_only_negate_b" or "lora_delta_w_svd" (needs svd_rank)."""
+        return self.adapters.average(name, sources, weights, tenant, combine_strategy, svd_rank)
+
+    def adapters_ready(self, adapters: list[str | None], tenant: str | None | list[str | None] = None) -> bool:
+        """True when every named adapter can be served without reading files; otherwise starts bringing the
+        missing ones in from their sources and returns False. A scheduler can hold such requests and
+        schedule others, so nobody waits for the read; `forward` would wait for it."""
+        return self.adapters.ready(adapters, self._row_tenants(adapters, tenant))
 
     # ---- inference ------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, adapters: list[str | None],
@@ -107,21 +115,12 @@ class Engine:
         """One pass for the whole batch; ``adapters[b]`` names row b's adapter (None = base model).
 
         ``tenant`` is the caller's tenant for every row, or one tenant per row (a server batch mixes tenants).
+        Adapters not on the device are brought in first, evicting idle ones (`AdapterCapacityExceeded` when
+        every slot is in use or pinned); for those only at their source, this waits for their own read.
         """
         self._check_batch(input_ids, attention_mask, adapters, token_type_ids)
-        if isinstance(tenant, list) and len(tenant) != len(adapters):
-            raise InvalidRequest(f"tenant names {len(tenant)} rows, the batch has {len(adapters)}")
-        records = self._acquire(adapters, tenant)
-        try:
-            row_slots = [r.info.slot if r else -1 for r in records]
-            with self._pool_lock:
-                meta = build_adapter_batch(row_slots, self.pool) if any(r for r in records) else None
-                heads = {s: self.pool.heads[s] for s in set(row_slots) if s in self.pool.heads}
-            return self._run(input_ids, attention_mask, token_type_ids, meta, row_slots, heads)
-        finally:
-            for record in records:
-                if record is not None and self.registry.release(record):
-                    self._free(record)
+        with self.adapters.admit(adapters, self._row_tenants(adapters, tenant)) as batch:
+            return self._run(input_ids, attention_mask, token_type_ids, batch.meta, batch.row_slots, batch.heads)
 
     def classify(self, texts: list[str], adapter: str, tenant: str | None = None) -> list[Classification]:
         """Labels and scores from the adapter's (multi-label) classification head."""
@@ -152,12 +151,21 @@ class Engine:
             results.append((self.forward(ids, mask, [adapter] * len(chunk), types, tenant), chunk))
         return results
 
+    def _model_pass(self, input_ids, attention_mask, token_type_ids, meta: AdapterBatch | None) -> torch.Tensor:
+        """The base model over the batch in the batcher's row order; hidden states back in the caller's order."""
+        if meta is None or meta.order is None:
+            return self.model(input_ids, attention_mask, token_type_ids, meta)
+        order = meta.order
+        types = token_type_ids.index_select(0, order) if token_type_ids is not None else None
+        hidden = self.model(input_ids.index_select(0, order), attention_mask.index_select(0, order), types, meta)
+        return hidden.index_select(0, meta.inverse)
+
     def _run(self, input_ids, attention_mask, token_type_ids, meta: AdapterBatch | None, row_slots, heads):
         d = self.device
         input_ids, attention_mask = input_ids.to(d), attention_mask.to(d)
         token_type_ids = token_type_ids.to(d) if token_type_ids is not None else None
         with torch.inference_mode():
-            hidden = self.model(input_ids, attention_mask, token_type_ids, meta)
+            hidden = self._model_pass(input_ids, attention_mask, token_type_ids, meta)
             embeddings = pool(hidden, attention_mask, self.pooling, self.normalize)
             logits = (None,) * len(row_slots)
             if heads:
@@ -170,18 +178,13 @@ class Engine:
                 logits = apply_heads(heads, row_slots, hidden, summary, pooled)
         return ForwardOutput(hidden, embeddings, logits)
 
-    def _acquire(self, adapters, tenant) -> list[AdapterRecord | None]:
-        tenants = tenant if isinstance(tenant, list) else [tenant] * len(adapters)
-        records = []
-        try:
-            for name, row_tenant in zip(adapters, tenants, strict=True):
-                records.append(self.registry.acquire(name, row_tenant) if name else None)
-        except Exception:
-            for record in records:
-                if record is not None and self.registry.release(record):
-                    self._free(record)
-            raise
-        return records
+    @staticmethod
+    def _row_tenants(adapters: list[str | None], tenant: str | None | list[str | None]) -> list[str | None]:
+        if not isinstance(tenant, list):
+            return [tenant] * len(adapters)
+        if len(tenant) != len(adapters):
+            raise InvalidRequest(f"tenant names {len(tenant)} rows, the batch has {len(adapters)}", "tenant")
+        return tenant
 
     def _check_batch(self, input_ids, attention_mask, adapters, token_type_ids) -> None:
         if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:

@@ -39,8 +39,43 @@ class AdapterNotFound(AdapterServeError):
 
 
 class AdapterCapacityExceeded(AdapterServeError):
-    """Every device slot holds an adapter in use; nothing can be evicted now."""
+    """Every device slot (or the adapter_memory_mb budget) is taken by adapters in use or pinned, so nothing
+    can be evicted now; or an adapter is larger than the whole device budget."""
+
+
+class AdapterSourceError(AdapterServeError):
+    """An adapter source cannot be resolved or fetched: no such folder, URL or hub repo, not in the offline
+    cache, an I/O error while reading or downloading, fsspec not installed, or files changed since loading."""
+
+    def __init__(self, source: str, detail: str):
+        self.source, self.detail = source, detail
+        super().__init__(f"adapter source {source}: {detail}")
+
+
+class AdapterSourceRefused(AdapterServeError):
+    """A source refused by policy, before anything of it becomes visible: a path that leads outside the
+    adapter store's root, or a download larger than ``max_download_mb``."""
+
+    def __init__(self, source: str, detail: str):
+        self.source, self.detail = source, detail
+        super().__init__(f"adapter source {source} refused: {detail}")
 
 
 class InvalidRequest(AdapterServeError):
     """A request's own parameters are wrong (shapes, lengths, missing head for the task)."""
+
+    def __init__(self, message: str, field: str | None = None):
+        self.field = field  # the request field at fault, for gRPC BadRequest details
+        super().__init__(message)
+
+
+class Unauthenticated(AdapterServeError):
+    """No API key, or one that is not in the key file."""
+
+
+class PermissionDenied(AdapterServeError):
+    """A valid key whose role or tenant does not allow this call."""
+
+
+class ShuttingDown(AdapterServeError):
+    """The server is draining after SIGTERM and takes no new work."""

@@ -20,7 +20,24 @@ class AdapterInfo:
     num_params: int
     head_type: str | None  # "classification" | "multilabel_classification" | "tagging" | None
     labels: tuple[str, ...]  # label names by index, empty without head
-    slot: int  # device slot
+    slot: int  # device slot, -1 when not on the device
+    tier: str = "device"  # where it is now: "device" (slot), "cpu" (host copy), "source" (read again on use)
+    state: str = "ready"  # "ready"; "loading" while read back from its source; "failed" when that read failed
+    pinned: bool = False  # kept on the device, never evicted
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    """One adapter folder of the adapter store (like an AdapterHub `list_adapters` entry)."""
+
+    name: str  # path inside the store, e.g. "bert/sentiment"
+    source: str  # what to pass to `Engine.load_adapter`: "store://<name>"
+    format: str  # "adapterhub" | "peft"
+    method: str  # "bottleneck" | "lora" | "ia3", or the saved architecture of methods not served yet
+    base_model: str | None  # the model name it was saved from (model_name / base_model_name_or_path)
+    model_type: str | None  # e.g. "bert"; None when the folder does not say (PEFT)
+    head_type: str | None  # AdapterHub head saved beside it, if any
+    size_bytes: int  # files in the folder
 
 
 @dataclass(frozen=True)

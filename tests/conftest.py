@@ -4,9 +4,13 @@ Without CUDA, Triton kernels run in the interpreter (TRITON_INTERPRET=1 must be 
 `@triton.jit` decorators execute). Torch threads are pinned: this suite shares 2 cores with nothing else.
 """
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # shared helpers: tests/oracle.py, tests/minilm.py
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:

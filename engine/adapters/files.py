@@ -1,8 +1,9 @@
 """Reading adapter files safely: JSON, safetensors or torch .bin (``weights_only=True``), checked values.
 
 Every failure becomes `InvalidAdapter` naming the file, so a corrupt upload never surfaces as a raw
-pickle, JSON or OS error.
+pickle, JSON or OS error; a failing medium (EIO and the like) becomes `AdapterSourceError` instead.
 """
+import errno
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,8 +12,13 @@ from typing import Mapping
 import torch
 from safetensors.torch import load_file
 
-from engine.errors import InvalidAdapter
+from engine.errors import AdapterSourceError, InvalidAdapter
 from engine.model.common import ArchInfo
+
+# OSErrors of the medium or of access, not of the file's content: the source is at fault and a retry may
+# work (AdapterSourceError); any other read failure means a corrupt file (InvalidAdapter)
+MEDIUM_ERRNOS = frozenset({errno.EIO, errno.ENXIO, errno.ENODEV, errno.ESTALE, errno.ETIMEDOUT, errno.EAGAIN,
+                           errno.EACCES, errno.EPERM, errno.ENOMEM})
 
 
 @dataclass(frozen=True)
@@ -29,7 +35,11 @@ def read_json(path: Path) -> dict:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise InvalidAdapter(str(path.parent), f"missing {path.name}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidAdapter(str(path.parent), f"cannot read {path.name}: {exc}") from None
+    except OSError as exc:
+        if exc.errno in MEDIUM_ERRNOS:
+            raise AdapterSourceError(str(path.parent), f"I/O error reading {path.name}: {exc}") from None
         raise InvalidAdapter(str(path.parent), f"cannot read {path.name}: {exc}") from None
     if not isinstance(data, dict):
         raise InvalidAdapter(str(path.parent), f"{path.name} must hold a JSON object")
@@ -37,11 +47,15 @@ def read_json(path: Path) -> dict:
 
 
 def read_weights(folder: Path, safetensors_name: str, bin_name: str) -> dict[str, torch.Tensor]:
-    """The first of the two files that exists; .bin files are unpickled with weights_only only."""
+    """The first of the two files that exists; .bin files are unpickled with weights_only only.
+
+    safetensors are read with pread into memory we own: the default mmap would keep host copies backed by
+    the file, and a file rewritten in place under a cached adapter would then crash the process (SIGBUS).
+    """
     st, binary = folder / safetensors_name, folder / bin_name
     try:
         if st.exists():
-            return dict(load_file(st))
+            return dict(load_file(st, backend="pread"))
         if binary.exists():
             state = torch.load(binary, map_location="cpu", weights_only=True)
             if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -49,8 +63,10 @@ def read_weights(folder: Path, safetensors_name: str, bin_name: str) -> dict[str
             return state
     except InvalidAdapter:
         raise
-    except Exception as exc:  # truncated zip, bad header, refused pickle: all mean a corrupt file
+    except Exception as exc:  # truncated zip, bad header, refused pickle: a corrupt file; or a failing disk
         name = st.name if st.exists() else binary.name
+        if isinstance(exc, OSError) and exc.errno in MEDIUM_ERRNOS:
+            raise AdapterSourceError(str(folder), f"I/O error reading {name}: {exc}") from None
         raise InvalidAdapter(str(folder), f"cannot read {name}: {type(exc).__name__}: {exc}") from None
     raise InvalidAdapter(str(folder), f"no weights file ({safetensors_name} or {bin_name})")
 

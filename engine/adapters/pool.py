@@ -1,4 +1,5 @@
-"""Device slot stacks per adapter site: the only writer of slot tensors.
+"""Device slot stacks per adapter site: the only writer of slot tensors. Not thread-safe on its own:
+`engine.adapters.tiers` calls it only under its lock, which decides which version holds which slot.
 
 An adapter occupies one slot index in every site stack it touches. Stacks are created lazily the
 first time a method touches a site, and re-allocated (copied) when a larger rank arrives; the old
@@ -38,6 +39,7 @@ class AdapterPool:
         self.linear = {path: LinearSlots(*dims) for path, dims in linear_dims.items()}
         self.bottleneck = {path: BottleneckSlots() for path in junctions}
         self.heads: dict[int, HeadSpec] = {}  # slot -> head weights on device
+        self.sort_keys: dict[int, tuple] = {}  # slot -> batch order key (see `sort_key`)
         self._free = list(range(capacity - 1, -1, -1))
 
     @property
@@ -49,6 +51,14 @@ class AdapterPool:
         if not self._free:
             raise AdapterCapacityExceeded(f"all {self.capacity} adapter slots are in use; unload one first")
         slot = self._free.pop()
+        try:
+            self._write(slot, spec)
+        except BaseException:  # e.g. device out of memory while growing a stack: the slot is not lost
+            self.free(slot)
+            raise
+        return slot
+
+    def _write(self, slot: int, spec: AdapterSpec) -> None:
         for path, w in spec.lora.items():
             self._write_lora(self.linear[path], slot, w)
         for path, w in spec.ia3.items():
@@ -65,7 +75,7 @@ class AdapterPool:
             self._write_bottleneck(self.bottleneck[path], slot, w, int(spec.act), spec.variant)
         if spec.head is not None:
             self.heads[slot] = _head_to(spec.head, self.device, self.dtype)
-        return slot
+        self.sort_keys[slot] = sort_key(spec)
 
     def free(self, slot: int) -> None:
         """Forgets a slot; its stale weights are never read because no site lists it as present."""
@@ -76,6 +86,7 @@ class AdapterPool:
         for site in self.bottleneck.values():
             site.variants.pop(slot, None)
         self.heads.pop(slot, None)
+        self.sort_keys.pop(slot, None)
         self._free.append(slot)
 
     def _ensure(self, table: torch.Tensor | None, size: int) -> torch.Tensor:
@@ -151,6 +162,21 @@ class AdapterPool:
                          "ln_after_weight", "ln_after_bias"):
                 getattr(new, name).copy_(getattr(old, name))
         return new
+
+
+def sort_key(spec: AdapterSpec) -> tuple:
+    """Rows are batched in this order: bottleneck adapters by variant and rank bucket, then LoRA, then IA3.
+
+    Rows of one key take the same code path at every site, so they form one contiguous group; the rank
+    bucket (next power of two, at least 16) bounds how much a small adapter pays for a large one's rank.
+    """
+    if spec.bottleneck:
+        v = spec.variant
+        rank = max(w.w_down.shape[1] for w in spec.bottleneck.values())
+        bucket = max(16, 1 << (rank - 1).bit_length())
+        return (0, v.is_parallel, v.original_ln_before, v.original_ln_after, v.residual_before_ln.value,
+                v.adapter_residual_before_ln, v.ln_before, v.ln_after, bucket)
+    return (1,) if spec.lora else (2,)
 
 
 def _head_to(head: HeadSpec, device: torch.device, dtype: torch.dtype) -> HeadSpec:

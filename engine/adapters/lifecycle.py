@@ -1,0 +1,166 @@
+"""Adapter lifecycle: load, unload, list, average and the forward's admission, over the registry (names
+and versions), the tiers (where each version's weights are) and the sources (where its files come from).
+
+What blocks what:
+- ``load`` / ``average``: resolving, downloading, reading and validating run in the caller's thread with
+  no lock held. Then one short tiers-lock hold (a slot copy when a slot is free or the adapter is
+  pinned, else a CPU-tier insert) and one registry-lock hold (the swap). A failure before the swap
+  leaves everything as it was.
+- a forward (``admit``): one registry-lock hold acquires every row's version; tiers-lock holds copy
+  non-resident versions into slots (evicting idle ones) and build the batch metadata. It waits, holding
+  no lock, only for reads of its own versions that are at their source tier; never for another
+  adapter's files. The model runs with no lock held. Another thread's slot copy (host to device, about
+  a millisecond per MB) is the longest a forward may wait for the tiers lock.
+- ``unload``: one registry-lock hold; the version is freed when its last in-flight row is released.
+"""
+import functools
+import itertools
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Iterator
+
+from engine.adapters.aggregation import average_specs
+from engine.adapters.files import TargetModel
+from engine.adapters.formats import read_adapter
+from engine.adapters.pool import AdapterPool
+from engine.adapters.registry import AdapterRecord, AdapterRegistry
+from engine.adapters.sources import AdapterFolder, AdapterSources, fingerprint
+from engine.adapters.spec import AdapterSpec, HeadSpec
+from engine.adapters.store import AdapterStore
+from engine.adapters.tiers import AdapterTiers, Residency, TierBudget, device_bytes
+from engine.batch import AdapterBatch
+from engine.batcher import build_adapter_batch
+from engine.config import EngineConfig
+from engine.errors import AdapterNotFound, AdapterSourceError
+from engine.types import AdapterInfo, CatalogEntry
+
+
+@dataclass(frozen=True)
+class AdmittedBatch:
+    row_slots: list[int]  # pool slot per row, -1 without adapter
+    meta: AdapterBatch | None  # None when no row has an adapter
+    heads: dict[int, HeadSpec]  # slot -> head, for the slots of this batch that have one
+
+
+class AdapterLifecycle:
+    def __init__(self, target: TargetModel, pool: AdapterPool, config: EngineConfig):
+        self.target, self.pool = target, pool
+        self.registry = AdapterRegistry()
+        mb = config.adapter_memory_mb
+        self.tiers = AdapterTiers(pool, TierBudget(None if mb is None else int(mb * 2**20), config.max_cpu_adapters))
+        self.store = AdapterStore(Path(config.adapter_store)) if config.adapter_store else None
+        self.sources = AdapterSources(self.store, config.download_dir, int(config.max_download_mb * 2**20))
+        self._keys = itertools.count(1)
+        self._downloads_lock = threading.Lock()
+        self._downloads: dict[int, AdapterFolder] = {}  # version key -> its downloaded folder, deleted with it
+
+    def load(self, source: str | Path, name: str | None, tenant: str | None, pin: bool) -> AdapterInfo:
+        folder = self.sources.resolve(source)
+        try:
+            stamp = fingerprint(folder.path)
+            spec = read_adapter(folder.path, self.target, name, folder.default_name)
+            read = functools.partial(self._read_again, folder, spec.name, stamp)
+            return self._publish(spec, tenant, pin, read, folder)
+        except BaseException:
+            self.sources.discard(folder)
+            raise
+
+    def average(self, name: str, sources: list[str], weights: list[float], tenant: str | None,
+                combine_strategy: str, svd_rank: int | None) -> AdapterInfo:
+        records = self.registry.acquire_rows(list(sources), [tenant] * len(sources))  # nothing frees them meanwhile
+        try:
+            specs = [self.tiers.host_spec(r.key) for r in records]
+        finally:
+            self._release(records)
+        spec = average_specs(name, specs, list(weights), combine_strategy, svd_rank, self.target)
+        label = ", ".join(f"{s}*{w:g}" for s, w in zip(sources, weights))
+        return self._publish(replace(spec, source=f"average[{combine_strategy}]({label})"), tenant, False, None, None)
+
+    def unload(self, name: str, tenant: str | None) -> None:
+        record, unused = self.registry.retire(name, tenant)
+        if unused:
+            self._free(record)
+
+    def get(self, name: str, tenant: str | None) -> AdapterInfo:
+        info = self._describe(self.registry.find(name, tenant))
+        if info is None:  # unloaded and freed since the lookup
+            raise AdapterNotFound(name, tenant)
+        return info
+
+    def infos(self, tenant: str | None) -> list[AdapterInfo]:
+        infos = [self._describe(r) for r in self.registry.records(tenant)]
+        return [info for info in infos if info is not None]  # None: unloaded and freed since the listing
+
+    def catalog(self, base_model: str | None, method: str | None) -> list[CatalogEntry]:
+        return self.store.catalog(base_model, method) if self.store is not None else []
+
+    def ready(self, names: list[str | None], tenants: list[str | None]) -> bool:
+        """True when every named adapter can be served without reading files; otherwise starts reading the
+        missing ones in the background (a scheduler can hold those requests and run others meanwhile)."""
+        records = [self.registry.find(n, t) for n, t in zip(names, tenants, strict=True) if n]
+        return all([self.tiers.prefetch(r.key) for r in records])  # a list: start every read, not just the first
+
+    @contextmanager
+    def admit(self, names: list[str | None], tenants: list[str | None]) -> Iterator[AdmittedBatch]:
+        """Acquires each row's version, brings it onto the device and yields the batch's slots and metadata;
+        releases them on exit (freeing versions retired meanwhile once their last rows are done)."""
+        records = self.registry.acquire_rows(names, tenants)
+        try:
+            keys = list(dict.fromkeys(r.key for r in records if r is not None))
+            if not keys:
+                yield AdmittedBatch([-1] * len(records), None, {})
+            else:
+                yield self.tiers.place(keys, functools.partial(self._batch, records))
+        finally:
+            self._release(records)
+
+    def _batch(self, records: list[AdapterRecord | None], slots: dict[int, int]) -> AdmittedBatch:
+        row_slots = [slots[r.key] if r is not None else -1 for r in records]
+        heads = {s: self.pool.heads[s] for s in set(row_slots) if s in self.pool.heads}
+        return AdmittedBatch(row_slots, build_adapter_batch(row_slots, self.pool), heads)
+
+    def _publish(self, spec: AdapterSpec, tenant: str | None, pin: bool, read: Callable[[], AdapterSpec] | None,
+                 folder: AdapterFolder | None) -> AdapterInfo:
+        """Places a validated version (the only step that can still fail: a pinned one finding no slot),
+        then swaps it in under its name."""
+        head = spec.head
+        info = AdapterInfo(spec.name, tenant, spec.method.value, folder.source if folder else spec.source,
+                           spec.num_params, head.head_type.value if head else None, head.labels if head else (), -1)
+        record = AdapterRecord(info, next(self._keys))
+        self.tiers.add(Residency(record, read, device_bytes(spec, self.pool.dtype), pin), spec)
+        if folder is not None and folder.owned:
+            with self._downloads_lock:
+                self._downloads[record.key] = folder
+        replaced, unused = self.registry.register(record)
+        if unused:
+            self._free(replaced)
+        return self._describe(record) or replace(info, tier="source")  # None: already unloaded by another thread
+
+    def _read_again(self, folder: AdapterFolder, name: str, stamp: tuple) -> AdapterSpec:
+        """Reads an evicted version back; refuses files that changed since it was loaded (they would be
+        another version under the same record)."""
+        if fingerprint(folder.path) != stamp:
+            raise AdapterSourceError(folder.source, "its files changed since it was loaded; load it again")
+        return read_adapter(folder.path, self.target, name, folder.default_name)
+
+    def _release(self, records: list[AdapterRecord | None]) -> None:
+        for record in records:
+            if record is not None and self.registry.release(record):
+                self._free(record)
+        self.tiers.released([r.key for r in records if r is not None])
+
+    def _free(self, record: AdapterRecord) -> None:
+        self.tiers.drop(record.key)
+        with self._downloads_lock:
+            folder = self._downloads.pop(record.key, None)
+        if folder is not None:
+            self.sources.discard(folder)
+
+    def _describe(self, record: AdapterRecord) -> AdapterInfo | None:
+        placed = self.tiers.describe(record.key)
+        if placed is None:
+            return None
+        tier, slot, state, pinned = placed
+        return replace(record.info, slot=slot, tier=tier, state=state, pinned=pinned)

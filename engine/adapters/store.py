@@ -1,0 +1,91 @@
+"""The adapter store: a folder whose adapter folders (any depth) form a catalog, listed by base model and
+method like `list_adapters(source, model_name)` in the AdapterHub library. Sources name its folders as
+``store://<path inside the store>``; a path that leads outside the root (``..``, absolute, or through a
+symbolic link) is refused before anything is read.
+"""
+import json
+import os
+from pathlib import Path
+
+from engine.adapters.adapterhub import PRESETS
+from engine.errors import AdapterSourceError, AdapterSourceRefused
+from engine.types import CatalogEntry
+
+SCHEME = "store://"
+CONFIG = "adapter_config.json"
+
+
+class AdapterStore:
+    def __init__(self, root: Path):
+        self.root = Path(root).expanduser().resolve()
+
+    def folder(self, source: str) -> Path:
+        """The store folder a ``store://`` source names."""
+        relative = source.removeprefix(SCHEME)
+        if not relative or Path(relative).is_absolute():
+            raise AdapterSourceRefused(source, "expects store://<path inside the adapter store>")
+        folder = (self.root / relative).resolve()
+        if not folder.is_relative_to(self.root):
+            raise AdapterSourceRefused(source, "the path leads outside the adapter store")
+        if not (folder / CONFIG).is_file():
+            raise AdapterSourceError(source, f"no adapter folder {relative!r} in the adapter store")
+        return folder
+
+    def catalog(self, base_model: str | None = None, method: str | None = None) -> list[CatalogEntry]:
+        """Every adapter folder, filtered by base model (its saved model name or model type) and method."""
+        entries = []
+        for folder, subfolders, files in os.walk(self.root):  # symbolic links to folders are not followed
+            subfolders.sort()
+            if CONFIG not in files:
+                continue
+            subfolders.clear()  # an adapter folder's subfolders are its own (never separate adapters)
+            entry = _describe(Path(folder), self.root)
+            if entry is None:
+                continue
+            if base_model is not None and base_model not in (entry.base_model, entry.model_type):
+                continue
+            if method is not None and method != entry.method:
+                continue
+            entries.append(entry)
+        return sorted(entries, key=lambda e: e.name)
+
+
+def _describe(folder: Path, root: Path) -> CatalogEntry | None:
+    """The catalog entry of one folder from its JSON files alone; None when the config is unreadable."""
+    try:
+        meta = json.loads((folder / CONFIG).read_text(encoding="utf-8"))
+        size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(meta, dict):
+        return None
+    name = folder.relative_to(root).as_posix()
+    if "peft_type" in meta:
+        method = str(meta["peft_type"]).lower()
+        return CatalogEntry(name, SCHEME + name, "peft", method, meta.get("base_model_name_or_path"), None, None, size)
+    return CatalogEntry(name, SCHEME + name, "adapterhub", adapterhub_method(meta.get("config")),
+                        meta.get("model_name"), meta.get("model_type"), _head_type(folder), size)
+
+
+def adapterhub_method(config) -> str:
+    """The method family of a saved AdapterHub config (dict or preset name), as `AdapterInfo.method` names it."""
+    config = PRESETS.get(config, config) if isinstance(config, str) else config
+    if isinstance(config, str):  # a preset we do not serve, e.g. "prefix_tuning"
+        return config
+    if not isinstance(config, dict):
+        return "unknown"
+    architecture = config.get("architecture")
+    if architecture is None:
+        return "bottleneck"
+    if architecture == "lora":
+        return "ia3" if config.get("composition_mode") == "scale" else "lora"
+    return str(architecture)
+
+
+def _head_type(folder: Path) -> str | None:
+    try:
+        head = json.loads((folder / "head_config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    config = head.get("config") if isinstance(head, dict) else None
+    return config.get("head_type") if isinstance(config, dict) else None

@@ -1,0 +1,230 @@
+"""Where each adapter version lives: a device slot, the CPU tier (a host copy), or only its source.
+
+Budgets: ``max_device_adapters`` slots and optionally ``max_device_bytes`` of resident adapter weights on
+the device; ``max_cpu_adapters`` host copies of versions that are not on the device. Each tier keeps an
+LRU order: the device by last use, the CPU tier by arrival there (a version evicted from the device
+arrives as the most recent). A version on the device keeps its host copy, so evicting it to the CPU
+tier copies nothing. Versions in use (``record.refs > 0``) and pinned ones are never evicted; versions
+without a source (averages) keep their host copy for as long as they live.
+
+Locking: one lock guards the entries, the LRU orders and every pool call (slot writes and batch
+metadata). It is held only for bookkeeping, host->device slot copies and metadata builds, never for
+file I/O: reads from a source run on the reader threads, and whoever needs the result waits on its
+future outside the lock. Reads are single-flight per version. The work per batch grows with its rows
+and evictions, not with the number of registered adapters.
+"""
+import threading
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from engine.adapters.pool import AdapterPool
+from engine.adapters.registry import AdapterRecord
+from engine.adapters.spec import AdapterSpec
+from engine.errors import AdapterCapacityExceeded
+
+
+@dataclass(frozen=True)
+class TierBudget:
+    max_device_bytes: int | None  # None = slot count only
+    max_cpu_adapters: int
+
+
+@dataclass(eq=False)
+class Residency:
+    """One version's place; every field but the first four is guarded by the tiers lock."""
+
+    record: AdapterRecord  # its refs say whether it is in use
+    read: Callable[[], AdapterSpec] | None  # reads it again from its source; None = no source, keep the host copy
+    nbytes: int  # its weights in the serving dtype
+    pinned: bool
+    spec: AdapterSpec | None = None  # host copy; always set while on the device
+    slot: int = -1
+    reading: Future | None = None
+    error: Exception | None = None  # of the last failed read, until one succeeds
+
+    @property
+    def key(self) -> int:
+        return self.record.key
+
+    @property
+    def tier(self) -> str:
+        return "device" if self.slot >= 0 else "cpu" if self.spec is not None else "source"
+
+
+class AdapterTiers:
+    def __init__(self, pool: AdapterPool, budget: TierBudget):
+        self.pool, self.budget = pool, budget
+        self._lock = threading.Lock()
+        self._entries: dict[int, Residency] = {}  # every live version, by key
+        self._on_device: OrderedDict[int, Residency] = OrderedDict()  # least recently used first
+        self._on_host: OrderedDict[int, Residency] = OrderedDict()  # the CPU tier, oldest first
+        self._device_bytes = 0
+        self._readers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="adapter-read")
+
+    def add(self, entry: Residency, spec: AdapterSpec) -> None:
+        """A freshly read version: onto the device if it fits without evicting anything, else the CPU tier.
+        A pinned one evicts idle versions, or raises `AdapterCapacityExceeded` having changed nothing."""
+        limit = self.budget.max_device_bytes
+        if limit is not None and entry.nbytes > limit:
+            raise AdapterCapacityExceeded(f"adapter {entry.record.info.name!r} needs {entry.nbytes / 2**20:.2f} MB, "
+                                          f"more than the whole device budget (adapter_memory_mb)")
+        with self._lock:
+            victims = self._victims(entry) if entry.pinned or self._fits(entry) else None
+            entry.spec = spec
+            self._entries[entry.key] = entry
+            if victims is not None:
+                self._to_device(entry, victims)
+            else:
+                self._on_host[entry.key] = entry
+            self._trim_cpu()
+
+    def drop(self, key: int) -> None:
+        """Frees a retired, unused version: its slot and host copy."""
+        with self._lock:
+            entry = self._entries.pop(key, None)
+            if entry is None:
+                return
+            if self._on_device.pop(key, None) is not None:
+                self.pool.free(entry.slot)
+                self._device_bytes -= entry.nbytes
+                entry.slot = -1
+            self._on_host.pop(key, None)
+            entry.spec = None
+
+    def place(self, keys: list[int], build: Callable[[dict[int, int]], object]):
+        """Brings acquired versions onto the device and returns ``build({key: slot})``, computed under the
+        same lock hold so no slot changes in between. Waits (outside the lock) only for reads of these
+        versions themselves."""
+        while True:
+            with self._lock:
+                entries = [self._entries[k] for k in keys]
+                pending = [self._start_read(e) for e in entries if e.slot < 0 and e.spec is None]
+                if not pending:
+                    evicted = False
+                    for entry in entries:
+                        if entry.slot >= 0:
+                            self._on_device.move_to_end(entry.key)
+                        else:
+                            victims = self._victims(entry)
+                            self._to_device(entry, victims)
+                            evicted = evicted or bool(victims)
+                    if evicted:
+                        self._trim_cpu()
+                    return build({e.key: e.slot for e in entries})
+            for future in pending:  # in use, so their host copies cannot be trimmed before we take the lock again
+                future.result()
+
+    def host_spec(self, key: int) -> AdapterSpec:
+        """The host copy of an acquired version, read from its source if needed (waits outside the lock)."""
+        while True:
+            with self._lock:
+                entry = self._entries[key]
+                if entry.spec is not None:
+                    return entry.spec
+                pending = self._start_read(entry)
+            pending.result()
+
+    def prefetch(self, key: int) -> bool:
+        """True when the version can be served without reading files; else starts reading it."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None or entry.spec is not None:
+                return True
+            self._start_read(entry)
+            return False
+
+    def released(self, keys: list[int]) -> None:
+        """Versions just released: host copies read while they were in use may now exceed the CPU budget."""
+        with self._lock:
+            if any(k in self._on_host for k in keys):
+                self._trim_cpu()
+
+    def describe(self, key: int) -> tuple[str, int, str, bool] | None:
+        """(tier, slot, state, pinned) of a version; None once it is freed."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                return None
+            state = "loading" if entry.reading else "failed" if entry.error and entry.spec is None else "ready"
+            return entry.tier, entry.slot, state, entry.pinned
+
+    def _fits(self, entry: Residency) -> bool:
+        limit = self.budget.max_device_bytes
+        return self.pool.num_free > 0 and (limit is None or self._device_bytes + entry.nbytes <= limit)
+
+    def _victims(self, entry: Residency) -> list[Residency]:
+        """Least recently used idle, unpinned versions on the device to evict so that ``entry`` fits."""
+        need_slots = 1 - self.pool.num_free
+        limit = self.budget.max_device_bytes
+        need_bytes = 0 if limit is None else self._device_bytes + entry.nbytes - limit
+        victims = []
+        for other in self._on_device.values():
+            if need_slots <= 0 and need_bytes <= 0:
+                return victims
+            if not other.pinned and other.record.refs == 0:
+                victims.append(other)
+                need_slots, need_bytes = need_slots - 1, need_bytes - other.nbytes
+        if need_slots > 0 or need_bytes > 0:
+            raise AdapterCapacityExceeded(
+                f"all {self.pool.capacity} adapter slots (or adapter_memory_mb) hold adapters in use or pinned; "
+                f"cannot bring in {entry.record.info.name!r} now")
+        return victims
+
+    def _to_device(self, entry: Residency, victims: list[Residency]) -> None:
+        for victim in victims:  # to the CPU tier: the host copy stays
+            self.pool.free(victim.slot)
+            victim.slot = -1
+            self._device_bytes -= victim.nbytes
+            del self._on_device[victim.key]
+            self._on_host[victim.key] = victim
+        entry.slot = self.pool.load(entry.spec)
+        self._device_bytes += entry.nbytes
+        self._on_host.pop(entry.key, None)
+        self._on_device[entry.key] = entry
+
+    def _trim_cpu(self, keep: Residency | None = None) -> None:
+        """Drops the oldest host copies over ``max_cpu_adapters`` (those that can be read again and are idle;
+        ``keep`` is a prefetched one that would otherwise be dropped as soon as it arrives)."""
+        excess = len(self._on_host) - self.budget.max_cpu_adapters
+        for entry in list(self._on_host.values()) if excess > 0 else ():
+            if excess <= 0:
+                break
+            if entry.read is not None and entry.record.refs == 0 and entry is not keep:
+                entry.spec = None
+                del self._on_host[entry.key]
+                excess -= 1
+
+    def _start_read(self, entry: Residency) -> Future:
+        if entry.reading is None:
+            entry.reading = self._readers.submit(self._read, entry)
+        return entry.reading
+
+    def _read(self, entry: Residency) -> AdapterSpec:
+        try:
+            spec = entry.read()
+        except Exception as exc:
+            with self._lock:
+                entry.reading, entry.error = None, exc
+            raise
+        with self._lock:
+            entry.reading, entry.error = None, None
+            if entry.key in self._entries and entry.spec is None:
+                entry.spec = spec
+                self._on_host[entry.key] = entry
+                self._trim_cpu(keep=entry)
+        return spec
+
+
+def device_bytes(spec: AdapterSpec, dtype: torch.dtype) -> int:
+    """Bytes the version's own weights take in the serving dtype (the pool pads stacks to the largest rank)."""
+    tensors = [t for w in spec.bottleneck.values() for t in (w.w_down, w.b_down, w.w_up, w.b_up, w.scaling)]
+    tensors += [t for w in spec.bottleneck.values() for norm in (w.ln_before, w.ln_after) if norm for t in norm]
+    tensors += [t for w in spec.lora.values() for t in (w.lora_a, w.lora_b)]
+    tensors += [w.vector for w in spec.ia3.values()]
+    if spec.head is not None:
+        tensors += [t for layer in spec.head.layers for t in layer if t is not None]
+    return sum(t.numel() for t in tensors) * dtype.itemsize

@@ -1,0 +1,109 @@
+"""`Engine.average_adapters` equals the `adapters` library's `average_adapter` on a tiny BERT: linear averages
+of bottleneck, LoRA and IA3 adapters and LoRA's two other combine strategies, with a negative weight."""
+import pytest
+import torch
+from oracle import _randomise, _seed
+
+from engine import InvalidRequest
+
+ATOL = 1e-5
+WEIGHTS = [0.5, -0.2, 0.9]  # normalised by the sum (1.2), as the library does by default
+
+
+def _configs():
+    from adapters import IA3Config, LoRAConfig, SeqBnConfig
+
+    return {
+        "lora": LoRAConfig(r=4, alpha=8, attn_matrices=["q", "v"], intermediate_lora=True),
+        "bn": SeqBnConfig(scaling="learned", ln_after=True, reduction_factor=8),
+        "ia3": IA3Config(),
+    }
+
+
+@pytest.fixture(scope="module")
+def library(bert, tmp_path_factory):
+    """The library's model with three randomised adapters per method, each saved to a folder."""
+    from adapters import AutoAdapterModel
+
+    root = tmp_path_factory.mktemp("averaged")
+    model = AutoAdapterModel.from_pretrained(bert.path, attn_implementation="eager").eval()
+    captured = []
+    model.base_model.register_forward_hook(lambda _m, _i, o: captured.append(o.last_hidden_state))
+    folders = {}
+    for method, config in _configs().items():
+        for i in range(3):
+            name = f"{method}{i}"
+            model.add_adapter(name, config=config)
+            scale = config.architecture == "lora" and config.composition_mode == "scale"
+            _randomise(model, lambda n, name=name: name in n.split("."), _seed("bert", name),
+                       lambda pn, s=scale: s and pn == "lora_B")
+            model.save_adapter(str(root / name), name)
+            folders[name] = root / name
+
+    def averaged(method: str, strategy: str, svd_rank: int | None = None) -> torch.Tensor:
+        """Hidden states of the oracle batch through the library's average of method0..2."""
+        model.average_adapter("avg", [f"{method}{i}" for i in range(3)], weights=WEIGHTS, combine_strategy=strategy,
+                              svd_rank=svd_rank, overwrite_ok=True)
+        model.set_active_adapters("avg")
+        captured.clear()
+        with torch.no_grad():
+            model(bert.input_ids, attention_mask=bert.attention_mask, token_type_ids=bert.token_type_ids)
+        return captured[0].clone()
+
+    return folders, averaged
+
+
+@pytest.fixture(scope="module")
+def engine(bert, library):
+    from engine import Engine, EngineConfig
+
+    engine = Engine(EngineConfig(model=str(bert.path), device="cpu", max_device_adapters=4, max_cpu_adapters=0))
+    for name, folder in library[0].items():
+        engine.load_adapter(folder)
+    return engine
+
+
+@pytest.mark.parametrize("method,strategy,svd_rank", [
+    ("bn", "linear", None),
+    ("ia3", "linear", None),
+    ("ia3", "lora_linear_only_negate_b", None),
+    ("lora", "linear", None),
+    ("lora", "lora_linear_only_negate_b", None),
+    ("lora", "lora_delta_w_svd", 3),
+])
+def test_average_equals_the_library(bert, library, engine, method, strategy, svd_rank):
+    want = library[1](method, strategy, svd_rank)
+    name = f"avg-{method}-{strategy}"
+    info = engine.average_adapters(name, [f"{method}{i}" for i in range(3)], WEIGHTS, combine_strategy=strategy,
+                                   svd_rank=svd_rank)
+    assert info.source.startswith(f"average[{strategy}]")
+    out = engine.forward(bert.input_ids, bert.attention_mask, [name] * 4, bert.token_type_ids)
+    mask = bert.attention_mask.bool()
+    assert (out.last_hidden_state - want)[mask].abs().max().item() < ATOL
+
+
+def test_an_average_has_no_source_and_stays_on_the_host(bert, engine):
+    engine.average_adapters("kept", ["lora0", "lora1"], [1.0, 1.0])
+    for i in range(3):  # the four slots fill up with other adapters; the CPU budget is 0
+        engine.forward(bert.input_ids, bert.attention_mask, [f"bn{i}", f"ia3{i}", f"lora{i}", None],
+                       bert.token_type_ids)
+    engine.forward(bert.input_ids, bert.attention_mask, ["bn0", "bn1", "bn2", "ia30"], bert.token_type_ids)
+    assert engine.get_adapter("kept").tier == "cpu"  # evicted from the device, but never dropped
+    engine.forward(bert.input_ids, bert.attention_mask, ["kept"] * 4, bert.token_type_ids)
+
+
+@pytest.mark.parametrize("sources,weights,options,fragment", [
+    (["lora0", "bn0"], [1, 1], {}, "different configurations"),
+    (["lora0", "lora1"], [1], {}, "1 weights for 2 source adapters"),
+    (["lora0", "lora1"], [1, -1], {}, "sum to 0"),
+    (["bn0", "bn1"], [1, 1], {"combine_strategy": "lora_linear_only_negate_b"}, "average linearly"),
+    (["lora0", "lora1"], [1, 1], {"combine_strategy": "lora_delta_w_svd"}, "positive svd_rank"),
+    (["lora0", "lora1"], [1, 1], {"svd_rank": 2}, "svd_rank applies only"),
+    (["lora0", "lora1"], [1, 1], {"combine_strategy": "ties"}, "is not one of"),
+    ([], [], {}, "at least one"),
+])
+def test_refused_averages_change_nothing(engine, sources, weights, options, fragment):
+    before = engine.list_adapters()
+    with pytest.raises(InvalidRequest, match=fragment):
+        engine.average_adapters("refused", sources, weights, **options)
+    assert engine.list_adapters() == before

@@ -1,0 +1,170 @@
+"""Each source kind: the adapter store (catalog, escapes refused), fsspec URLs (memory://, file://; size cap,
+failed downloads leave nothing) and Hugging Face ids from a pre-populated offline cache."""
+import errno
+import os
+import shutil
+
+import fsspec
+import huggingface_hub.constants
+import pytest
+from conftest import assert_rows, copy_case, run
+from fsspec.implementations.memory import MemoryFileSystem
+
+from engine import AdapterSourceError, AdapterSourceRefused, InvalidAdapter
+
+SHA_MAIN, SHA_V2 = "a" * 40, "b" * 40
+
+
+@pytest.fixture()
+def store(bert, tmp_path):
+    root = tmp_path / "store"
+    copy_case(bert, "lora", root / "bert" / "lora")
+    copy_case(bert, "seq_bn", root / "bert" / "sentiment")
+    copy_case(bert, "peft_lora_rslora", root / "peft" / "rslora")
+    prefix = root / "bert" / "prefix"
+    prefix.mkdir()
+    (prefix / "adapter_config.json").write_text('{"config": {"architecture": "prefix_tuning"}, "model_type": "bert"}')
+    (root / "broken").mkdir()
+    (root / "broken" / "adapter_config.json").write_text("{not json")
+    copy_case(bert, "ia3", tmp_path / "outside")
+    (root / "escape").symlink_to(tmp_path / "outside")
+    return root
+
+
+def test_catalog_lists_the_store_by_base_model_and_method(make_engine, bert, store):
+    engine = make_engine(adapter_store=str(store))
+    assert [e.name for e in engine.catalog()] == ["bert/lora", "bert/prefix", "bert/sentiment", "peft/rslora"]
+    assert [e.name for e in engine.catalog(base_model="bert")] == ["bert/lora", "bert/prefix", "bert/sentiment"]
+    assert [e.name for e in engine.catalog(method="lora")] == ["bert/lora", "peft/rslora"]
+    assert [e.name for e in engine.catalog(base_model=str(bert.path), method="lora")] == ["bert/lora", "peft/rslora"]
+    sentiment = engine.catalog(method="bottleneck")[0]
+    assert (sentiment.source, sentiment.format, sentiment.head_type, sentiment.model_type) == (
+        "store://bert/sentiment", "adapterhub", "classification", "bert")
+    assert sentiment.size_bytes == sum(f.stat().st_size for f in (store / "bert" / "sentiment").iterdir())
+    assert make_engine().catalog() == []  # no store configured
+
+
+def test_store_sources_load_and_escapes_are_refused(make_engine, bert, store):
+    engine = make_engine(adapter_store=str(store))
+    info = engine.load_adapter(engine.catalog(method="lora")[1].source)
+    assert (info.name, info.source) == ("rslora", "store://peft/rslora")  # PEFT saves no name: the folder's
+    engine.load_adapter("store://bert/sentiment", name="s")
+    assert_rows(bert, run(engine, bert, ["rslora", "s"]), ["peft_lora_rslora", "seq_bn"])
+    before = engine.list_adapters()
+    for source in ("store://../outside", "store://escape", "store://bert/../../outside", f"store://{store}/bert/lora"):
+        with pytest.raises(AdapterSourceRefused):
+            engine.load_adapter(source)
+    with pytest.raises(AdapterSourceError, match="no adapter folder 'bert/nope'"):
+        engine.load_adapter("store://bert/nope")
+    with pytest.raises(AdapterSourceError, match="no adapter_store is configured"):
+        make_engine().load_adapter("store://bert/lora")
+    assert engine.list_adapters() == before
+
+
+def _put_in_memory(folder, prefix: str) -> None:
+    fs = fsspec.filesystem("memory")
+    for f in folder.iterdir():
+        fs.pipe(f"{prefix}/{f.name}", f.read_bytes())
+
+
+def test_fsspec_urls_download_validate_and_clean_up(make_engine, bert, tmp_path):
+    engine = make_engine()
+    downloads = engine.adapters.sources.download_dir
+    _put_in_memory(bert.cases["lora"].path, f"/{tmp_path.name}/lora")
+    info = engine.load_adapter(f"memory://{tmp_path.name}/lora", name="m")
+    engine.load_adapter(f"file://{bert.cases['peft_lora_ffn'].path}")  # PEFT: named after the folder
+    assert info.source == f"memory://{tmp_path.name}/lora" and len(list(downloads.iterdir())) == 2
+    assert_rows(bert, run(engine, bert, ["m", "peft_lora_ffn"]), ["lora", "peft_lora_ffn"])
+    engine.unload_adapter("m")
+    engine.unload_adapter("peft_lora_ffn")
+    assert list(downloads.iterdir()) == []  # a download lives as long as its adapter
+
+
+def test_fsspec_size_cap_and_failed_downloads_leave_nothing(make_engine, bert, tmp_path):
+    engine = make_engine(max_download_mb=0.01)  # 10 kB; the lora folder holds ~17 kB
+    downloads = engine.adapters.sources.download_dir
+    _put_in_memory(bert.cases["lora"].path, f"/{tmp_path.name}/lora")
+    with pytest.raises(AdapterSourceRefused, match="exceed max_download_mb"):
+        engine.load_adapter(f"memory://{tmp_path.name}/lora")
+    _put_in_memory(bert.cases["seq_bn_leave0"].path, f"/{tmp_path.name}/small")
+    with pytest.raises(AdapterSourceError, match="cannot download pytorch_adapter.bin"):
+        engine.load_adapter(f"flaky://{tmp_path.name}/small")  # the connection drops mid-file
+    folder = copy_case(bert, "seq_bn_leave0", tmp_path / "corrupt")
+    (folder / "adapter_config.json").write_text("[]")
+    with pytest.raises(InvalidAdapter, match="must hold a JSON object"):
+        engine.load_adapter(f"file://{folder}")  # downloaded, then refused by validation
+    with pytest.raises(AdapterSourceError, match="cannot list it"):
+        engine.load_adapter("nosuchprotocol://x/y")
+    assert engine.list_adapters() == [] and list(downloads.iterdir()) == []
+    engine.load_adapter(f"memory://{tmp_path.name}/small")
+    assert_rows(bert, run(engine, bert, ["seq_bn_leave0"]), ["seq_bn_leave0"])
+
+
+class _DroppingReader:
+    def __init__(self, data: bytes):
+        self.data, self.calls = data, 0
+
+    def read(self, size=-1):
+        self.calls += 1
+        if self.calls > 1:
+            raise OSError(errno.ECONNRESET, "Connection reset by peer")
+        return self.data[:10]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class FlakyFileSystem(MemoryFileSystem):
+    """The memory filesystem, except that reading a weights file fails after its first bytes."""
+
+    protocol = "flaky"
+
+    @classmethod
+    def _strip_protocol(cls, path):
+        return super()._strip_protocol(path.replace("flaky://", "memory://", 1))
+
+    def _open(self, path, mode="rb", **kwargs):
+        if path.endswith(".bin"):
+            return _DroppingReader(self.cat_file(path))
+        return super()._open(path, mode, **kwargs)
+
+
+fsspec.register_implementation("flaky", FlakyFileSystem, clobber=True)
+
+
+@pytest.fixture()
+def hub_cache(bert, tmp_path, monkeypatch):
+    """A Hugging Face cache in the hub layout, offline: models--acme--X/snapshots/<sha>/..., refs/<name>."""
+    cache = tmp_path / "hub"
+    for repo, revisions in {"sentiment": {"main": ("seq_bn", SHA_MAIN), "v2": ("lora", SHA_V2)},
+                            "rslora": {"main": ("peft_lora_rslora", SHA_MAIN)}}.items():
+        for ref, (case, sha) in revisions.items():
+            repo_dir = cache / f"models--acme--{repo}"
+            shutil.copytree(bert.cases[case].path, repo_dir / "snapshots" / sha)
+            (repo_dir / "refs").mkdir(exist_ok=True)
+            (repo_dir / "refs" / ref).write_text(sha)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import by huggingface_hub
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    return cache
+
+
+def test_hugging_face_ids_from_the_offline_cache(make_engine, bert, hub_cache):
+    engine = make_engine()
+    assert engine.load_adapter("acme/sentiment").name == "seq_bn"  # AdapterHub: the saved name
+    engine.load_adapter("acme/sentiment@v2", name="v2")
+    engine.load_adapter(f"hf://acme/sentiment@{SHA_MAIN}", name="by-commit")
+    info = engine.load_adapter("acme/rslora")
+    assert (info.name, info.source) == ("rslora", "acme/rslora")  # PEFT: named after the repo
+    assert_rows(bert, run(engine, bert, ["seq_bn", "v2", "by-commit", "rslora"]),
+                ["seq_bn", "lora", "seq_bn", "peft_lora_rslora"])
+    with pytest.raises(AdapterSourceError, match="not on the Hugging Face hub or in its cache"):
+        engine.load_adapter("acme/missing")
+    with pytest.raises(AdapterSourceError):
+        engine.load_adapter("acme/sentiment@v3")
+    assert os.environ["HF_HUB_OFFLINE"] == "1" and len(engine.list_adapters()) == 4

@@ -1,0 +1,128 @@
+"""Device slots, the CPU tier and the source tier: LRU order, budgets, pinned and in-use adapters."""
+import threading
+import time
+
+import pytest
+from conftest import assert_rows, copy_case, placement, run
+
+from engine import AdapterCapacityExceeded, AdapterSourceError
+
+
+def test_lru_eviction_order_through_the_tiers(make_engine, bert):
+    engine = make_engine(max_device_adapters=2, max_cpu_adapters=1)
+    for name in ("lora", "ia3", "par_bn"):
+        engine.load_adapter(bert.cases[name].path)
+    # a load fills free slots but evicts nobody: the third waits in the CPU tier
+    assert placement(engine) == {"lora": "device", "ia3": "device", "par_bn": "cpu"}
+    assert_rows(bert, run(engine, bert, ["lora"]), ["lora"])  # lora is now more recent than ia3
+    assert_rows(bert, run(engine, bert, ["par_bn"]), ["par_bn"])  # evicts the least recently used: ia3
+    assert placement(engine) == {"lora": "device", "ia3": "cpu", "par_bn": "device"}
+    engine.load_adapter(bert.cases["seq_bn"].path)  # a second host copy: the oldest (ia3) goes back to its source
+    assert placement(engine) == {"lora": "device", "ia3": "source", "par_bn": "device", "seq_bn": "cpu"}
+    assert_rows(bert, run(engine, bert, ["ia3", "seq_bn", None, "ia3"]), ["ia3", "seq_bn", None, "ia3"])
+    # both came back in one batch (ia3 read again from its folder), evicting lora then par_bn
+    assert placement(engine) == {"lora": "source", "ia3": "device", "par_bn": "cpu", "seq_bn": "device"}
+    assert engine.pool.num_free == 0 and all(i.state == "ready" for i in engine.list_adapters())
+
+
+def test_device_memory_budget(make_engine, bert):
+    engine = make_engine(max_device_adapters=8, adapter_memory_mb=0.04)  # 41.9 kB of adapter weights
+    engine.load_adapter(bert.cases["lora"].path)  # 16.4 kB
+    engine.load_adapter(bert.cases["peft_lora_ffn"].path)  # 28.7 kB: does not fit beside lora
+    assert placement(engine) == {"lora": "device", "peft_lora_ffn": "cpu"}
+    assert_rows(bert, run(engine, bert, ["peft_lora_ffn"]), ["peft_lora_ffn"])
+    assert placement(engine) == {"lora": "cpu", "peft_lora_ffn": "device"}
+    before = engine.list_adapters()
+    with pytest.raises(AdapterCapacityExceeded, match="more than the whole device budget"):
+        engine.load_adapter(bert.cases["par_bn"].path)  # 51.7 kB with its head
+    assert engine.list_adapters() == before
+
+
+def test_pinned_adapters_are_never_evicted(make_engine, bert):
+    engine = make_engine(max_device_adapters=2, max_cpu_adapters=0)
+    pinned = engine.load_adapter(bert.cases["seq_bn"].path, pin=True)
+    for name in ("lora", "ia3", "par_bn"):
+        engine.load_adapter(bert.cases[name].path)
+    for name in ("lora", "ia3", "par_bn", "lora", "par_bn"):
+        assert_rows(bert, run(engine, bert, [name, "seq_bn"]), [name, "seq_bn"])
+        info = engine.get_adapter("seq_bn")
+        assert (info.tier, info.slot, info.pinned) == ("device", pinned.slot, True)
+    engine.load_adapter(bert.cases["lora"].path, name="p2", pin=True)  # evicts the idle par_bn
+    before = engine.list_adapters()
+    with pytest.raises(AdapterCapacityExceeded, match="all 2 adapter slots"):
+        engine.load_adapter(bert.cases["ia3"].path, name="p3", pin=True)
+    assert engine.list_adapters() == before  # nothing changed, nothing evicted
+    with pytest.raises(AdapterCapacityExceeded):
+        run(engine, bert, ["par_bn"])  # both slots pinned: nothing can come in
+    on_device = {(i.name, i.slot) for i in engine.list_adapters() if i.tier == "device"}
+    assert on_device == {("seq_bn", pinned.slot), ("p2", 1 - pinned.slot)}
+    assert all(r.refs == 0 for r in engine.registry._records.values())
+
+
+def test_adapters_in_use_are_never_evicted(make_engine, bert):
+    engine = make_engine(max_device_adapters=2)
+    for name in ("lora", "ia3", "par_bn"):
+        engine.load_adapter(bert.cases[name].path)
+    with pytest.raises(AdapterCapacityExceeded):  # three distinct adapters cannot share two slots
+        run(engine, bert, ["lora", "ia3", "par_bn"])
+    with engine.adapters.admit(["lora"], [None]) as held:  # lora's rows are in flight
+        slot = held.row_slots[0]
+        assert_rows(bert, run(engine, bert, ["par_bn"]), ["par_bn"])  # evicts ia3, the only idle one
+        assert_rows(bert, run(engine, bert, ["ia3"]), ["ia3"])  # evicts par_bn, not the older lora
+        assert engine.get_adapter("lora").slot == slot
+    assert placement(engine) == {"lora": "device", "ia3": "device", "par_bn": "cpu"}
+    assert all(r.refs == 0 for r in engine.registry._records.values())
+
+
+def test_prefetch_brings_a_source_adapter_in_without_a_forward(make_engine, bert):
+    engine = make_engine(max_device_adapters=1, max_cpu_adapters=0)
+    engine.load_adapter(bert.cases["lora"].path)
+    engine.load_adapter(bert.cases["ia3"].path)
+    assert placement(engine) == {"lora": "device", "ia3": "source"}
+    assert engine.adapters_ready(["lora", None]) is True
+    assert engine.adapters_ready(["lora", "ia3"]) is False  # starts reading ia3 in the background
+    deadline = time.monotonic() + 10
+    while not engine.adapters_ready(["ia3"]) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert placement(engine) == {"lora": "device", "ia3": "cpu"}  # kept although the CPU budget is 0
+    assert_rows(bert, run(engine, bert, ["ia3"]), ["ia3"])
+
+
+def test_files_changed_since_loading_are_not_read_back(make_engine, bert, tmp_path):
+    engine = make_engine(max_device_adapters=1, max_cpu_adapters=0)
+    folder = copy_case(bert, "lora_leave1", tmp_path / "x")
+    engine.load_adapter(folder, name="x")
+    engine.load_adapter(bert.cases["ia3"].path)
+    run(engine, bert, ["ia3"])
+    assert placement(engine) == {"x": "source", "ia3": "device"}
+    weights = folder / "pytorch_adapter.bin"
+    weights.write_bytes(weights.read_bytes())  # same bytes, but rewritten: the version might differ
+    with pytest.raises(AdapterSourceError, match="changed since it was loaded"):
+        run(engine, bert, ["x"])
+    assert engine.get_adapter("x").state == "failed"
+    engine.load_adapter(folder, name="x")  # loading it again serves the new files
+    assert_rows(bert, run(engine, bert, ["x"]), ["lora_leave1"])
+    assert all(r.refs == 0 for r in engine.registry._records.values())
+
+
+def test_reads_of_one_version_are_single_flight(make_engine, bert, monkeypatch):
+    engine = make_engine(max_device_adapters=1, max_cpu_adapters=0)
+    engine.load_adapter(bert.cases["lora"].path)
+    engine.load_adapter(bert.cases["ia3"].path)
+    import engine.adapters.lifecycle as lifecycle
+
+    reads, release = [], threading.Event()
+    original = lifecycle.read_adapter
+
+    def slow_read(*args):
+        reads.append(args[0])
+        release.wait(10)
+        return original(*args)
+
+    monkeypatch.setattr(lifecycle, "read_adapter", slow_read)
+    assert engine.adapters_ready(["ia3"]) is False
+    assert engine.adapters_ready(["ia3"]) is False
+    assert engine.get_adapter("ia3").state == "loading"
+    release.set()
+    assert_rows(bert, run(engine, bert, ["ia3"]), ["ia3"])  # waits for the same read
+    assert len(reads) == 1
