@@ -36,7 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-batch-tokens", type=int, default=8192)
     serve.add_argument("--max-wait-ms", type=float, default=5.0)
     serve.add_argument("--max-queue", type=int, default=1024)
-    serve.add_argument("--max-device-adapters", type=int, default=64)
+    serve.add_argument("--max-device-adapters", type=int, default=64, help="adapter slots on the device")
+    serve.add_argument("--max-cpu-adapters", type=int, default=256, help="adapters kept in host memory")
     serve.add_argument("--grace-seconds", type=float, default=30.0)
     serve.add_argument("--vllm-compat-metrics", action="store_true", help="also export vllm:lora_requests_info")
     serve.set_defaults(run=_serve)
@@ -88,7 +89,8 @@ def _serve(args) -> int:
 
     print(f"adapterserve: loading base model {args.model} on {args.device} ...", file=sys.stderr, flush=True)
     engine = Engine(EngineConfig(model=args.model, device=args.device, dtype=args.dtype, num_threads=args.threads,
-                                 max_device_adapters=args.max_device_adapters, max_batch_rows=args.max_batch_rows))
+                                 max_device_adapters=args.max_device_adapters, max_batch_rows=args.max_batch_rows,
+                                 max_cpu_adapters=args.max_cpu_adapters, adapter_store=args.adapter_store))
     print(f"adapterserve: {engine.info.model_type} ready ({engine.dtype}, {engine.device}); loading "
           f"{len(args.adapter)} adapter(s)", file=sys.stderr, flush=True)
     for spec in args.adapter:

@@ -51,8 +51,9 @@ def _tags(t: pb.TokenTags) -> list[TokenTag]:
 
 
 def _info(a: admin_pb.Adapter) -> AdapterInfo:
-    return AdapterInfo(a.name, a.tenant or None, a.method, a.source, a.num_params, a.head_type or None,
-                       tuple(a.labels), -1, a.tier, a.state, a.pinned)
+    return AdapterInfo(name=a.name, tenant=a.tenant or None, method=a.method, source=a.source,
+                       num_params=a.num_params, head_type=a.head_type or None, labels=tuple(a.labels),
+                       slot=-1, tier=a.tier, state=a.state, pinned=a.pinned)  # slots are server-internal
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ import time
 from collections import OrderedDict, deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Callable
 from enum import Enum
 
 from engine.errors import AdapterServeError, InvalidRequest, ShuttingDown
@@ -58,8 +59,10 @@ class Request:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig):
-        self.config = config
+    def __init__(self, config: SchedulerConfig, ready: Callable[[Request], bool] = lambda request: True):
+        """``ready(request)`` says whether a request's adapter can be used without waiting for a read;
+        requests that are not ready stay queued while others are scheduled."""
+        self.config, self._ready = config, ready
         self._queues: OrderedDict[str | None, deque[Request]] = OrderedDict()
         self._cond = threading.Condition()
         self._size = 0
@@ -106,27 +109,36 @@ class Scheduler:
                 remaining = fill_by - time.monotonic()
                 if remaining <= 0 or not self._cond.wait(remaining):
                     break
-            return self._take()
+            batch = self._take()
+            if not batch and self._size:  # everything waits for adapters being read: don't spin
+                self._cond.wait(0.005)
+            return batch
 
     def _take(self) -> list[Request]:
-        """Round-robin: the tenant at the front gives one request, then moves to the back."""
+        """Round-robin: each pass over the tenants takes one ready request from each; a tenant that was
+        served moves to the back, so the next batch starts with the others."""
         self._purge_dead()  # expired or cancelled requests never reach compute
         batch, rows, longest = [], 0, 0
-        while self._queues:
-            tenant, queue = next(iter(self._queues.items()))
-            request = queue[0]
-            new_longest = max(longest, request.longest)
-            new_rows = rows + len(request.rows)
-            if new_rows > self.config.max_batch_rows or new_rows * new_longest > self.config.max_batch_tokens:
-                break  # this tenant stays at the front and goes first in the next batch
-            queue.popleft()
-            self._size -= 1
-            batch.append(request)
-            rows, longest = new_rows, new_longest
-            if queue:
-                self._queues.move_to_end(tenant)
-            else:
-                del self._queues[tenant]
+        progress = True
+        while progress:
+            progress = False
+            for tenant in list(self._queues):
+                queue = self._queues[tenant]
+                request = next((r for r in queue if self._ready(r)), None)
+                if request is None:
+                    continue  # its adapters are still being read: its place in line is kept
+                new_longest = max(longest, request.longest)
+                new_rows = rows + len(request.rows)
+                if new_rows > self.config.max_batch_rows or new_rows * new_longest > self.config.max_batch_tokens:
+                    return batch  # this tenant stays in front and goes first in the next batch
+                queue.remove(request)
+                self._size -= 1
+                batch.append(request)
+                rows, longest, progress = new_rows, new_longest, True
+                if queue:
+                    self._queues.move_to_end(tenant)
+                else:
+                    del self._queues[tenant]
         return batch
 
     def _purge_dead(self) -> None:

@@ -70,3 +70,17 @@ def test_close_refuses_new_work_but_keeps_queued():
         sched.add(_req("a"))
     assert sched.schedule(timeout=1) == [queued]
     assert sched.schedule(timeout=0.01) == []
+
+
+def test_requests_waiting_for_their_adapter_do_not_block_others():
+    loading = {"cold"}
+    sched = Scheduler(SchedulerConfig(max_wait_s=0), ready=lambda r: r.adapter not in loading)
+    cold = Request(Task.EMBED, "a", "cold", [EncodedRow((1, 2), None, None)])
+    warm_same_tenant = Request(Task.EMBED, "a", "warm", [EncodedRow((1, 2), None, None)])
+    other = _req("b")
+    for r in (cold, warm_same_tenant, other):
+        sched.add(r)
+    assert sched.schedule(timeout=1) == [warm_same_tenant, other]
+    assert sched.schedule(timeout=0.01) == []  # still loading: held, not dropped
+    loading.clear()
+    assert sched.schedule(timeout=1) == [cold]

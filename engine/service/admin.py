@@ -15,7 +15,7 @@ from engine.engine import Engine
 from engine.errors import InvalidRequest
 from engine.scheduler import SchedulerConfig
 from engine.service.auth import Authenticator, Role
-from engine.service.convert import adapter_pb
+from engine.service.convert import adapter_pb, catalog_entry_pb
 from engine.service.metrics import Metrics
 from engine.service.rpc import RpcContext, Servicer, rpc
 
@@ -55,8 +55,7 @@ class AdapterServicer(Servicer, pb_grpc.AdapterServiceServicer):
         tenant = ctx.principal.scope(request.tenant or None)
         response = pb.ListAdaptersResponse(adapters=[adapter_pb(i) for i in self.engine.list_adapters(tenant)])
         if request.include_catalog:
-            response.catalog.extend(pb.CatalogEntry(name=e.name, method=e.method, base_model=e.base_model,
-                                                    source=e.source) for e in self.engine.catalog())
+            response.catalog.extend(catalog_entry_pb(e) for e in self.engine.catalog())
         return response
 
     @rpc(Role.ADMIN)

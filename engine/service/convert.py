@@ -2,7 +2,7 @@
 from adapterserve.v1 import adapter_service_pb2 as admin_pb
 from adapterserve.v1 import inference_service_pb2 as pb
 
-from engine.types import AdapterInfo, Classification, TokenTag
+from engine.types import AdapterInfo, CatalogEntry, Classification, TokenTag
 
 
 def classification_pb(result: Classification) -> pb.Classification:
@@ -18,5 +18,9 @@ def token_tags_pb(tags: list[TokenTag]) -> pb.TokenTags:
 def adapter_pb(info: AdapterInfo) -> admin_pb.Adapter:
     return admin_pb.Adapter(name=info.name, tenant=info.tenant or "", method=info.method, source=info.source,
                             num_params=info.num_params, head_type=info.head_type or "", labels=list(info.labels),
-                            tier=getattr(info, "tier", "device"), state=getattr(info, "state", "ready"),
-                            pinned=getattr(info, "pinned", False))
+                            tier=info.tier, state=info.state, pinned=info.pinned)
+
+
+def catalog_entry_pb(entry: CatalogEntry) -> admin_pb.CatalogEntry:
+    return admin_pb.CatalogEntry(name=entry.name, method=entry.method, base_model=entry.base_model or "",
+                                 source=entry.source)

@@ -23,6 +23,7 @@ class InferenceServicer(Servicer, pb_grpc.InferenceServiceServicer):
         super().__init__(auth, metrics)
         self.engine, self.scheduler = engine, scheduler
         self.draining = False
+        self.in_flight = 0  # accepted requests not yet answered (drain waits for them)
 
     @rpc(Role.INFERENCE)
     async def Classify(self, request: pb.ClassifyRequest, ctx: RpcContext) -> pb.ClassifyResponse:
@@ -76,11 +77,14 @@ class InferenceServicer(Servicer, pb_grpc.InferenceServiceServicer):
         request = Request(task, tenant, adapter, rows, ctx.deadline(), ctx.request_id)
         self.scheduler.add(request)
         self.metrics.waiting.set(self.scheduler.num_waiting)
+        self.in_flight += 1
         try:
             return rows, await asyncio.wrap_future(request.future)
         except asyncio.CancelledError:
             request.future.cancel()  # still queued: the scheduler drops it before compute
             raise
+        finally:
+            self.in_flight -= 1
 
     def _encode(self, inputs) -> list[EncodedRow]:
         if not inputs:

@@ -7,6 +7,7 @@ period, stop the engine loop, exit 0.
 import asyncio
 import logging
 import signal
+import time
 from dataclasses import dataclass
 
 import grpc
@@ -18,7 +19,8 @@ from grpc_reflection.v1alpha import reflection
 
 from engine.engine import Engine
 from engine.loop import EngineLoop
-from engine.scheduler import Scheduler, SchedulerConfig
+from engine.errors import AdapterServeError
+from engine.scheduler import Request, Scheduler, SchedulerConfig
 from engine.service.admin import AdapterServicer, ServerServicer, versions
 from engine.service.auth import Authenticator
 from engine.service.inference import InferenceServicer
@@ -48,7 +50,7 @@ class AdapterServer:
         self.engine, self.config = engine, config
         self.auth = Authenticator.from_file(config.api_keys)
         self.metrics = Metrics(vllm_compat=config.vllm_compat_metrics)
-        self.scheduler = Scheduler(scheduler_config)
+        self.scheduler = Scheduler(scheduler_config, ready=self._adapter_ready)
         self.loop = EngineLoop(engine, self.scheduler, self.metrics)
         self.health = health.aio.HealthServicer()
         self.inference = InferenceServicer(engine, self.scheduler, self.auth, self.metrics)
@@ -61,6 +63,15 @@ class AdapterServer:
         self._stopped = asyncio.Event()
         self._draining = False
         self._tasks: list[asyncio.Task] = []
+
+    def _adapter_ready(self, request: Request) -> bool:
+        """Hold a request whose adapter is still being read from its source; others go ahead meanwhile."""
+        if request.adapter is None:
+            return True
+        try:
+            return self.engine.adapters_ready([request.adapter], request.tenant)
+        except AdapterServeError:
+            return True  # unloaded while queued: the forward reports AdapterNotFound for this request only
 
     async def start(self) -> int:
         size = self.config.max_message_mb * 1024 * 1024
@@ -106,7 +117,11 @@ class AdapterServer:
             await asyncio.sleep(1.0)
 
     async def drain(self) -> None:
-        """Stop admitting, finish accepted requests within the grace period, then stop everything."""
+        """Stop admitting, finish accepted requests within the grace period, then stop everything.
+
+        The gRPC server keeps answering while accepted requests finish, so health checks see
+        NOT_SERVING (and new inference calls get UNAVAILABLE) instead of refused connections.
+        """
         if self._draining:  # SIGTERM and SIGINT may both arrive
             return
         self._draining = True
@@ -114,8 +129,11 @@ class AdapterServer:
         await self.health.enter_graceful_shutdown()
         self.inference.draining = True
         self.scheduler.close()
-        await self._grpc.stop(self.config.grace_s)
-        await asyncio.to_thread(self.loop.stop, self.config.grace_s)
+        give_up = time.monotonic() + self.config.grace_s
+        while self.inference.in_flight and time.monotonic() < give_up:
+            await asyncio.sleep(0.02)
+        await self._grpc.stop(max(0.0, give_up - time.monotonic()))
+        await asyncio.to_thread(self.loop.stop, max(1.0, give_up - time.monotonic()))
         for task in self._tasks:
             task.cancel()
         if self._metrics_http is not None:

@@ -11,8 +11,9 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from engine.errors import (AdapterCapacityExceeded, AdapterNotFound, AdapterServeError, InvalidAdapter, InvalidRequest,
-                           ModelLoadError, PermissionDenied, ShuttingDown, Unauthenticated, UnsupportedAdapter)
+from engine.errors import (AdapterCapacityExceeded, AdapterNotFound, AdapterServeError, AdapterSourceError,
+                           AdapterSourceRefused, InvalidAdapter, InvalidRequest, ModelLoadError, PermissionDenied,
+                           ShuttingDown, Unauthenticated, UnsupportedAdapter)
 from engine.scheduler import DeadlineExpired, QueueFull
 
 DOMAIN = "adapterserve.dev"
@@ -32,6 +33,8 @@ MAPPINGS: tuple[tuple[type[Exception], Mapping], ...] = (
     (InvalidRequest, Mapping(grpc.StatusCode.INVALID_ARGUMENT, "INVALID_REQUEST")),
     (InvalidAdapter, Mapping(grpc.StatusCode.FAILED_PRECONDITION, "ADAPTER_INVALID")),
     (UnsupportedAdapter, Mapping(grpc.StatusCode.FAILED_PRECONDITION, "ADAPTER_UNSUPPORTED")),
+    (AdapterSourceRefused, Mapping(grpc.StatusCode.INVALID_ARGUMENT, "ADAPTER_SOURCE_REFUSED")),
+    (AdapterSourceError, Mapping(grpc.StatusCode.FAILED_PRECONDITION, "ADAPTER_SOURCE_UNAVAILABLE")),
     (AdapterCapacityExceeded, Mapping(grpc.StatusCode.RESOURCE_EXHAUSTED, "ADAPTER_SLOTS_EXHAUSTED", 1.0)),
     (QueueFull, Mapping(grpc.StatusCode.RESOURCE_EXHAUSTED, "QUEUE_FULL", 0.1)),
     (DeadlineExpired, Mapping(grpc.StatusCode.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED")),

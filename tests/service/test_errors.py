@@ -132,3 +132,22 @@ def test_queue_full_and_deadline(start_server, minilm_setup, monkeypatch):
         second.join(30)
     assert len(results) == 2
     assert blocked.calls == [2, 1]  # the expired request was dropped before any compute
+
+
+def test_cancelled_request_is_never_computed(start_server, minilm_setup, monkeypatch):
+    running = start_server(scheduler=SchedulerConfig(max_batch_rows=2, max_wait_s=0))
+    blocked = BlockedEngine(minilm_setup.engine, monkeypatch)
+    with running.client(timeout=60) as client, grpc.insecure_channel(running.target) as channel:
+        first = threading.Thread(target=client.embed, args=(["one", "two"],))
+        first.start()
+        while not blocked.calls:
+            time.sleep(0.01)
+        stub = pb_grpc.InferenceServiceStub(channel)
+        call = stub.Embed.future(pb.EmbedRequest(inputs=[pb.Input(text="never computed")]))
+        time.sleep(0.3)  # admitted and queued behind the blocked batch
+        assert call.cancel()
+        time.sleep(0.3)
+        blocked.release.set()
+        first.join(30)
+        assert client.embed(["after"])  # the server keeps serving
+    assert blocked.calls == [2, 1]  # the first batch, then "after": the cancelled request freed its place
