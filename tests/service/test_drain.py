@@ -1,4 +1,5 @@
 """Draining: health flips to NOT_SERVING, in-flight requests finish, new ones are refused; SIGTERM exits 0."""
+import asyncio
 import os
 import re
 import signal
@@ -30,13 +31,15 @@ def test_health_flips_during_drain_and_in_flight_work_finishes(start_server, min
     in_flight.start()
     while not blocked.calls:
         time.sleep(0.01)
-    import asyncio
     drain = asyncio.run_coroutine_threadsafe(running.server.drain(), running.loop)
     deadline = time.monotonic() + 10
     while _health(running.target, "adapterserve.v1.InferenceService") != health_pb2.HealthCheckResponse.NOT_SERVING:
         assert time.monotonic() < deadline
         time.sleep(0.02)
     assert _health(running.target) == health_pb2.HealthCheckResponse.NOT_SERVING
+    with running.client() as late, pytest.raises(RpcError) as refused:
+        late.embed(["arrived during the drain"])
+    assert (refused.value.code, refused.value.reason) == (grpc.StatusCode.UNAVAILABLE, "SERVER_SHUTTING_DOWN")
     blocked.release.set()
     drain.result(30)
     in_flight.join(30)

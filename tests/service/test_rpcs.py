@@ -115,3 +115,23 @@ def test_metrics_scrape_and_parse(server):
         assert name in families, name
     lora = families["adapterserve_lora_requests_info"].samples[0]
     assert lora.labels["max_lora"] == "64" and lora.value > 1.7e9
+
+
+def test_async_client_round_trip(server, minilm_setup):
+    import asyncio
+
+    from engine.client import AsyncClient
+
+    async def run():
+        async with AsyncClient(server.target) as client:
+            results = await client.classify(TEXTS, "sentiment")
+            infos = await client.list_adapters()
+            with pytest.raises(RpcError) as missing:
+                await client.tag(TEXTS, "nope")
+            return results, infos, missing.value
+
+    results, infos, missing = asyncio.run(run())
+    want = minilm_setup.engine.classify(TEXTS, "sentiment")
+    assert [r.label for r in results] == [w.label for w in want]
+    assert {i.name for i in infos} == {"sentiment", "topics", "ner", "plain"}
+    assert missing.code == grpc.StatusCode.NOT_FOUND
