@@ -27,10 +27,11 @@ def _layer_norm_kernel(t_ptr, out_ptr, w_ptr, b_ptr, slots_ptr, T, H, eps, strid
     rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / H + eps)  # biased variance, as nn.LayerNorm
     # Slot -1 is outside the contract (callers pass adapter rows only); normalise without an affine
     # rather than read another slot's parameters.
-    has_slot = slot >= 0
+    # (a block, not a scalar: triton 3.9's interpreter rejects a mask made from a scalar and a block)
+    affine_mask = h_mask & ((h * 0 + slot) >= 0)
     s = tl.maximum(slot, 0)
-    w = tl.load(w_ptr + s * H + h, mask=h_mask & has_slot, other=1.0).to(tl.float32)
-    b = tl.load(b_ptr + s * H + h, mask=h_mask & has_slot, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + s * H + h, mask=affine_mask, other=1.0).to(tl.float32)
+    b = tl.load(b_ptr + s * H + h, mask=affine_mask, other=0.0).to(tl.float32)
     y = xc * rstd[:, None] * w[None, :] + b[None, :]
     out = out_ptr + (row * T + tok.to(tl.int64))[:, None] * H + h[None, :]  # out is contiguous [B, T, H]
     tl.store(out, y.to(out_ptr.dtype.element_ty), mask=mask)
