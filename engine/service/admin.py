@@ -12,7 +12,7 @@ from adapterserve.v1 import adapter_service_pb2 as pb
 from adapterserve.v1 import adapter_service_pb2_grpc as pb_grpc
 
 from engine.engine import Engine
-from engine.errors import InvalidRequest
+from engine.errors import InvalidRequest, PermissionDenied
 from engine.scheduler import SchedulerConfig
 from engine.service.auth import Authenticator, Role
 from engine.service.convert import adapter_pb, catalog_entry_pb
@@ -30,6 +30,10 @@ class AdapterServicer(Servicer, pb_grpc.AdapterServiceServicer):
         if not request.source:
             raise InvalidRequest("source is required", "source")
         tenant = ctx.principal.scope(request.tenant or None)
+        if ctx.principal.tenant is not None and not _remote_source(request.source):
+            # a tenant's admin must not make the server read its own file system
+            raise PermissionDenied("tenant keys may load from the adapter store (store://), the hub or remote "
+                                   "URLs, not from server paths")
         start = time.perf_counter()
         try:
             info = await asyncio.to_thread(self.engine.load_adapter, request.source, request.name or None, tenant,
@@ -88,6 +92,14 @@ class ServerServicer(Servicer, pb_grpc.ServerServiceServicer):
             max_inputs_per_request=self.scheduler_config.max_batch_rows,
             max_device_adapters=e.config.max_device_adapters, auth_enabled=self.auth.enabled,
             versions=versions(), pooling=e.pooling.value)
+
+
+def _remote_source(source: str) -> bool:
+    """store://, hf://, org/name hub ids and non-file URLs; not local paths or file:// URLs."""
+    scheme, sep, rest = source.partition("://")
+    if sep:
+        return scheme not in ("file", "local")
+    return not source.startswith((".", "/", "~")) and source.count("/") == 1
 
 
 def versions() -> dict[str, str]:

@@ -26,9 +26,8 @@ def authed(start_server, key_file, minilm_setup):
     running = start_server(api_keys=key_file)
     with running.client("root-admin") as root:
         root.load_adapter(str(minilm_setup.folders["sentiment"]), name="shared-sentiment")
-    with running.client("acme-admin") as acme_admin:
-        acme_admin.load_adapter(str(minilm_setup.folders["sentiment"]), name="acme-secret")
-        acme_admin.load_adapter(str(minilm_setup.folders["ner"]), name="acme-ner")
+        root.load_adapter(str(minilm_setup.folders["sentiment"]), name="acme-secret", tenant="acme")
+        root.load_adapter(str(minilm_setup.folders["ner"]), name="acme-ner", tenant="acme")
     return running
 
 
@@ -47,7 +46,11 @@ def test_authentication_and_permissions(authed):
         assert len(globex.classify(TEXTS, "shared-sentiment")) == 2
     with authed.client("acme-admin") as acme_admin:
         _expect(grpc.StatusCode.PERMISSION_DENIED, "PERMISSION_DENIED",
-                lambda: acme_admin.load_adapter("/x", tenant="globex"))
+                lambda: acme_admin.load_adapter("store://x", tenant="globex"))
+        for server_path in ("/etc", "file:///etc", "../adapters/x"):
+            err = _expect(grpc.StatusCode.PERMISSION_DENIED, "PERMISSION_DENIED",
+                          lambda: acme_admin.load_adapter(server_path))
+            assert "not from server paths" in err.message
         assert {a.name for a in acme_admin.list_adapters()} == {"acme-secret", "acme-ner", "shared-sentiment"}
 
 
