@@ -79,32 +79,21 @@ class LinearSiteBatch:
     ia3_in_rows: RowSet | None
 
 
-Flag = bool | torch.Tensor  # the same for every adapted row (a Python bool), or per row: bool [n, 1, 1]
-
-
 @dataclass(frozen=True)
-class JunctionFlags:
-    """The variant fields of the adapted rows at one junction. A field that is the same for every row is a
-    Python bool (one code path); one that differs is a per-row mask (a `torch.where`)."""
+class BottleneckGroup:
+    """Rows of one variant (and one rank bucket, to bound rank padding) at one site."""
 
-    parallel: Flag
-    ln_plain_input: Flag  # original_ln_before (sequential): the adapter reads ln(h + x)
-    residual_is_input: Flag  # residual_before_ln False: the residual is the adapter input
-    residual_post_add: Flag  # residual_before_ln "post_add": the residual is h + x
-    residual_inside: Flag  # adapter_residual_before_ln (sequential): the residual joins before ln_after
-    ln_before: Flag
-    ln_after: Flag
-    ln_output: Flag  # original_ln_after: the sublayer LN over output + x
+    variant: BottleneckVariant
+    rows: Rows
+    slots: torch.Tensor  # [g] their slots (all >= 0)
+    covers_batch: bool  # every row of the batch is in this group
 
 
 @dataclass(frozen=True)
 class BottleneckSiteBatch:
     tables: BottleneckTables
-    rows: Rows  # the rows with an adapter at this junction (usually one slice: the sort puts them first)
-    slots: torch.Tensor  # [n] their slots
-    flags: JunctionFlags
-    buckets: tuple[RowSet, ...]  # rows (relative to ``rows``) per rank bucket: one bottleneck body each
-    covers_batch: bool  # every row of the batch has an adapter here
+    groups: tuple[BottleneckGroup, ...]
+    has_plain_rows: bool  # some rows have no adapter at this site
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,7 @@ contiguous slice that the model can work on in place. Sites no row uses are left
 import torch
 
 from engine.adapters.pool import AdapterPool, BottleneckSlots, LinearSlots
-from engine.batch import (AdapterBatch, BottleneckSiteBatch, Flag, JunctionFlags, LinearSiteBatch,
-                          ResidualBeforeLN, RowSet)
+from engine.batch import AdapterBatch, BottleneckGroup, BottleneckSiteBatch, LinearSiteBatch, RowSet
 
 NO_ADAPTER = (3,)  # after every adapter kind
 
@@ -70,37 +69,17 @@ def _linear_site(slots: list[int], site: LinearSlots, index: _Index) -> LinearSi
 
 
 def _bottleneck_site(slots: list[int], site: BottleneckSlots, sort_keys: dict, index: _Index):
-    rows = [r for r, s in enumerate(slots) if s in site.variants]
-    if not rows:
+    groups: dict[tuple, list[int]] = {}
+    for row, slot in enumerate(slots):
+        if slot in site.variants:
+            groups.setdefault(sort_keys[slot], []).append(row)
+    if not groups:
         return None
-    variants = [site.variants[slots[r]] for r in rows]
-    buckets: dict[tuple, list[int]] = {}
-    for i, r in enumerate(rows):
-        buckets.setdefault(sort_keys[slots[r]][:2], []).append(i)
-    adapted_slots = tuple(slots[r] for r in rows)
-
-    def flag(values: list[bool]) -> Flag:
-        if all(values) or not any(values):
-            return values[0]
-        return index(tuple(int(v) for v in values)).bool()[:, None, None]
-
-    sequential = [not v.is_parallel for v in variants]
-    flags = JunctionFlags(
-        parallel=flag([v.is_parallel for v in variants]),
-        ln_plain_input=flag([q and v.original_ln_before for q, v in zip(sequential, variants)]),
-        residual_is_input=flag([v.residual_before_ln == ResidualBeforeLN.FALSE for v in variants]),
-        residual_post_add=flag([v.residual_before_ln == ResidualBeforeLN.POST_ADD for v in variants]),
-        residual_inside=flag([q and v.adapter_residual_before_ln for q, v in zip(sequential, variants)]),
-        ln_before=flag([v.ln_before for v in variants]),
-        ln_after=flag([v.ln_after for v in variants]),
-        ln_output=flag([v.original_ln_after for v in variants]))
-    bucket_sets = tuple(RowSet(_rows(members, index), index(tuple(adapted_slots[i] for i in members)))
-                        for members in buckets.values())
-    return BottleneckSiteBatch(site.tables, _rows(rows, index), index(adapted_slots), flags, bucket_sets,
-                               len(rows) == len(slots))
-
-
-def _rows(rows: list[int], index: _Index):
-    """A slice when the rows are contiguous (views in the model), else their indices."""
-    start, end = rows[0], rows[-1] + 1
-    return slice(start, end) if end - start == len(rows) else index(tuple(rows))
+    built = []
+    for rows in groups.values():
+        variant = site.variants[slots[rows[0]]]
+        start, end = rows[0], rows[-1] + 1
+        selected = slice(start, end) if end - start == len(rows) else index(tuple(rows))
+        built.append(BottleneckGroup(variant, selected, index(tuple(slots[r] for r in rows)), len(rows) == len(slots)))
+    has_plain = sum(len(rows) for rows in groups.values()) < len(slots)
+    return BottleneckSiteBatch(site.tables, tuple(built), has_plain)

@@ -165,18 +165,17 @@ class AdapterPool:
 
 
 def sort_key(spec: AdapterSpec) -> tuple:
-    """Rows are batched in this order: bottleneck adapters by rank bucket and variant, then LoRA, then IA3.
+    """Rows are batched in this order: bottleneck adapters by variant and rank bucket, then LoRA, then IA3.
 
-    Bottleneck rows come first, so at each junction they are one slice; ``key[:2]`` is the rank bucket
-    (next power of two, at least 16): one bottleneck body runs per bucket, so a small adapter pays at
-    most twice its own rank.
+    Rows of one key take the same code path at every site, so they form one contiguous group; the rank
+    bucket (next power of two, at least 16) bounds how much a small adapter pays for a large one's rank.
     """
     if spec.bottleneck:
         v = spec.variant
         rank = max(w.w_down.shape[1] for w in spec.bottleneck.values())
         bucket = max(16, 1 << (rank - 1).bit_length())
-        return (0, bucket, v.is_parallel, v.original_ln_before, v.original_ln_after, v.residual_before_ln.value,
-                v.adapter_residual_before_ln, v.ln_before, v.ln_after)
+        return (0, v.is_parallel, v.original_ln_before, v.original_ln_after, v.residual_before_ln.value,
+                v.adapter_residual_before_ln, v.ln_before, v.ln_after, bucket)
     return (1,) if spec.lora else (2,)
 
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import kernels
-from engine.batch import AdapterBatch, BottleneckSiteBatch
+from engine.batch import AdapterBatch, BottleneckGroup, BottleneckSiteBatch, ResidualBeforeLN
 
 Norm = Callable[[torch.Tensor], torch.Tensor] | None
 ADAPTER_LN_EPS = 1e-5  # nn.LayerNorm default, used by the adapters library for ln_before / ln_after
@@ -46,9 +46,9 @@ class BottleneckSite(nn.Module):
     """Residual junction after a sublayer: ``ln(h + x)`` without adapter, the adapter variants with one.
 
     ``h`` is the sublayer output, ``x`` its residual input, ``ln`` the sublayer's original LayerNorm
-    (None on pre-LN decoders, where the junction is a plain sum). All adapted rows go through one code
-    path whose variant choices are per-row masks where the rows differ (`JunctionFlags`), so a junction
-    costs a fixed number of ops however many bottleneck variants share the batch.
+    (None on pre-LN decoders, where the junction is a plain sum). The plain result ``ln(h + x)`` is
+    computed once for all rows when any row needs it (rows without adapter, and the adapter input of
+    variants with original_ln_before); each group then overwrites its own rows.
     """
 
     path: str = ""
@@ -58,12 +58,15 @@ class BottleneckSite(nn.Module):
         hx = h + x
         if site is None:
             return _norm(ln, hx)
-        if site.covers_batch:
-            plain = _norm(ln, hx) if site.flags.ln_plain_input is not False else None
-            return _adapted(site, h, x, hx, plain, ln)
-        y = _norm(ln, hx)  # rows without adapter keep this; the adapted rows are overwritten
-        r = site.rows
-        y[r] = _adapted(site, h[r], x[r], hx[r], y[r], ln)
+        uses_plain = site.has_plain_rows or any(
+            g.variant.original_ln_before and not g.variant.is_parallel for g in site.groups)
+        plain = _norm(ln, hx) if uses_plain else None
+        if len(site.groups) == 1 and site.groups[0].covers_batch:
+            return _apply_group(site, site.groups[0], h, x, hx, plain, ln)
+        y = plain if plain is not None else torch.empty_like(h)
+        for group in site.groups:
+            r = group.rows
+            y[r] = _apply_group(site, group, h[r], x[r], hx[r], None if plain is None else plain[r], ln)
         return y
 
 
@@ -71,46 +74,34 @@ def _norm(ln: Norm, z: torch.Tensor) -> torch.Tensor:
     return z if ln is None else ln(z)
 
 
-def _pick(flag, yes, no):
-    """``yes`` where the flag holds, else ``no``: a static choice for a Python bool, a where for a mask."""
-    if isinstance(flag, bool):
-        return yes if flag else no
-    return torch.where(flag, yes, no)
+def _apply_group(site: BottleneckSiteBatch, group: BottleneckGroup, h, x, hx, plain, ln: Norm) -> torch.Tensor:
+    """One variant's math, as `adapters.methods.modeling.Adapter` / `ParallelAdapter` compute it.
 
-
-def _adapted(site: BottleneckSiteBatch, h, x, hx, plain, ln: Norm) -> torch.Tensor:
-    """The adapted rows, as `adapters.methods.modeling.Adapter` / `ParallelAdapter` compute them:
-    pre_forward (adapter input and residual), the bottleneck body, forward's residual and ln_after, then
-    post_forward (parallel adapters add h; the sublayer LN over output + x)."""
-    f, tab, slots = site.flags, site.tables, site.slots
-    t = _pick(f.parallel, x, _pick(f.ln_plain_input, plain, h))
-    residual = _pick(f.residual_is_input, t, _pick(f.residual_post_add, hx, h))
-    if f.ln_before is not False:
-        t = _pick(f.ln_before, kernels.layer_norm_rows(t, tab.ln_before_weight, tab.ln_before_bias, ADAPTER_LN_EPS,
-                                                       slots), t)
-    body = _bottleneck_body(site, t)
-    if f.residual_inside is not False:
-        body = body + _pick(f.residual_inside, residual, 0.0)
-    if f.ln_after is not False:
-        body = _pick(f.ln_after, kernels.layer_norm_rows(body, tab.ln_after_weight, tab.ln_after_bias, ADAPTER_LN_EPS,
-                                                         slots), body)
-    out = body + _pick(f.parallel, h, _pick(f.residual_inside, 0.0, residual))
-    if f.ln_output is False:
-        return out
-    return _pick(f.ln_output, _norm(ln, out + x), out)
-
-
-def _bottleneck_body(site: BottleneckSiteBatch, t: torch.Tensor) -> torch.Tensor:
-    """One gathered bottleneck per rank bucket (bounded padding); rows of one bucket are usually a slice."""
-    tab = site.tables
-    if len(site.buckets) == 1:
-        return kernels.bottleneck(t, tab.w_down, tab.b_down, tab.w_up, tab.b_up, tab.scaling, tab.act_ids, tab.ranks,
-                                  site.slots)
-    body = torch.empty_like(t)
-    for bucket in site.buckets:
-        body[bucket.rows] = kernels.bottleneck(t[bucket.rows], tab.w_down, tab.b_down, tab.w_up, tab.b_up, tab.scaling,
-                                               tab.act_ids, tab.ranks, bucket.slots)
-    return body
+    ``hx`` is h + x and ``plain`` is ln(h + x) for these rows (None when no variant present needs it).
+    """
+    v, tab, slots = group.variant, site.tables, group.slots
+    if v.is_parallel:
+        t, residual = x, None
+    else:
+        t = residual = h
+        if v.original_ln_before:
+            t = plain
+            if v.residual_before_ln == ResidualBeforeLN.POST_ADD:
+                residual = hx
+        if v.residual_before_ln == ResidualBeforeLN.FALSE:
+            residual = t
+    if v.ln_before:
+        t = kernels.layer_norm_rows(t, tab.ln_before_weight, tab.ln_before_bias, ADAPTER_LN_EPS, slots)
+    out = kernels.bottleneck(t, tab.w_down, tab.b_down, tab.w_up, tab.b_up, tab.scaling, tab.act_ids, tab.ranks, slots)
+    if residual is not None and v.adapter_residual_before_ln:
+        out = out + residual
+    if v.ln_after:
+        out = kernels.layer_norm_rows(out, tab.ln_after_weight, tab.ln_after_bias, ADAPTER_LN_EPS, slots)
+    if residual is None:
+        out = out + h
+    elif not v.adapter_residual_before_ln:
+        out = out + residual
+    return _norm(ln, out + x) if v.original_ln_after else out
 
 
 def name_sites(model: nn.Module) -> dict[str, nn.Module]:
