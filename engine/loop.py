@@ -61,11 +61,9 @@ class EngineLoop:
         except Exception:  # a bug must not kill the loop: fail this batch, keep serving
             log.exception("batch of %d requests failed", len(live))
             outputs = None
-        if outputs is None and len(live) > 1:
+        if outputs is None:  # only the faulty requests fail when each runs alone
             for request in live:
                 self._step_alone(request)
-        elif outputs is None:
-            self._step_alone(live[0])
         else:
             for request, output in zip(live, outputs):
                 request.future.set_result(output)

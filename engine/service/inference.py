@@ -87,16 +87,20 @@ class InferenceServicer(Servicer, pb_grpc.InferenceServiceServicer):
             self.in_flight -= 1
 
     def _encode(self, inputs) -> list[EncodedRow]:
+        """Checks every input, then tokenises all texts of the request in one tokenizer call."""
         if not inputs:
             raise InvalidRequest("inputs must not be empty", "inputs")
         limit, vocab = self.engine.max_seq_len, self.engine.model_config.vocab_size
-        rows = []
+        rows: list[EncodedRow | None] = []
+        texts, text_rows = [], []
         for i, item in enumerate(inputs):
             kind = item.WhichOneof("content")
             if kind == "text":
                 if not item.text or len(item.text) > MAX_TEXT_CHARS:
                     raise InvalidRequest(f"inputs[{i}].text must hold 1..{MAX_TEXT_CHARS} characters", f"inputs[{i}].text")
-                rows += encode_texts(self.engine.tokenizer, [item.text], limit)
+                texts.append(item.text)
+                text_rows.append(len(rows))
+                rows.append(None)
             elif kind == "token_ids":
                 try:
                     rows.append(encode_ids(list(item.token_ids.ids), vocab, limit))
@@ -104,4 +108,7 @@ class InferenceServicer(Servicer, pb_grpc.InferenceServiceServicer):
                     raise InvalidRequest(str(exc), f"inputs[{i}].token_ids") from None
             else:
                 raise InvalidRequest(f"inputs[{i}] has neither text nor token_ids", f"inputs[{i}]")
+        if texts:
+            for position, row in zip(text_rows, encode_texts(self.engine.tokenizer, texts, limit)):
+                rows[position] = row
         return rows
