@@ -27,11 +27,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 import torch  # noqa: E402
 
+from engine.model.common import CPU_GEMM_ENV  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results" / "forward.md"
 TOL = 1e-4
 BERT_QKV = {"q": "query", "k": "key", "v": "value"}  # adapters' attn_matrices -> BERT module names
 TARGET_BASE_RATIO, TARGET_BASE_T = 0.95, 128  # engine mixed throughput >= 0.95x engine base at 128 tokens
 TARGET_LIB_SPEEDUP, TARGET_LIB_T = 5.0, 16  # engine mixed >= 5x library grouped at 16 tokens
+TORCH_GEMM_BASE, TORCH_GEMM_MIXED = "engine base, torch GEMM", "engine mixed, torch GEMM"
 
 
 def adapter_configs(mix: str) -> list[tuple[str, object]]:
@@ -214,13 +217,21 @@ def bench_length(seq_len, args, engine, library, pmodel, names, lora_rows):
         with pmodel.disable_adapter():
             return pmodel(input_ids=l_ids, attention_mask=l_mask).last_hidden_state
 
-    def run_engine(i, m, adapters):
-        return lambda: engine.forward(i, m, adapters).last_hidden_state
+    def run_engine(i, m, adapters, gemm="onednn"):
+        def run():
+            os.environ[CPU_GEMM_ENV] = gemm  # read by the engine at every base-layer GEMM
+            try:
+                return engine.forward(i, m, adapters).last_hidden_state
+            finally:
+                os.environ.pop(CPU_GEMM_ENV)
+        return run
 
-    n, nl, base, l_base = args.rows, len(lora_rows), "engine base", "engine base, LoRA rows"
+    n, nl, base, l_base, t_base = args.rows, len(lora_rows), "engine base", "engine base, LoRA rows", TORCH_GEMM_BASE
     configs = {  # name -> (rows, forward calls per pass, the engine base on the same rows, fn)
         base: (n, 1, base, run_engine(ids, mask, [None] * n)),
         "engine mixed": (n, 1, base, run_engine(ids, mask, names)),
+        t_base: (n, 1, t_base, run_engine(ids, mask, [None] * n, "torch")),
+        TORCH_GEMM_MIXED: (n, 1, t_base, run_engine(ids, mask, names, "torch")),
         "library grouped": (n, len(lib_groups), base, library_grouped),
         "library base": (n, 1, base, library_base),
         l_base: (nl, 1, l_base, run_engine(l_ids, l_mask, [None] * nl)),
@@ -239,10 +250,13 @@ def bench_length(seq_len, args, engine, library, pmodel, names, lora_rows):
         lines.append(f"| {k} | {rows} | {calls} | {med[k] * 1e3:.1f} | {min(times[k]) * 1e3:.1f} "
                      f"| {med[ref] / med[k]:.2f}x |")
     lines += ["", f"- speedup engine mixed vs library grouped: **{med['library grouped'] / med['engine mixed']:.2f}x**",
+              f"- with torch's GEMM for the base layers: engine mixed = {med[t_base] / med[TORCH_GEMM_MIXED]:.3f}x "
+              f"its base, {med['library grouped'] / med[TORCH_GEMM_MIXED]:.2f}x the library grouped",
               f"- speedup engine mixed vs PEFT adapter_names (LoRA rows): "
               f"**{med['PEFT adapter_names, LoRA rows'] / med['engine mixed, LoRA rows']:.2f}x**"]
     checks = [("engine mixed vs library per adapter", "engine mixed", "library grouped", mask),
               ("engine base vs library base", base, "library base", mask),
+              ("engine mixed, oneDNN vs torch GEMM", "engine mixed", TORCH_GEMM_MIXED, mask),
               ("engine LoRA rows vs PEFT adapter_names", "engine mixed, LoRA rows", "PEFT adapter_names, LoRA rows",
                l_mask)]
     for label, a, b, m in checks:
@@ -313,7 +327,9 @@ def main() -> None:
              f"- adapters: {len(configs)} distinct ({len(configs) - len(lora) - n_ia3} bottleneck, {len(lora)} LoRA, "
              f"{n_ia3} IA3), row i uses adapter i mod {len(configs)}: " + ", ".join(n for n, _ in configs),
              "- library and PEFT run transformers' BertModel with its default attention (sdpa); the engine "
-             "output includes its mean pooling + normalisation, theirs is last_hidden_state only", ""]
+             "output includes its mean pooling + normalisation, theirs is last_hidden_state only",
+             f"- the engine's base layers use oneDNN on CPU (its default); the `torch GEMM` rows set {CPU_GEMM_ENV}=torch "
+             "(torch's MKL sgemm, as the library and PEFT use); adapter ops are torch (MKL) bmm in both", ""]
     print("\n".join(lines), flush=True)
     verdicts = []
     for seq_len in args.seq_lens:

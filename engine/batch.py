@@ -23,9 +23,17 @@ class ResidualBeforeLN(Enum):
     POST_ADD = "post_add"  # h + x, before the original LN
 
 
+class Source(Enum):
+    """The adapter input of a variant whose junction reduces to ``ln(h + x + f(t))``."""
+
+    PLAIN = "plain"  # ln(h + x): original_ln_before (Pfeiffer, seq_bn)
+    OUTPUT = "output"  # h, the sublayer output (Houlsby, double_seq_bn)
+    INPUT = "input"  # x, the sublayer input (parallel adapters)
+
+
 @dataclass(frozen=True)
 class BottleneckVariant:
-    """The config fields that change the control flow around a bottleneck; one code path each."""
+    """The config fields that change the control flow around a bottleneck."""
 
     is_parallel: bool
     original_ln_before: bool
@@ -34,6 +42,22 @@ class BottleneckVariant:
     adapter_residual_before_ln: bool
     ln_before: bool
     ln_after: bool
+
+    @property
+    def fused_source(self) -> Source | None:
+        """The adapter input t when the junction computes ``ln(h + x + f(t))``, None for other variants.
+
+        That holds (see `engine.model.sites._apply_group`) when the original LN follows, no adapter LN
+        is used and the adapter's residual is h: always for parallel adapters (out = f + h), and for
+        sequential ones unless post_add or residual_before_ln=False after the original LN.
+        """
+        if self.ln_before or self.ln_after or not self.original_ln_after:
+            return None
+        if self.is_parallel:
+            return Source.INPUT
+        if not self.original_ln_before:
+            return None if self.residual_before_ln == ResidualBeforeLN.POST_ADD else Source.OUTPUT
+        return Source.PLAIN if self.residual_before_ln == ResidualBeforeLN.TRUE else None
 
 
 @dataclass(frozen=True)
@@ -80,20 +104,30 @@ class LinearSiteBatch:
 
 
 @dataclass(frozen=True)
+class FusedBottleneck:
+    """The rows of a site whose variants reduce to ``ln(h + x + f(t))``: one adapter body for all of them."""
+
+    rows: Rows
+    runs: tuple[tuple[Source, slice], ...]  # ``rows`` as contiguous batch ranges, in order, with their input
+    slots: torch.Tensor  # [n] their slots
+
+
+@dataclass(frozen=True)
 class BottleneckGroup:
-    """Rows of one variant (and one rank bucket, to bound rank padding) at one site."""
+    """The rows of one other variant (adapter LayerNorms, post_add, ...) at one site: the general code path."""
 
     variant: BottleneckVariant
     rows: Rows
-    slots: torch.Tensor  # [g] their slots (all >= 0)
-    covers_batch: bool  # every row of the batch is in this group
+    slots: torch.Tensor  # [g] their slots
 
 
 @dataclass(frozen=True)
 class BottleneckSiteBatch:
     tables: BottleneckTables
+    fused: FusedBottleneck | None
     groups: tuple[BottleneckGroup, ...]
-    has_plain_rows: bool  # some rows have no adapter at this site
+    plain: slice | None  # the batch rows whose ln(h + x) an adapter reads as its input
+    groups_cover_batch: bool  # every row is in a general group: no row needs the plain junction output
 
 
 @dataclass(frozen=True)

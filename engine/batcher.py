@@ -2,15 +2,18 @@
 
 Host-side bookkeeping only (dict lookups per row and site); the tensors it builds are small index
 vectors, memoised because most sites share the same few. Rows are sorted by the pool's per-slot key
-(method, bottleneck variant, rank bucket, slot), so at each site the rows of one kind are usually one
-contiguous slice that the model can work on in place. Sites no row uses are left out.
+(method, rank bucket, activation, adapter input, slot: see `engine.adapters.pool.sort_key`), so at
+each site the rows of one kind are usually one contiguous slice that the model works on in place,
+and the rows of one rank bucket and activation are neighbours for the kernels. Sites no row uses
+are left out.
 """
 import torch
 
 from engine.adapters.pool import AdapterPool, BottleneckSlots, LinearSlots
-from engine.batch import AdapterBatch, BottleneckGroup, BottleneckSiteBatch, LinearSiteBatch, RowSet
+from engine.batch import (AdapterBatch, BottleneckGroup, BottleneckSiteBatch, FusedBottleneck, LinearSiteBatch,
+                          RowSet, Rows, Source)
 
-NO_ADAPTER = (3,)  # after every adapter kind
+NO_ADAPTER = (4,)  # after every adapter kind
 
 
 class _Index:
@@ -40,7 +43,7 @@ def build_adapter_batch(row_slots: list[int], pool: AdapterPool) -> AdapterBatch
             linear[path] = entry
     bottleneck = {}
     for path, site in pool.bottleneck.items():
-        entry = _bottleneck_site(slots, site, pool.sort_keys, index)
+        entry = _bottleneck_site(slots, site, index)
         if entry is not None:
             bottleneck[path] = entry
     return AdapterBatch(None if identity else index(tuple(order)), None if identity else index(tuple(inverse)),
@@ -68,18 +71,40 @@ def _linear_site(slots: list[int], site: LinearSlots, index: _Index) -> LinearSi
                            site.ia3_in if ia3_in else None, ia3_in)
 
 
-def _bottleneck_site(slots: list[int], site: BottleneckSlots, sort_keys: dict, index: _Index):
-    groups: dict[tuple, list[int]] = {}
+def _bottleneck_site(slots: list[int], site: BottleneckSlots, index: _Index) -> BottleneckSiteBatch | None:
+    fused: list[tuple[int, Source]] = []  # (row, its adapter input)
+    groups: dict = {}  # variant -> rows
     for row, slot in enumerate(slots):
-        if slot in site.variants:
-            groups.setdefault(sort_keys[slot], []).append(row)
-    if not groups:
+        variant = site.variants.get(slot)
+        if variant is None:
+            continue
+        if variant.fused_source is not None:
+            fused.append((row, variant.fused_source))
+        else:
+            groups.setdefault(variant, []).append(row)
+    if not fused and not groups:
         return None
-    built = []
-    for rows in groups.values():
-        variant = site.variants[slots[rows[0]]]
-        start, end = rows[0], rows[-1] + 1
-        selected = slice(start, end) if end - start == len(rows) else index(tuple(rows))
-        built.append(BottleneckGroup(variant, selected, index(tuple(slots[r] for r in rows)), len(rows) == len(slots)))
-    has_plain = sum(len(rows) for rows in groups.values()) < len(slots)
-    return BottleneckSiteBatch(site.tables, tuple(built), has_plain)
+    plain = [r for r, src in fused if src is Source.PLAIN]
+    plain += [r for v, rows in groups.items() if v.original_ln_before and not v.is_parallel for r in rows]
+    general = tuple(BottleneckGroup(v, _rows(rows, index), index(tuple(slots[r] for r in rows)))
+                    for v, rows in groups.items())
+    return BottleneckSiteBatch(site.tables, _fused(slots, fused, index) if fused else None, general,
+                               slice(min(plain), max(plain) + 1) if plain else None,
+                               sum(len(rows) for rows in groups.values()) == len(slots))
+
+
+def _fused(slots: list[int], rows: list[tuple[int, Source]], index: _Index) -> FusedBottleneck:
+    runs: list[tuple[Source, int, int]] = []  # maximal contiguous row ranges with one input
+    for row, src in rows:
+        if runs and runs[-1][0] is src and runs[-1][2] == row:
+            runs[-1] = (src, runs[-1][1], row + 1)
+        else:
+            runs.append((src, row, row + 1))
+    return FusedBottleneck(_rows([r for r, _ in rows], index), tuple((src, slice(a, b)) for src, a, b in runs),
+                           index(tuple(slots[r] for r, _ in rows)))
+
+
+def _rows(rows: list[int], index: _Index) -> Rows:
+    """A slice when the (ascending) rows are contiguous, else their index tensor."""
+    start, end = rows[0], rows[-1] + 1
+    return slice(start, end) if end - start == len(rows) else index(tuple(rows))

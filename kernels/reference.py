@@ -14,8 +14,8 @@ import torch
 from .activations import Act, apply_act
 
 
-def _plan(row_slots: torch.Tensor, ranks: torch.Tensor | None = None):
-    """Host-side view of the rows: (rows with an adapter or None for all, their slots, largest rank).
+def _plan(row_slots: torch.Tensor):
+    """Host-side view of the rows: (rows with an adapter or None for all, their slots, as a list).
 
     The reference is the CPU serving path, where reading a few dozen ints on the host is cheaper than
     the device-style reductions (``all``, ``max``, ``unique``) it replaces; that keeps each op at a
@@ -23,17 +23,15 @@ def _plan(row_slots: torch.Tensor, ranks: torch.Tensor | None = None):
     """
     slots = row_slots.tolist()
     if min(slots, default=0) >= 0:
-        rows, active = None, row_slots
-    else:
-        picked = [i for i, s in enumerate(slots) if s >= 0]
-        rows = torch.tensor(picked, dtype=torch.long, device=row_slots.device)
-        active = row_slots.index_select(0, rows)
-        slots = [slots[i] for i in picked]
-    max_rank = 0
-    if ranks is not None and slots:
-        rank_list = ranks.tolist()
-        max_rank = max(rank_list[s] for s in slots)
-    return rows, active, slots, max_rank
+        return None, row_slots, slots
+    picked = [i for i, s in enumerate(slots) if s >= 0]
+    rows = torch.tensor(picked, dtype=torch.long, device=row_slots.device)
+    return rows, row_slots.index_select(0, rows), [slots[i] for i in picked]
+
+
+def rank_bucket(rank: int) -> int:
+    """The power-of-two bucket (at least 16) a rank is padded to at first; the batcher sorts rows by it."""
+    return max(16, 1 << (rank - 1).bit_length())
 
 
 def _gather(table: torch.Tensor, slots: torch.Tensor, dim: int | None = None, size: int | None = None) -> torch.Tensor:
@@ -41,6 +39,37 @@ def _gather(table: torch.Tensor, slots: torch.Tensor, dim: int | None = None, si
     if dim is not None:
         table = table.narrow(dim, 0, size)
     return table.index_select(0, slots)
+
+
+# Padding work (multiply-adds x 2) worth one more pair of bmm calls on CPU: a pair of small bmm calls plus
+# their gathers costs ~50 us of dispatch, which is ~8 MFLOP at the ~150 GFLOP/s MKL reaches here (measured).
+MERGE_FLOPS = 8e6
+
+
+def _rank_runs(row_ranks: list[int], flops_per_rank: int) -> list[tuple[int, int, int]]:
+    """Splits rows into contiguous runs that share one padded rank: [(start, end, rank)].
+
+    Starts from runs of one power-of-two rank bucket (the batcher sorts rows by it) and merges
+    neighbours while padding the smaller ranks costs less than another pair of bmm calls, so long
+    prompts pay for few padded columns and short ones for few calls. ``flops_per_rank`` is the cost of
+    one rank column for one row.
+    """
+    runs: list[list[int]] = []
+    for i, r in enumerate(row_ranks):
+        if runs and rank_bucket(r) == rank_bucket(runs[-1][2]):
+            runs[-1][1], runs[-1][2] = i + 1, max(runs[-1][2], r)
+        else:
+            runs.append([i, i + 1, r])
+    merged = [runs[0]]
+    for start, end, r in runs[1:]:
+        prev = merged[-1]
+        n_prev, n = prev[1] - prev[0], end - start
+        separate = (n_prev * prev[2] + n * r) * flops_per_rank + MERGE_FLOPS
+        if (n_prev + n) * max(prev[2], r) * flops_per_rank <= separate:
+            prev[1], prev[2] = end, max(prev[2], r)
+        else:
+            merged.append([start, end, r])
+    return [tuple(run) for run in merged]
 
 
 def add_lora(
@@ -52,18 +81,22 @@ def add_lora(
     ranks: torch.Tensor,  # [S] int32, columns >= rank are zero
     row_slots: torch.Tensor,  # [B] int64
 ) -> torch.Tensor:
-    rows, slots, _, r = _plan(row_slots, ranks)
-    if r == 0:  # no row with an adapter
+    rows, slots, slot_list = _plan(row_slots)
+    if not slot_list:  # no row with an adapter
         return y
+    rank_list = ranks.tolist()
     xs = x if rows is None else x.index_select(0, rows)
-    a = _gather(lora_a, slots, 1, r)  # [b, r, K]
-    b = _gather(lora_b, slots, 2, r)  # [b, N, r]
-    delta = torch.bmm(torch.bmm(xs, a.transpose(1, 2)), b.transpose(1, 2))
-    delta = delta * scaling.index_select(0, slots).to(delta.dtype)[:, None, None]
-    if rows is None:
-        y.add_(delta)
-    else:
-        y.index_add_(0, rows, delta)
+    flops = 2 * x.shape[1] * (x.shape[2] + y.shape[2])
+    for start, end, r in _rank_runs([rank_list[s] for s in slot_list], flops):
+        run = slots[start:end]
+        a = _gather(lora_a, run, 1, r)  # [n, r, K]
+        b = _gather(lora_b, run, 2, r)  # [n, N, r]
+        z = torch.bmm(xs[start:end], a.transpose(1, 2))  # [n, T, r]
+        z.mul_(scaling.index_select(0, run).to(z.dtype)[:, None, None])  # scale the small side
+        if rows is None:
+            y[start:end].baddbmm_(z, b.transpose(1, 2))
+        else:
+            y.index_add_(0, rows[start:end], torch.bmm(z, b.transpose(1, 2)))
     return y
 
 
@@ -72,7 +105,7 @@ def scale_ia3(
     ia3: torch.Tensor,  # [S, N] per-slot scale vectors
     row_slots: torch.Tensor,  # [B] int64
 ) -> torch.Tensor:
-    rows, slots, slot_list, _ = _plan(row_slots)
+    rows, slots, slot_list = _plan(row_slots)
     if not slot_list:
         return y
     scale = ia3.index_select(0, slots)[:, None, :]
@@ -94,31 +127,37 @@ def bottleneck(
     ranks: torch.Tensor,  # [S] int32
     row_slots: torch.Tensor,  # [B] int64
 ) -> torch.Tensor:  # [B, T, H], zero for rows with slot -1
-    rows, slots, slot_list, r = _plan(row_slots, ranks)
-    if rows is not None and not slot_list:
+    rows, slots, slot_list = _plan(row_slots)
+    if not slot_list:
         return torch.zeros_like(t)
     ts = t if rows is None else t.index_select(0, rows)
-    z = torch.baddbmm(_gather(b_down, slots, 1, r)[:, None, :], ts, _gather(w_down, slots, 2, r))  # [b, T, r]
-    z = _apply_act_per_row(z, act_ids, slot_list)
-    f = torch.baddbmm(b_up.index_select(0, slots)[:, None, :], z, _gather(w_up, slots, 1, r))
-    f = f * scaling.index_select(0, slots)[:, None, :]
+    rank_list, acts = ranks.tolist(), act_ids.tolist()
+    f = torch.empty_like(ts)
+    for start, end, r in _rank_runs([rank_list[s] for s in slot_list], 4 * t.shape[1] * t.shape[2]):
+        run = slots[start:end]
+        z = torch.baddbmm(_gather(b_down, run, 1, r)[:, None, :], ts[start:end], _gather(w_down, run, 2, r))
+        _apply_act_runs(z, [acts[s] for s in slot_list[start:end]])
+        out = f[start:end]
+        torch.baddbmm(b_up.index_select(0, run)[:, None, :], z, _gather(w_up, run, 1, r), out=out)
+        out.mul_(scaling.index_select(0, run)[:, None, :])
     if rows is None:
         return f
     return torch.zeros_like(t).index_copy_(0, rows, f)
 
 
-def _apply_act_per_row(z: torch.Tensor, act_ids: torch.Tensor, slots: list[int]) -> torch.Tensor:
-    """One activation per row; a loop over the (few) distinct activations, never over rows."""
-    acts = act_ids.tolist()
-    row_acts = [acts[s] for s in slots]
-    kinds = sorted(set(row_acts))
-    if len(kinds) == 1:
-        return apply_act(z, Act(kinds[0]))
-    out = torch.empty_like(z)
-    for kind in kinds:
-        rows = torch.tensor([i for i, a in enumerate(row_acts) if a == kind], dtype=torch.long, device=z.device)
-        out.index_copy_(0, rows, apply_act(z.index_select(0, rows), Act(kind)))
-    return out
+def _apply_act_runs(z: torch.Tensor, row_acts: list[int]) -> None:
+    """Applies each row's activation to z [n, T, r] in place, once per run of rows sharing one.
+
+    The batcher sorts rows by activation within a rank bucket, so the runs are few; never a loop
+    over rows.
+    """
+    start = 0
+    for i in range(1, len(row_acts) + 1):
+        if i == len(row_acts) or row_acts[i] != row_acts[start]:
+            if row_acts[start] != Act.IDENTITY:
+                part = z[start:i]
+                part.copy_(apply_act(part, Act(row_acts[start])))
+            start = i
 
 
 def layer_norm_rows(

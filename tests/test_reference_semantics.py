@@ -8,7 +8,11 @@ import torch
 
 from kernels import Act, apply_act, reference
 
-S, H, K, R = 6, 24, 20, 8
+S, H, K = 6, 24, 20
+RANKS = {  # per-slot ranks: one rank bucket, and ranks over four buckets (split into runs, then merged or not)
+    "narrow": [8, 3, 5, 1, 8, 2],
+    "wide": [2, 20, 40, 64, 9, 33],
+}
 PATTERNS = {
     "one_adapter": [2] * 8,
     "all_distinct": [0, 1, 2, 3, 4, 5],
@@ -19,8 +23,8 @@ PATTERNS = {
 }
 
 
-def _tables(gen):
-    ranks = torch.tensor([8, 3, 5, 1, 8, 2], dtype=torch.int32)
+def _tables(gen, rank_list):
+    ranks, R = torch.tensor(rank_list, dtype=torch.int32), max(rank_list)
     a, b = torch.randn(S, R, K, generator=gen), torch.randn(S, H, R, generator=gen)
     w_down, w_up = torch.randn(S, H, R, generator=gen), torch.randn(S, R, H, generator=gen)
     b_down = torch.randn(S, R, generator=gen)
@@ -29,12 +33,16 @@ def _tables(gen):
     return ranks, a, b, w_down, b_down, w_up
 
 
+@pytest.mark.parametrize("merge", ["merge_by_cost", "never_merge"])
+@pytest.mark.parametrize("rank_set", RANKS)
 @pytest.mark.parametrize("pattern", PATTERNS)
-def test_ops_equal_their_semantics(pattern):
+def test_ops_equal_their_semantics(pattern, rank_set, merge, monkeypatch):
+    if merge == "never_merge":  # every rank bucket its own run (long prompts); tiny shapes otherwise merge all
+        monkeypatch.setattr(reference, "MERGE_FLOPS", 0)
     gen = torch.Generator().manual_seed(1)
     slots = torch.tensor(PATTERNS[pattern])
     n, t = len(slots), 5
-    ranks, a, b, w_down, b_down, w_up = _tables(gen)
+    ranks, a, b, w_down, b_down, w_up = _tables(gen, RANKS[rank_set])
     scaling, scale_vec = torch.rand(S, generator=gen), torch.rand(S, H, generator=gen)
     b_up, ia3 = torch.randn(S, H, generator=gen), torch.rand(S, H, generator=gen)
     acts = torch.tensor([Act.RELU, Act.GELU, Act.SILU, Act.TANH, Act.SIGMOID, Act.GELU_TANH], dtype=torch.int32)
@@ -62,6 +70,15 @@ def test_ops_equal_their_semantics(pattern):
         want = torch.stack([torch.nn.functional.layer_norm(y[r], (H,), ln_w[s], ln_b[s], 1e-5)
                             for r, s in zip(rows.tolist(), active.tolist())])
         torch.testing.assert_close(normed, want)
+
+
+def test_rank_runs_split_by_bucket_and_merge_when_padding_is_cheap(monkeypatch):
+    ranks = [3, 12, 20, 24, 48, 200]  # buckets 16, 16, 32, 32, 64, 256
+    monkeypatch.setattr(reference, "MERGE_FLOPS", 0)
+    assert reference._rank_runs(ranks, 1) == [(0, 2, 12), (2, 4, 24), (4, 5, 48), (5, 6, 200)]
+    monkeypatch.setattr(reference, "MERGE_FLOPS", 100)  # merging costs padding x 1 flop: cheap up to 100
+    # [0,2)+[2,4): 4*24 = 96 <= 2*12+2*24+100; +[4,5): 5*48 = 240 <= 96+48+100; +[5,6): 6*200 > 240+200+100
+    assert reference._rank_runs(ranks, 1) == [(0, 5, 48), (5, 6, 200)]
 
 
 @pytest.mark.parametrize("act", list(Act))

@@ -12,6 +12,7 @@ import torch
 from engine.adapters.spec import AdapterSpec, BottleneckWeights, HeadSpec, LoraWeights
 from engine.batch import BottleneckTables, BottleneckVariant, LoraTables
 from engine.errors import AdapterCapacityExceeded
+from kernels.reference import rank_bucket
 
 
 @dataclass
@@ -165,18 +166,23 @@ class AdapterPool:
 
 
 def sort_key(spec: AdapterSpec) -> tuple:
-    """Rows are batched in this order: bottleneck adapters by variant and rank bucket, then LoRA, then IA3.
+    """Rows are batched in this order: bottleneck adapters, then LoRA, then IA3 (then rows without adapter).
 
-    Rows of one key take the same code path at every site, so they form one contiguous group; the rank
-    bucket (next power of two, at least 16) bounds how much a small adapter pays for a large one's rank.
+    Bottleneck rows of the common variants (one adapter body per site for all of them) come first, by
+    rank bucket, activation and adapter input, so the kernels' rank runs and activation runs are
+    contiguous; the other variants follow, by variant, so each is one contiguous general-path group.
+    LoRA rows go by rank bucket. `kernels.reference` merges neighbouring buckets when padding is cheaper.
     """
     if spec.bottleneck:
         v = spec.variant
-        rank = max(w.w_down.shape[1] for w in spec.bottleneck.values())
-        bucket = max(16, 1 << (rank - 1).bit_length())
-        return (0, v.is_parallel, v.original_ln_before, v.original_ln_after, v.residual_before_ln.value,
+        bucket = rank_bucket(max(w.w_down.shape[1] for w in spec.bottleneck.values()))
+        if v.fused_source is not None:
+            return (0, bucket, int(spec.act), v.fused_source.value)
+        return (1, v.is_parallel, v.original_ln_before, v.original_ln_after, v.residual_before_ln.value,
                 v.adapter_residual_before_ln, v.ln_before, v.ln_after, bucket)
-    return (1,) if spec.lora else (2,)
+    if spec.lora:
+        return (2, rank_bucket(max(w.lora_a.shape[0] for w in spec.lora.values())))
+    return (3,)
 
 
 def _head_to(head: HeadSpec, device: torch.device, dtype: torch.dtype) -> HeadSpec:

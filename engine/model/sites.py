@@ -9,11 +9,11 @@ same module in the `adapters` library's state dict keys.
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import kernels
-from engine.batch import AdapterBatch, BottleneckGroup, BottleneckSiteBatch, ResidualBeforeLN
+from engine.model.common import dense
+from engine.batch import AdapterBatch, BottleneckGroup, BottleneckSiteBatch, BottleneckTables, ResidualBeforeLN, Source
 
 Norm = Callable[[torch.Tensor], torch.Tensor] | None
 ADAPTER_LN_EPS = 1e-5  # nn.LayerNorm default, used by the adapters library for ln_before / ln_after
@@ -27,12 +27,12 @@ class LinearSite(nn.Linear):
     def forward(self, x: torch.Tensor, meta: AdapterBatch | None = None) -> torch.Tensor:
         site = meta.linear.get(self.path) if meta is not None else None
         if site is None:
-            return F.linear(x, self.weight, self.bias)
+            return dense(x, self.weight, self.bias)
         if site.ia3_in is not None:
             x = x.clone()
             rs = site.ia3_in_rows
             kernels.scale_ia3(x[rs.rows], site.ia3_in, rs.slots)  # row slices are views: scales x in place
-        y = F.linear(x, self.weight, self.bias)
+        y = dense(x, self.weight, self.bias)
         if site.lora is not None:
             t, rs = site.lora, site.lora_rows
             kernels.add_lora(y[rs.rows], x[rs.rows], t.lora_a, t.lora_b, t.scaling, t.ranks, rs.slots)
@@ -46,9 +46,10 @@ class BottleneckSite(nn.Module):
     """Residual junction after a sublayer: ``ln(h + x)`` without adapter, the adapter variants with one.
 
     ``h`` is the sublayer output, ``x`` its residual input, ``ln`` the sublayer's original LayerNorm
-    (None on pre-LN decoders, where the junction is a plain sum). The plain result ``ln(h + x)`` is
-    computed once for all rows when any row needs it (rows without adapter, and the adapter input of
-    variants with original_ln_before); each group then overwrites its own rows.
+    (None on pre-LN decoders, where the junction is a plain sum). The common variants (Pfeiffer,
+    Houlsby, parallel) all compute ``ln(h + x + f(t))`` and differ only in the adapter input t, so their
+    rows share one adapter body and the junction's one LayerNorm; other variants take the general path
+    (`_apply_group`) per variant and overwrite their rows.
     """
 
     path: str = ""
@@ -58,15 +59,14 @@ class BottleneckSite(nn.Module):
         hx = h + x
         if site is None:
             return _norm(ln, hx)
-        uses_plain = site.has_plain_rows or any(
-            g.variant.original_ln_before and not g.variant.is_parallel for g in site.groups)
-        plain = _norm(ln, hx) if uses_plain else None
-        if len(site.groups) == 1 and site.groups[0].covers_batch:
-            return _apply_group(site, site.groups[0], h, x, hx, plain, ln)
-        y = plain if plain is not None else torch.empty_like(h)
-        for group in site.groups:
-            r = group.rows
-            y[r] = _apply_group(site, group, h[r], x[r], hx[r], None if plain is None else plain[r], ln)
+        plain = None if site.plain is None else _norm(ln, hx[site.plain])
+        general = [(g.rows, _apply_group(site.tables, g, h[g.rows], x[g.rows], hx[g.rows],
+                                         _plain_rows(plain, site.plain, g.rows), ln)) for g in site.groups]
+        if site.fused is not None:  # after the general groups, which read hx before this changes it
+            _add_fused(hx, h, x, plain, site)
+        y = torch.empty_like(hx) if site.groups_cover_batch else _norm(ln, hx)
+        for rows, out in general:
+            y[rows] = out
         return y
 
 
@@ -74,12 +74,36 @@ def _norm(ln: Norm, z: torch.Tensor) -> torch.Tensor:
     return z if ln is None else ln(z)
 
 
-def _apply_group(site: BottleneckSiteBatch, group: BottleneckGroup, h, x, hx, plain, ln: Norm) -> torch.Tensor:
+def _plain_rows(plain: torch.Tensor | None, span: slice | None, rows) -> torch.Tensor | None:
+    """ln(h + x) for ``rows`` (a slice or index tensor) out of ``plain``, computed for the batch rows ``span``."""
+    if plain is None:
+        return None
+    if isinstance(rows, slice):
+        return plain[rows.start - span.start:rows.stop - span.start]
+    return plain.index_select(0, rows - span.start)
+
+
+def _add_fused(hx: torch.Tensor, h: torch.Tensor, x: torch.Tensor, plain: torch.Tensor | None,
+               site: BottleneckSiteBatch) -> None:
+    """hx[rows] += f(t) for every fused row, t being its variant's input; one adapter body for all."""
+    fused, tab = site.fused, site.tables
+    parts = [_plain_rows(plain, site.plain, rows) if src is Source.PLAIN else (h if src is Source.OUTPUT else x)[rows]
+             for src, rows in fused.runs]
+    t = parts[0] if len(parts) == 1 else torch.cat(parts)
+    f = kernels.bottleneck(t, tab.w_down, tab.b_down, tab.w_up, tab.b_up, tab.scaling, tab.act_ids, tab.ranks,
+                           fused.slots)
+    if isinstance(fused.rows, slice):
+        hx[fused.rows] += f
+    else:
+        hx.index_add_(0, fused.rows, f)
+
+
+def _apply_group(tab: BottleneckTables, group: BottleneckGroup, h, x, hx, plain, ln: Norm) -> torch.Tensor:
     """One variant's math, as `adapters.methods.modeling.Adapter` / `ParallelAdapter` compute it.
 
-    ``hx`` is h + x and ``plain`` is ln(h + x) for these rows (None when no variant present needs it).
+    ``hx`` is h + x and ``plain`` is ln(h + x) for these rows (None when this variant does not read it).
     """
-    v, tab, slots = group.variant, site.tables, group.slots
+    v, slots = group.variant, group.slots
     if v.is_parallel:
         t, residual = x, None
     else:

@@ -128,3 +128,24 @@ def test_model_errors_are_typed(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "t5"}))
     with pytest.raises(ModelLoadError, match="model_type 't5' is not supported"):
         Engine.from_pretrained(tmp_path, device="cpu")
+
+
+def test_cpu_gemm_backends_agree(tiny, monkeypatch):
+    """Base layers run through oneDNN on CPU by default; ADAPTERSERVE_CPU_GEMM=torch gives torch's GEMM."""
+    from engine.model.common import CPU_GEMM_ENV, dense
+
+    arch, model, path, pad = tiny
+    ids, mask = _batch(100, pad)
+    engine = Engine.from_pretrained(path, device="cpu")
+    outputs, ops = {}, {}
+    for mode in ("onednn", "torch"):
+        monkeypatch.setenv(CPU_GEMM_ENV, mode)
+        with torch.profiler.profile() as prof:
+            outputs[mode] = engine.forward(ids, mask, [None] * 3).last_hidden_state
+        ops[mode] = {e.key for e in prof.key_averages()}
+    assert _max_diff(outputs["onednn"], outputs["torch"], mask) < 1e-5, arch
+    assert "mkldnn::_linear_pointwise" in ops["onednn"] and "aten::addmm" not in ops["onednn"]
+    assert "mkldnn::_linear_pointwise" not in ops["torch"]
+    monkeypatch.setenv(CPU_GEMM_ENV, "mkl")
+    with pytest.raises(ValueError, match="ADAPTERSERVE_CPU_GEMM must be onednn or torch, got 'mkl'"):
+        dense(torch.ones(2, 4), torch.ones(3, 4), None)
