@@ -7,7 +7,8 @@ this package have the same signatures; each public op's ``Semantics:`` lives in 
 
 Why rows and not tokens: every token of a row uses that row's adapter, so gathering the weights once
 per row (``[B, H, R]``) and running one ``bmm`` costs a few percent of the base layer, while a
-per-token gather would copy ``T`` times more weight bytes.
+per-token gather would copy ``T`` times more weight bytes. Rows of very different ranks are split into
+runs (`_rank_runs`), each gathered only up to its own largest rank.
 """
 import torch
 
