@@ -17,6 +17,7 @@ class EngineConfig:
     pooling: Pooling | None = None  # None = the model folder's sentence-transformers setting, else CLS/LAST
     normalize_embeddings: bool | None = None
     num_threads: int | None = None  # torch CPU threads; None leaves torch's setting
+    keep_freed_memory: bool = True  # on CPU, glibc keeps freed activations for reuse (engine/allocator.py)
     max_cpu_adapters: int = 256  # host copies of adapters that are not on the device (LRU)
     adapter_memory_mb: float | None = None  # device budget for resident adapters' own weights; None = count only
     adapter_store: str | None = None  # folder whose adapter folders form the catalog (`store://<path>` sources)

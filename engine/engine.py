@@ -12,6 +12,7 @@ import torch
 from engine.adapters.files import TargetModel
 from engine.adapters.lifecycle import AdapterLifecycle
 from engine.adapters.pool import AdapterPool
+from engine.allocator import keep_freed_memory
 from engine.batch import AdapterBatch
 from engine.config import EngineConfig
 from engine.errors import InvalidRequest
@@ -31,6 +32,8 @@ class Engine:
             torch.set_num_threads(config.num_threads)
         self.config = config
         self.device = resolve_device(config.device)
+        if config.keep_freed_memory and self.device.type == "cpu":
+            keep_freed_memory()
         dtype = DTYPES[config.dtype] if config.dtype else None
         self.model, self.model_config, self.model_dir = load_base_model(resolve_model(config.model), dtype, self.device)
         self.dtype = next(self.model.parameters()).dtype
