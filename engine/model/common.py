@@ -72,12 +72,21 @@ def padding_bias(
     return bias.masked_fill(~allowed, torch.finfo(dtype).min).expand(b, 1, t, t)
 
 
+# Up to this many query and key positions, CPU attention is an explicit matmul-softmax-matmul: torch's
+# flash-attention kernel for CPU pays per-tile overheads that dominate short sequences (32 rows x 12 heads,
+# 2 threads, per layer: 16 tokens 0.26 ms vs 1.0 ms, 64 tokens 2.4 vs 3.2 ms; at 128 it wins, 9.6 vs 11.2).
+SHORT_ATTENTION = 64
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """softmax(q k^T / sqrt(d) + bias) v over [B, heads, T, d]; k and v may have fewer (GQA) heads."""
     if k.shape[1] != q.shape[1]:
         repeat = q.shape[1] // k.shape[1]
         k = k.repeat_interleave(repeat, dim=1)
         v = v.repeat_interleave(repeat, dim=1)
+    if q.device.type == "cpu" and max(q.shape[2], k.shape[2]) <= SHORT_ATTENTION:
+        scores = torch.matmul(q, k.transpose(-1, -2)).mul_(q.shape[-1] ** -0.5).add_(bias)
+        return torch.matmul(torch.softmax(scores, dim=-1), v)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
 
 
