@@ -1,10 +1,11 @@
 """Per-batch adapter metadata passed explicitly through the model (punica style, no globals).
 
 Built once per forward by `engine.batcher`; read by the adapter sites. The batcher sorts the rows so
-that rows sharing a method, bottleneck variant and adapter are neighbours: each site then works on
-contiguous row slices (views, no copies). ``rows`` fields are such a slice, or an index tensor when a
-site's rows are not contiguous (an adapter that leaves this layer out). Tensors named ``*_slots`` hold
-the pool slot of each of those rows. Table tensors are the pool's own stacks (never copied per batch).
+that rows sharing a method (and a rank bucket, activation or variant) are neighbours: each site then
+works on contiguous row slices (views, no copies). ``rows`` fields are such a slice, or an index tensor
+when a site's rows are not contiguous (say, Houlsby rows among Pfeiffer rows at the attention junction,
+or an adapter that leaves this layer out). Tensors named ``*_slots`` hold the pool slot of each of those
+rows. Table tensors are the pool's own stacks (never copied per batch).
 """
 from dataclasses import dataclass
 from enum import Enum
