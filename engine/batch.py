@@ -45,6 +45,11 @@ class BottleneckVariant:
     ln_after: bool
 
     @property
+    def reads_plain(self) -> bool:
+        """The adapter input is ln(h + x), the junction's plain output (original_ln_before, sequential)."""
+        return self.original_ln_before and not self.is_parallel
+
+    @property
     def fused_source(self) -> Source | None:
         """The adapter input t when the junction computes ``ln(h + x + f(t))``, None for other variants.
 

@@ -85,7 +85,7 @@ def _bottleneck_site(slots: list[int], site: BottleneckSlots, index: _Index) -> 
     if not fused and not groups:
         return None
     plain = [r for r, src in fused if src is Source.PLAIN]
-    plain += [r for v, rows in groups.items() if v.original_ln_before and not v.is_parallel for r in rows]
+    plain += [r for v, rows in groups.items() if v.reads_plain for r in rows]
     general = tuple(BottleneckGroup(v, _rows(rows, index), index(tuple(slots[r] for r in rows)))
                     for v, rows in groups.items())
     return BottleneckSiteBatch(site.tables, _fused(slots, fused, index) if fused else None, general,

@@ -84,7 +84,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Ten
         repeat = q.shape[1] // k.shape[1]
         k = k.repeat_interleave(repeat, dim=1)
         v = v.repeat_interleave(repeat, dim=1)
-    if q.device.type == "cpu" and max(q.shape[2], k.shape[2]) <= SHORT_ATTENTION:
+    # fp32 only: in fp16/bf16 the explicit sum q k^T + bias would round (and overflow to -inf on fully masked
+    # rows, giving NaN) where torch's kernel accumulates in fp32
+    if q.device.type == "cpu" and q.dtype == torch.float32 and max(q.shape[2], k.shape[2]) <= SHORT_ATTENTION:
         scores = torch.matmul(q, k.transpose(-1, -2)).mul_(q.shape[-1] ** -0.5).add_(bias)
         return torch.matmul(torch.softmax(scores, dim=-1), v)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)

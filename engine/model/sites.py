@@ -61,7 +61,8 @@ class BottleneckSite(nn.Module):
             return _norm(ln, hx)
         plain = None if site.plain is None else _norm(ln, hx[site.plain])
         general = [(g.rows, _apply_group(site.tables, g, h[g.rows], x[g.rows], hx[g.rows],
-                                         _plain_rows(plain, site.plain, g.rows), ln)) for g in site.groups]
+                                         _plain_rows(plain, site.plain, g.rows) if g.variant.reads_plain else None,
+                                         ln)) for g in site.groups]
         if site.fused is not None:  # after the general groups, which read hx before this changes it
             _add_fused(hx, h, x, plain, site)
         y = torch.empty_like(hx) if site.groups_cover_batch else _norm(ln, hx)
@@ -101,7 +102,7 @@ def _add_fused(hx: torch.Tensor, h: torch.Tensor, x: torch.Tensor, plain: torch.
 def _apply_group(tab: BottleneckTables, group: BottleneckGroup, h, x, hx, plain, ln: Norm) -> torch.Tensor:
     """One variant's math, as `adapters.methods.modeling.Adapter` / `ParallelAdapter` compute it.
 
-    ``hx`` is h + x and ``plain`` is ln(h + x) for these rows (None when this variant does not read it).
+    ``hx`` is h + x and ``plain`` is ln(h + x) for these rows (None when the variant does not read it).
     """
     v, slots = group.variant, group.slots
     if v.is_parallel:
