@@ -328,8 +328,9 @@ def main() -> None:
              f"{n_ia3} IA3), row i uses adapter i mod {len(configs)}: " + ", ".join(n for n, _ in configs),
              "- library and PEFT run transformers' BertModel with its default attention (sdpa); the engine "
              "output includes its mean pooling + normalisation, theirs is last_hidden_state only",
-             f"- the engine's base layers use oneDNN on CPU (its default); the `torch GEMM` rows set {CPU_GEMM_ENV}=torch "
-             "(torch's MKL sgemm, as the library and PEFT use); adapter ops are torch (MKL) bmm in both", ""]
+             f"- the engine's base layers use oneDNN on CPU (its default); the `torch GEMM` rows set "
+             f"{CPU_GEMM_ENV}=torch (torch's MKL sgemm, as the library and PEFT use); adapter ops are torch (MKL) bmm "
+             "in both", ""]
     print("\n".join(lines), flush=True)
     verdicts = []
     for seq_len in args.seq_lens:

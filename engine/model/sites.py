@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 import kernels
-from engine.model.common import dense
 from engine.batch import AdapterBatch, BottleneckGroup, BottleneckSiteBatch, BottleneckTables, ResidualBeforeLN, Source
+from engine.model.common import dense
 
 Norm = Callable[[torch.Tensor], torch.Tensor] | None
 ADAPTER_LN_EPS = 1e-5  # nn.LayerNorm default, used by the adapters library for ln_before / ln_after

@@ -50,8 +50,9 @@ def test_junction_rows_equal_their_variant_alone(seed):
     slots = []
     for i in range(rng.randint(1, 6)):
         sites = [s for s in ("a", "b") if rng.random() < 0.7] or ["b"]  # "b" only: absent at the junction tested
+        junctions = {s: _weights(rng.choice([1, 4, 8, 20, 40]), g) for s in sites}
         spec = AdapterSpec(f"ad{i}", Method.BOTTLENECK, "test", act=rng.choice([Act.RELU, Act.IDENTITY, Act.TANH]),
-                           variant=_variant(rng), bottleneck={s: _weights(rng.choice([1, 4, 8, 20, 40]), g) for s in sites})
+                           variant=_variant(rng), bottleneck=junctions)
         slots.append(pool.load(spec))
     _assert_rows_match(pool, [rng.choice(slots + [-1]) for _ in range(rng.randint(1, 7))], g, rng.random() < 0.5)
 
