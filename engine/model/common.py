@@ -37,7 +37,21 @@ class ArchInfo:
 # CPU, as vLLM's CPU backend does. Results differ from MKL's by fp32 rounding only (~1e-6 relative).
 # ADAPTERSERVE_CPU_GEMM=torch (read at every call, like ADAPTERSERVE_KERNELS) falls back to torch's own GEMM.
 CPU_GEMM_ENV = "ADAPTERSERVE_CPU_GEMM"
-_ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def _onednn_linear_works() -> bool:
+    """Whether this torch build runs oneDNN's linear on this CPU and agrees with F.linear (checked once)."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        return False
+    x, w, b = torch.linspace(-1, 1, 24).view(3, 8), torch.linspace(1, -1, 32).view(4, 8), torch.ones(4)
+    try:
+        y = torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+    except RuntimeError:
+        return False
+    return torch.allclose(y, F.linear(x, w, b), atol=1e-5)
+
+
+_ONEDNN_LINEAR = _onednn_linear_works()
 
 
 def dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
