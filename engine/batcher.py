@@ -78,8 +78,9 @@ def _bottleneck_site(slots: list[int], site: BottleneckSlots, index: _Index) -> 
         variant = site.variants.get(slot)
         if variant is None:
             continue
-        if variant.fused_source is not None:
-            fused.append((row, variant.fused_source))
+        source = variant.fused_source
+        if source is not None:
+            fused.append((row, source))
         else:
             groups.setdefault(variant, []).append(row)
     if not fused and not groups:

@@ -75,10 +75,11 @@ def _norm(ln: Norm, z: torch.Tensor) -> torch.Tensor:
     return z if ln is None else ln(z)
 
 
-def _plain_rows(plain: torch.Tensor | None, span: slice | None, rows) -> torch.Tensor | None:
-    """ln(h + x) for ``rows`` (a slice or index tensor) out of ``plain``, computed for the batch rows ``span``."""
-    if plain is None:
-        return None
+def _plain_rows(plain: torch.Tensor, span: slice, rows) -> torch.Tensor:
+    """ln(h + x) for ``rows`` (a slice or index tensor) out of ``plain``, computed for the batch rows ``span``.
+
+    Only asked for rows that read it, which the batcher put inside ``span``.
+    """
     if isinstance(rows, slice):
         return plain[rows.start - span.start:rows.stop - span.start]
     return plain.index_select(0, rows - span.start)
