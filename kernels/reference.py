@@ -9,6 +9,10 @@ Why rows and not tokens: every token of a row uses that row's adapter, so gather
 per row (``[B, H, R]``) and running one ``bmm`` costs a few percent of the base layer, while a
 per-token gather would copy ``T`` times more weight bytes. Rows of very different ranks are split into
 runs (`_rank_runs`), each gathered only up to its own largest rank.
+
+Down-projections are computed rank-major, ``W [n, r, K] @ x^T -> [n, r, T]``: MKL's batched GEMM runs
+the narrow side (r of 4-24) as its M dimension 1.2-3x faster than as N (``x @ W^T -> [n, T, r]``),
+with the same results (measured on AMD Zen 5, 2 threads; wider ranks run alike either way).
 """
 import torch
 
@@ -92,12 +96,12 @@ def add_lora(
         run = slots[start:end]
         a = _gather(lora_a, run, 1, r)  # [n, r, K]
         b = _gather(lora_b, run, 2, r)  # [n, N, r]
-        z = torch.bmm(xs[start:end], a.transpose(1, 2))  # [n, T, r]
+        z = torch.bmm(a, xs[start:end].transpose(1, 2))  # [n, r, T], rank-major (see the module docstring)
         z.mul_(scaling.index_select(0, run).to(z.dtype)[:, None, None])  # scale the small side
         if rows is None:
-            y[start:end].baddbmm_(z, b.transpose(1, 2))
+            y[start:end].baddbmm_(z.transpose(1, 2), b.transpose(1, 2))
         else:
-            y.index_add_(0, rows[start:end], torch.bmm(z, b.transpose(1, 2)))
+            y.index_add_(0, rows[start:end], torch.bmm(z.transpose(1, 2), b.transpose(1, 2)))
     return y
 
 
@@ -106,15 +110,22 @@ def scale_ia3(
     ia3: torch.Tensor,  # [S, N] per-slot scale vectors
     row_slots: torch.Tensor,  # [B] int64
 ) -> torch.Tensor:
-    rows, slots, slot_list = _plan(row_slots)
-    if not slot_list:
-        return y
-    scale = ia3.index_select(0, slots)[:, None, :]
-    if rows is None:
-        y.mul_(scale)
-    else:
-        y.index_copy_(0, rows, y.index_select(0, rows) * scale)
+    # in place over each contiguous range of rows with an adapter: no gather and scatter of y
+    for start, end in _present_ranges(row_slots.tolist()):
+        y[start:end].mul_(ia3.index_select(0, row_slots[start:end])[:, None, :])
     return y
+
+
+def _present_ranges(slots: list[int]) -> list[tuple[int, int]]:
+    """The maximal ranges [start, end) of rows whose slot is >= 0."""
+    ranges, start = [], None
+    for i, s in enumerate(slots + [-1]):
+        if s >= 0 and start is None:
+            start = i
+        elif s < 0 and start is not None:
+            ranges.append((start, i))
+            start = None
+    return ranges
 
 
 def bottleneck(
@@ -136,18 +147,19 @@ def bottleneck(
     f = torch.empty_like(ts)
     for start, end, r in _rank_runs([rank_list[s] for s in slot_list], 4 * t.shape[1] * t.shape[2]):
         run = slots[start:end]
-        z = torch.baddbmm(_gather(b_down, run, 1, r)[:, None, :], ts[start:end], _gather(w_down, run, 2, r))
+        w = _gather(w_down, run, 2, r).transpose(1, 2)  # [n, r, H] view
+        z = torch.baddbmm(_gather(b_down, run, 1, r)[:, :, None], w, ts[start:end].transpose(1, 2))  # [n, r, T]
         _apply_act_runs(z, [acts[s] for s in slot_list[start:end]])
-        out = f[start:end]
-        torch.baddbmm(b_up.index_select(0, run)[:, None, :], z, _gather(w_up, run, 1, r), out=out)
-        out.mul_(scaling.index_select(0, run)[:, None, :])
+        scale = scaling.index_select(0, run)[:, None, :]  # folded into the up weights: [n, r, H], not [n, T, H]
+        up, up_bias = _gather(w_up, run, 1, r).mul_(scale), b_up.index_select(0, run)[:, None, :].mul_(scale)
+        torch.baddbmm(up_bias, z.transpose(1, 2), up, out=f[start:end])
     if rows is None:
         return f
     return torch.zeros_like(t).index_copy_(0, rows, f)
 
 
 def _apply_act_runs(z: torch.Tensor, row_acts: list[int]) -> None:
-    """Applies each row's activation to z [n, T, r] in place, once per run of rows sharing one.
+    """Applies each row's activation to z [n, r, T] in place, once per run of rows sharing one.
 
     The batcher sorts rows by activation within a rank bucket, so the runs are few; never a loop
     over rows.

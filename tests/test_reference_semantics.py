@@ -18,6 +18,7 @@ PATTERNS = {
     "all_distinct": [0, 1, 2, 3, 4, 5],
     "zipf": [0, 0, 0, 0, 1, 1, 2, 5],
     "skewed_with_base_rows": [3, -1, 3, 3, -1, 3, 1],
+    "base_rows_at_both_ends": [-1, 2, 2, -1, 4, -1],
     "no_adapter": [-1, -1, -1],
     "single_row": [4],
 }
