@@ -44,25 +44,31 @@ def rpc(role: Role):
 
         @functools.wraps(method)
         async def handler(self: Servicer, request, context: grpc.aio.ServicerContext):
-            start, code = time.perf_counter(), grpc.StatusCode.OK
+            start = time.perf_counter()
             metadata = {k.lower(): v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
             request_id = getattr(request, "request_id", "") or metadata.get("x-request-id") or uuid.uuid4().hex
-            try:
-                principal = self.auth.authenticate(metadata)
-                principal.check_role(role)
-                return await method(self, request, RpcContext(principal, metadata, request_id, context))
-            except Exception as exc:  # every error leaves through the one mapping
-                status = to_status(exc, request_id)
-                code = status.code
-                if code == grpc.StatusCode.INTERNAL:
-                    log.exception("rpc %s request %s failed", name, request_id)
-                await context.abort_with_status(status)
-            finally:
+
+            def record(code: grpc.StatusCode) -> None:
                 elapsed = time.perf_counter() - start
                 self.metrics.requests.labels(name, code.name).inc()
                 self.metrics.latency.labels(name).observe(elapsed)
                 log.info(json.dumps({"rpc": name, "request_id": request_id, "code": code.name,
                                      "ms": round(elapsed * 1000, 2), "peer": context.peer()}))
+
+            try:
+                principal = self.auth.authenticate(metadata)
+                principal.check_role(role)
+                response = await method(self, request, RpcContext(principal, metadata, request_id, context))
+            except Exception as exc:  # every error leaves through the one mapping
+                status = to_status(exc, request_id)
+                if status.code == grpc.StatusCode.INTERNAL:
+                    log.exception("rpc %s request %s failed", name, request_id)
+                # recorded before the abort: it sends the status at once, and a client that scrapes
+                # /metrics right after its error must find it counted
+                record(status.code)
+                await context.abort_with_status(status)
+            record(grpc.StatusCode.OK)
+            return response
 
         return handler
 
