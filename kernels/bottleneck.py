@@ -11,8 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .segments import (FLOAT_DTYPES, block_r, block_rows, check_rows, check_table, dot_fp32, mma,
-                       num_n_splits, row_order, token_block)
+from .segments import (FLOAT_DTYPES, check_rows, check_table, launch_config, mma, num_n_splits, row_order,
+                       token_block)
 
 
 @triton.jit
@@ -99,17 +99,6 @@ def _bottleneck_kernel(
         f = (f + b_up[None, :]) * scale[None, :]
         tl.store(o_rows[:, None] + n[None, :], f.to(out_ptr.dtype.element_ty),
                  mask=m_mask[:, None] & n_mask[None, :])
-
-
-def launch_config(T: int, max_rank: int, dtype: torch.dtype, num_rows: int, segmented: bool | None = None,
-                  block_m: int | None = None) -> dict:
-    """The constexprs a launch uses (also what the AOT compile test compiles)."""
-    seg = T > 1 if segmented is None else segmented
-    br = block_r(max_rank)
-    if block_m is None:  # decode: 16 (the tl.dot minimum); prefill: fewer rows when the rank tile is wide
-        block_m = 16 if T == 1 else (64 if br <= 64 else 32 if br <= 128 else 16)
-    return dict(SEGMENTED=seg, DOT_FP32=dot_fp32(dtype), BLOCK_ROWS=block_rows(num_rows) if seg else 16,
-                BLOCK_M=block_m, BLOCK_K=64, BLOCK_N=64, BLOCK_R=br)
 
 
 def bottleneck(t, w_down, b_down, w_up, b_up, scaling, act_ids, ranks, row_slots, *,

@@ -9,8 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .segments import (FLOAT_DTYPES, block_r, block_rows, check_rows, check_table, dot_fp32, mma,
-                       num_n_splits, row_order, token_block)
+from .segments import (FLOAT_DTYPES, check_rows, check_table, launch_config, mma, num_n_splits, row_order,
+                       token_block)
 
 
 @triton.jit
@@ -55,17 +55,6 @@ def _lora_kernel(
         delta = mma(acc, bt, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), DOT_FP32)
         y = tl.load(y_rows[:, None] + n[None, :], mask=mask, other=0.0).to(tl.float32)
         tl.store(y_rows[:, None] + n[None, :], (y + scale * delta).to(y_ptr.dtype.element_ty), mask=mask)
-
-
-def launch_config(T: int, max_rank: int, dtype: torch.dtype, num_rows: int, segmented: bool | None = None,
-                  block_m: int | None = None) -> dict:
-    """The constexprs a launch uses (also what the AOT compile test compiles)."""
-    seg = T > 1 if segmented is None else segmented
-    br = block_r(max_rank)
-    if block_m is None:
-        block_m = 16 if T == 1 else (64 if br <= 64 else 32 if br <= 128 else 16)
-    return dict(SEGMENTED=seg, DOT_FP32=dot_fp32(dtype), BLOCK_ROWS=block_rows(num_rows) if seg else 16,
-                BLOCK_M=block_m, BLOCK_K=64, BLOCK_N=64, BLOCK_R=br)
 
 
 def add_lora(y, x, lora_a, lora_b, scaling, ranks, row_slots, *,

@@ -86,6 +86,17 @@ def block_rows(num_rows: int) -> int:
     return max(16, triton.next_power_of_2(num_rows))
 
 
+def launch_config(T: int, max_rank: int, dtype: torch.dtype, num_rows: int, segmented: bool | None = None,
+                  block_m: int | None = None) -> dict:
+    """The constexprs of a bottleneck or LoRA launch (also what the AOT compile test compiles)."""
+    seg = T > 1 if segmented is None else segmented
+    br = block_r(max_rank)
+    if block_m is None:  # decode: 16 (the tl.dot minimum); prefill: fewer rows when the rank tile is wide
+        block_m = 16 if T == 1 else (64 if br <= 64 else 32 if br <= 128 else 16)
+    return dict(SEGMENTED=seg, DOT_FP32=dot_fp32(dtype), BLOCK_ROWS=block_rows(num_rows) if seg else 16,
+                BLOCK_M=block_m, BLOCK_K=64, BLOCK_N=64, BLOCK_R=br)
+
+
 def num_n_splits(programs: int, n: int, block: int, device: torch.device) -> int:
     """Programs per row block along the output dim. Decode has few row blocks; splitting N fills the
     GPU at the price of recomputing the (small) shrink once per split. One split under the interpreter."""
