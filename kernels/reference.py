@@ -59,12 +59,7 @@ def _rank_runs(row_ranks: list[int], flops_per_rank: int) -> list[tuple[int, int
     prompts pay for few padded columns and short ones for few calls. ``flops_per_rank`` is the cost of
     one rank column for one row.
     """
-    runs: list[list[int]] = []
-    for i, r in enumerate(row_ranks):
-        if runs and rank_bucket(r) == rank_bucket(runs[-1][2]):
-            runs[-1][1], runs[-1][2] = i + 1, max(runs[-1][2], r)
-        else:
-            runs.append([i, i + 1, r])
+    runs = [[start, end, max(row_ranks[start:end])] for start, end, _ in _runs([rank_bucket(r) for r in row_ranks])]
     merged = [runs[0]]
     for start, end, r in runs[1:]:
         prev = merged[-1]
@@ -111,21 +106,10 @@ def scale_ia3(
     row_slots: torch.Tensor,  # [B] int64
 ) -> torch.Tensor:
     # in place over each contiguous range of rows with an adapter: no gather and scatter of y
-    for start, end in _present_ranges(row_slots.tolist()):
-        y[start:end].mul_(ia3.index_select(0, row_slots[start:end])[:, None, :])
+    for start, end, present in _runs([s >= 0 for s in row_slots.tolist()]):
+        if present:
+            y[start:end].mul_(ia3.index_select(0, row_slots[start:end])[:, None, :])
     return y
-
-
-def _present_ranges(slots: list[int]) -> list[tuple[int, int]]:
-    """The maximal ranges [start, end) of rows whose slot is >= 0."""
-    ranges, start = [], None
-    for i, s in enumerate(slots + [-1]):
-        if s >= 0 and start is None:
-            start = i
-        elif s < 0 and start is not None:
-            ranges.append((start, i))
-            start = None
-    return ranges
 
 
 def bottleneck(
@@ -164,13 +148,21 @@ def _apply_act_runs(z: torch.Tensor, row_acts: list[int]) -> None:
     The batcher sorts rows by activation within a rank bucket, so the runs are few; never a loop
     over rows.
     """
-    start = 0
-    for i in range(1, len(row_acts) + 1):
-        if i == len(row_acts) or row_acts[i] != row_acts[start]:
-            if row_acts[start] != Act.IDENTITY:
-                part = z[start:i]
-                part.copy_(apply_act(part, Act(row_acts[start])))
-            start = i
+    for start, end, act in _runs(row_acts):
+        if act != Act.IDENTITY:
+            part = z[start:end]
+            part.copy_(apply_act(part, Act(act)))
+
+
+def _runs(values: list) -> list[tuple[int, int, object]]:
+    """The maximal ranges [start, end) of equal neighbouring values, each with its value."""
+    runs = []
+    for i, v in enumerate(values):
+        if runs and runs[-1][2] == v:
+            runs[-1][1] = i + 1
+        else:
+            runs.append([i, i + 1, v])
+    return [tuple(run) for run in runs]
 
 
 def layer_norm_rows(
