@@ -140,6 +140,5 @@ class BottleneckSiteBatch:
 class AdapterBatch:
     order: torch.Tensor | None  # [B] batch row -> original row (the sort); None = already in order
     inverse: torch.Tensor | None  # [B] original row -> batch row
-    row_slots: list[int]  # pool slot of each (sorted) row, -1 for none
     linear: Mapping[str, LinearSiteBatch]  # site path -> terms; absent path = no adapter rows
     bottleneck: Mapping[str, BottleneckSiteBatch]

@@ -47,7 +47,7 @@ def build_adapter_batch(row_slots: list[int], pool: AdapterPool) -> AdapterBatch
         if entry is not None:
             bottleneck[path] = entry
     return AdapterBatch(None if identity else index(tuple(order)), None if identity else index(tuple(inverse)),
-                        slots, linear, bottleneck)
+                        linear, bottleneck)
 
 
 def _row_set(slots: list[int], present, index: _Index) -> RowSet | None:

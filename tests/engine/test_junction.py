@@ -74,7 +74,8 @@ def test_general_rows_outside_the_plain_span():
 
 def _assert_rows_match(pool: AdapterPool, row_slots: list[int], g: torch.Generator, post_ln: bool) -> None:
     meta = build_adapter_batch(row_slots, pool)
-    b = len(meta.row_slots)
+    batch_slots = row_slots if meta.order is None else [row_slots[i] for i in meta.order.tolist()]  # sorted rows
+    b = len(batch_slots)
     h = torch.randn(b, T, H, generator=g, dtype=torch.float64)
     x = torch.randn(b, T, H, generator=g, dtype=torch.float64)
     ln = None  # pre-LN (decoder) junction: a plain sum
@@ -90,7 +91,7 @@ def _assert_rows_match(pool: AdapterPool, row_slots: list[int], g: torch.Generat
         y = site(h, x, ln, meta)
         assert torch.equal(h, h0) and torch.equal(x, x0), "the junction changed its inputs"
         tables, variants = pool.bottleneck["a"].tables, pool.bottleneck["a"].variants
-        for r, s in enumerate(meta.row_slots):
+        for r, s in enumerate(batch_slots):
             hr, xr = h[r:r + 1], x[r:r + 1]
             plain = hr + xr if ln is None else ln(hr + xr)
             if s in variants:
