@@ -11,8 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .segments import (FLOAT_DTYPES, check_rows, check_table, launch_config, mma, num_n_splits, row_order,
-                       token_block)
+from .segments import FLOAT_DTYPES, check_rows, check_table, mma, plan_launch, token_block
 
 
 @triton.jit
@@ -120,11 +119,8 @@ def bottleneck(t, w_down, b_down, w_up, b_up, scaling, act_ids, ranks, row_slots
     out = torch.empty((B, T, H), dtype=dtype, device=dev)
     if out.numel() == 0:
         return out
-    cfg = launch_config(T, R, dtype, B, segmented, block_m)
-    slots, perm, cfg["SEGMENTED"] = row_order(row_slots, T, cfg["SEGMENTED"])
-    row_blocks = triton.cdiv(T, cfg["BLOCK_M"])
-    splits = n_splits or num_n_splits(B * row_blocks, H, cfg["BLOCK_N"], dev)
-    _bottleneck_kernel[(B, row_blocks, splits)](
+    grid, slots, perm, cfg = plan_launch(row_slots, T, R, H, dtype, segmented, block_m, n_splits)
+    _bottleneck_kernel[grid](
         t, out, w_down, b_down, w_up, b_up, scaling, act_ids, ranks, slots, perm,
         B, T, H, R, t.stride(0), t.stride(1), out.stride(0), out.stride(1), **cfg)
     return out

@@ -9,8 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .segments import (FLOAT_DTYPES, check_rows, check_table, launch_config, mma, num_n_splits, row_order,
-                       token_block)
+from .segments import FLOAT_DTYPES, check_rows, check_table, mma, plan_launch, token_block
 
 
 @triton.jit
@@ -75,11 +74,8 @@ def add_lora(y, x, lora_a, lora_b, scaling, ranks, row_slots, *,
     check_table("row_slots", row_slots, torch.int64, (B,), dev)
     if y.numel() == 0 or K == 0:
         return y
-    cfg = launch_config(T, R, dtype, B, segmented, block_m)
-    slots, perm, cfg["SEGMENTED"] = row_order(row_slots, T, cfg["SEGMENTED"])
-    row_blocks = triton.cdiv(T, cfg["BLOCK_M"])
-    splits = n_splits or num_n_splits(B * row_blocks, N, cfg["BLOCK_N"], dev)
-    _lora_kernel[(B, row_blocks, splits)](
+    grid, slots, perm, cfg = plan_launch(row_slots, T, R, N, dtype, segmented, block_m, n_splits)
+    _lora_kernel[grid](
         y, x, lora_a, lora_b, scaling, ranks, slots, perm,
         B, T, K, N, R, y.stride(0), y.stride(1), x.stride(0), x.stride(1), **cfg)
     return y

@@ -97,6 +97,17 @@ def launch_config(T: int, max_rank: int, dtype: torch.dtype, num_rows: int, segm
                 BLOCK_M=block_m, BLOCK_K=64, BLOCK_N=64, BLOCK_R=br)
 
 
+def plan_launch(row_slots: torch.Tensor, T: int, max_rank: int, n: int, dtype: torch.dtype,
+                segmented: bool | None, block_m: int | None, n_splits: int | None):
+    """-> (grid, slots, perm, constexprs) of a bottleneck or LoRA launch over ``row_slots`` [B], output width n."""
+    B = row_slots.shape[0]
+    cfg = launch_config(T, max_rank, dtype, B, segmented, block_m)
+    slots, perm, cfg["SEGMENTED"] = row_order(row_slots, T, cfg["SEGMENTED"])
+    row_blocks = triton.cdiv(T, cfg["BLOCK_M"])
+    splits = n_splits or num_n_splits(B * row_blocks, n, cfg["BLOCK_N"], row_slots.device)
+    return (B, row_blocks, splits), slots, perm, cfg
+
+
 def num_n_splits(programs: int, n: int, block: int, device: torch.device) -> int:
     """Programs per row block along the output dim. Decode has few row blocks; splitting N fills the
     GPU at the price of recomputing the (small) shrink once per split. One split under the interpreter."""

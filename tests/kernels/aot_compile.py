@@ -2,7 +2,8 @@
 
 Run by `test_aot_compile.py` in a subprocess with TRITON_INTERPRET=0 (the interpreter skips the checks
 this catches: tl.dot shapes < 16, layouts, ptxas). Prints one line per variant; exits non-zero on the
-first failure. The variants come from each module's `launch_config`, i.e. what a real launch passes.
+first failure. The variants come from the launchers' `launch_config` (`kernels.segments` for the bottleneck
+and LoRA kernels), i.e. what a real launch passes.
 """
 import os
 import sys
@@ -21,6 +22,7 @@ bn = sys.modules["kernels.bottleneck"]  # `kernels.bottleneck` the attribute is 
 lora = sys.modules["kernels.lora"]
 ia3 = sys.modules["kernels.ia3"]
 ln = sys.modules["kernels.layernorm"]
+segments = sys.modules["kernels.segments"]
 
 TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 TARGETS = [GPUTarget("cuda", 80, 32), GPUTarget("cuda", 90, 32)]
@@ -48,8 +50,8 @@ def variants():
     """(kernel, dtype, constexprs, num_warps): each dtype at decode/prefill, plus the rank-dependent tiles."""
     for dtype in TYPES:
         for T, rank in ((1, 16), (128, 16)) + (((128, 64), (128, 256)) if dtype == torch.float16 else ()):
-            yield bn._bottleneck_kernel, dtype, bn.launch_config(T, rank, dtype, 64), 4
-            yield lora._lora_kernel, dtype, lora.launch_config(T, rank, dtype, 64), 4
+            yield bn._bottleneck_kernel, dtype, segments.launch_config(T, rank, dtype, 64), 4
+            yield lora._lora_kernel, dtype, segments.launch_config(T, rank, dtype, 64), 4
         for H in (768, 4096):
             yield ia3._ia3_kernel, dtype, ia3.launch_config(128, H), 4
             yield ln._layer_norm_kernel, dtype, ln.launch_config(128, H), 4 if H <= 2048 else 8
