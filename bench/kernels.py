@@ -53,7 +53,7 @@ def make_case(n_adapters: int, T: int, H: int, dtype, gen, dev: str = "cuda") ->
     case = dict(
         slots=slots.to(dev), ranks=ranks.to(dev), used=sorted(set(slots.tolist())), ranks_host=ranks.tolist(),
         x=rand(ROWS, T, H).to(dev), y=rand(ROWS, T, H).to(dev),
-        w_down=(rand(S, H, R, std=H ** -0.5) * cols[:, None, :]).to(dev),
+        w_down=(rand(S, R, H, std=H ** -0.5) * cols[:, :, None]).to(dev),
         b_down=(rand(S, R, std=0.1) * cols).to(dev),
         w_up=(rand(S, R, H, std=R ** -0.5) * cols[:, :, None]).to(dev),
         b_up=rand(S, H, std=0.1).to(dev), scaling=(1 + rand(S, H, std=0.1)).to(dev),
@@ -82,7 +82,7 @@ def ops(mod: dict, c: dict) -> dict:
         out = torch.zeros_like(x)
         for s, rows in c["groups"]:
             r = ranks[s]
-            z = x[rows] @ c["w_down"][s, :, :r] + c["b_down"][s, :r]
+            z = x[rows] @ c["w_down"][s, :r].T + c["b_down"][s, :r]
             z = activations.apply_act(z, activations.Act(c["acts_host"][s]))
             out[rows] = (z @ c["w_up"][s, :r] + c["b_up"][s]) * c["scaling"][s]
         return out

@@ -76,7 +76,7 @@ class LoraTables:
 
 @dataclass(frozen=True)
 class BottleneckTables:
-    w_down: torch.Tensor  # [S, H, R]
+    w_down: torch.Tensor  # [S, R, H]
     b_down: torch.Tensor  # [S, R]
     w_up: torch.Tensor  # [S, R, H]
     b_up: torch.Tensor  # [S, H]

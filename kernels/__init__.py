@@ -77,7 +77,7 @@ def bottleneck(t, w_down, b_down, w_up, b_up, scaling, act_ids, ranks, row_slots
     """Gathered bottleneck adapter body (down-projection, activation, up-projection, scale).
 
     Semantics: for s = row_slots[b] >= 0, r = ranks[s], act = Act(act_ids[s]):
-        out[b, t] = scaling[s] * (act(t[b, t] @ w_down[s, :, :r] + b_down[s, :r]) @ w_up[s, :r] + b_up[s])
+        out[b, t] = scaling[s] * (act(t[b, t] @ w_down[s, :r].T + b_down[s, :r]) @ w_up[s, :r] + b_up[s])
     and out[b] = 0 for rows with s = -1; out is a new tensor. The residual and LayerNorm variants are
     applied by the caller. Columns >= ranks[s] are never read by the Triton kernel (the reference
     relies on them being zero).

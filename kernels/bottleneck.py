@@ -1,7 +1,7 @@
 """Triton bottleneck adapter body: one fused launch for every adapter of a mixed batch.
 
 Per program (a block of BLOCK_M tokens of one slot, see `segments.token_block`):
-    z = act(t @ w_down[s, :, :r] + b_down[s, :r])        [BLOCK_M, BLOCK_R] fp32, in registers only
+    z = act(t @ w_down[s, :r].T + b_down[s, :r])         [BLOCK_M, BLOCK_R] fp32, in registers only
     out[:, n] = scaling[s, n] * (z @ w_up[s, :r, n] + b_up[s, n])   for each BLOCK_N chunk of H
 Columns at or beyond the slot's rank are masked in both GEMMs, so a rank-8 slot in a rank-64 table
 loads 8 weight columns, not 64, and its padding contents never matter. Rows with slot -1 get zeros
@@ -45,7 +45,7 @@ def activation(z, act):
 @triton.jit
 def _bottleneck_kernel(
     t_ptr, out_ptr, wd_ptr, bd_ptr, wu_ptr, bu_ptr, sc_ptr, act_ptr, rank_ptr, slots_ptr, perm_ptr,
-    num_rows, T, H, R,  # R: padded rank of the tables (their last / middle dim)
+    num_rows, T, H, R,  # R: padded rank of the tables (their middle dim)
     stride_tb, stride_tt, stride_ob, stride_ot,
     SEGMENTED: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -72,7 +72,7 @@ def _bottleneck_kernel(
     act = tl.load(act_ptr + s)
     offs_r = tl.arange(0, BLOCK_R)
     r_mask = offs_r < rank
-    wd = wd_ptr + s * H * R
+    wd = wd_ptr + s * R * H
     wu = wu_ptr + s * R * H
 
     # down-projection over H in BLOCK_K chunks
@@ -81,7 +81,7 @@ def _bottleneck_kernel(
         k = k0 + offs_k
         k_mask = k < H
         x = tl.load(t_rows[:, None] + k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        w = tl.load(wd + k[:, None] * R + offs_r[None, :], mask=k_mask[:, None] & r_mask[None, :], other=0.0)
+        w = tl.load(wd + offs_r[None, :] * H + k[:, None], mask=k_mask[:, None] & r_mask[None, :], other=0.0)
         acc = mma(x, w, acc, DOT_FP32)
     b_down = tl.load(bd_ptr + s * R + offs_r, mask=r_mask, other=0.0).to(tl.float32)
     z = activation(acc + b_down[None, :], act)
@@ -104,11 +104,11 @@ def bottleneck(t, w_down, b_down, w_up, b_up, scaling, act_ids, ranks, row_slots
                segmented: bool | None = None, block_m: int | None = None, n_splits: int | None = None):
     """Same contract as `kernels.bottleneck`; the keyword-only knobs exist for tests and benchmarks."""
     B, T, H = t.shape
-    S, _, R = w_down.shape
+    S, R, _ = w_down.shape
     dtype, dev = t.dtype, t.device
     assert dtype in FLOAT_DTYPES, f"t: unsupported dtype {dtype}"
     check_rows("t", t, dtype, (B, T, H))
-    check_table("w_down", w_down, dtype, (S, H, R), dev)
+    check_table("w_down", w_down, dtype, (S, R, H), dev)
     check_table("b_down", b_down, dtype, (S, R), dev)
     check_table("w_up", w_up, dtype, (S, R, H), dev)
     check_table("b_up", b_up, dtype, (S, H), dev)

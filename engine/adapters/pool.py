@@ -123,15 +123,15 @@ class AdapterPool:
 
     def _write_bottleneck(self, site: BottleneckSlots, slot: int, w: BottleneckWeights, act: int,
                           variant: BottleneckVariant) -> None:
-        rank = w.w_down.shape[1]
+        rank = w.w_down.shape[0]
         tables = site.tables
-        if tables is None or tables.w_down.shape[2] < rank:
+        if tables is None or tables.w_down.shape[1] < rank:
             tables = self._grow_bottleneck(tables, rank)
         d = self.dtype
         tables.w_down[slot].zero_()
         tables.b_down[slot].zero_()
         tables.w_up[slot].zero_()
-        tables.w_down[slot, :, :rank] = w.w_down.to(d)
+        tables.w_down[slot, :rank] = w.w_down.to(d)
         tables.b_down[slot, :rank] = w.b_down.to(d)
         tables.w_up[slot, :rank] = w.w_up.to(d)
         tables.b_up[slot] = w.b_up.to(d)
@@ -148,15 +148,15 @@ class AdapterPool:
     def _grow_bottleneck(self, old: BottleneckTables | None, rank: int) -> BottleneckTables:
         s, h, kw = self.capacity, self.hidden, dict(device=self.device, dtype=self.dtype)
         new = BottleneckTables(
-            w_down=torch.zeros(s, h, rank, **kw), b_down=torch.zeros(s, rank, **kw),
+            w_down=torch.zeros(s, rank, h, **kw), b_down=torch.zeros(s, rank, **kw),
             w_up=torch.zeros(s, rank, h, **kw), b_up=torch.zeros(s, h, **kw), scaling=torch.ones(s, h, **kw),
             act_ids=torch.zeros(s, dtype=torch.int32, device=self.device),
             ranks=torch.zeros(s, dtype=torch.int32, device=self.device),
             ln_before_weight=torch.ones(s, h, **kw), ln_before_bias=torch.zeros(s, h, **kw),
             ln_after_weight=torch.ones(s, h, **kw), ln_after_bias=torch.zeros(s, h, **kw))
         if old is not None:
-            r = old.w_down.shape[2]
-            new.w_down[:, :, :r] = old.w_down
+            r = old.w_down.shape[1]
+            new.w_down[:, :r] = old.w_down
             new.b_down[:, :r] = old.b_down
             new.w_up[:, :r] = old.w_up
             for name in ("b_up", "scaling", "act_ids", "ranks", "ln_before_weight", "ln_before_bias",
@@ -175,7 +175,7 @@ def sort_key(spec: AdapterSpec) -> tuple:
     """
     if spec.bottleneck:
         v = spec.variant
-        bucket = rank_bucket(max(w.w_down.shape[1] for w in spec.bottleneck.values()))
+        bucket = rank_bucket(max(w.w_down.shape[0] for w in spec.bottleneck.values()))
         if v.fused_source is not None:
             return (0, bucket, int(spec.act), v.fused_source.value)
         return (1, v.is_parallel, v.original_ln_before, v.original_ln_after, v.residual_before_ln.value,

@@ -1,7 +1,7 @@
 """Validated adapters as host tensors, independent of the file format they came from.
 
-Weights are already in the layout the pool stacks use (``w_down [H, R]``, ``lora_a [R, K]``), so the
-pool only copies. Every mapping is keyed by the model's site path (see `engine.model.sites`).
+Weights are already in the layout the pool stacks use (``w_down [R, H]``, ``lora_a [R, K]``: down-projections
+rank-major, see `kernels.reference`), so the pool only copies. Every mapping is keyed by the model's site path (see `engine.model.sites`).
 """
 from dataclasses import dataclass, field
 from enum import Enum
@@ -27,7 +27,7 @@ class HeadType(Enum):
 
 @dataclass(frozen=True)
 class BottleneckWeights:
-    w_down: torch.Tensor  # [H, R]
+    w_down: torch.Tensor  # [R, H]
     b_down: torch.Tensor  # [R]
     w_up: torch.Tensor  # [R, H]
     b_up: torch.Tensor  # [H]

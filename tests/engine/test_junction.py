@@ -38,7 +38,7 @@ def _variant(rng: random.Random) -> BottleneckVariant:
 def _weights(rank: int, g: torch.Generator) -> BottleneckWeights:
     def norm():
         return torch.rand(H, generator=g) + 0.5, torch.randn(H, generator=g)
-    return BottleneckWeights(torch.randn(H, rank, generator=g), torch.randn(rank, generator=g),
+    return BottleneckWeights(torch.randn(rank, H, generator=g), torch.randn(rank, generator=g),
                              torch.randn(rank, H, generator=g), torch.randn(H, generator=g),
                              torch.rand(H, generator=g) + 0.5, norm(), norm())
 

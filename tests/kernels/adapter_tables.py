@@ -67,11 +67,11 @@ def _pad(table: torch.Tensor, ranks: torch.Tensor, dim: int, value: float) -> to
 
 def bottleneck_tables(S: int, H: int, R: int, ranks: torch.Tensor, act_ids: torch.Tensor, dtype, gen):
     """-> (kernel tables, ref tables): dicts with the keyword names of `kernels.bottleneck`."""
-    raw = dict(w_down=_normal((S, H, R), 1.5 / math.sqrt(H), gen), b_down=_normal((S, R), 0.3, gen),
+    raw = dict(w_down=_normal((S, R, H), 1.5 / math.sqrt(H), gen), b_down=_normal((S, R), 0.3, gen),
                w_up=_normal((S, R, H), 1.0 / math.sqrt(R), gen), b_up=_normal((S, H), 0.1, gen),
                scaling=0.5 + torch.rand((S, H), generator=gen))
     raw = {k: v.to(dtype) for k, v in raw.items()}
-    pad_dims = dict(w_down=2, b_down=1, w_up=1)
+    pad_dims = dict(w_down=1, b_down=1, w_up=1)
     common = dict(act_ids=act_ids.to(torch.int32), ranks=ranks)
     kernel = {k: _pad(v, ranks, pad_dims[k], PAD) if k in pad_dims else v for k, v in raw.items()}
     ref = {k: _pad(v, ranks, pad_dims[k], 0.0) if k in pad_dims else v for k, v in raw.items()}

@@ -98,7 +98,7 @@ def _junction(state, prefix, hidden, rank, cfg, scaling_kind, source) -> Bottlen
         for dup in ("adapter_down.0.weight", "adapter_down.0.bias"):  # the same LayerNorm, saved twice
             state.pop(prefix + dup, None)
         down = "adapter_down.1"
-    w_down = get(f"{down}.weight", (rank, hidden)).t().contiguous()
+    w_down = get(f"{down}.weight", (rank, hidden))
     b_down = get(f"{down}.bias", (rank,))
     w_up = get("adapter_up.weight", (hidden, rank)).t().contiguous()
     b_up = get("adapter_up.bias", (hidden,))
