@@ -190,6 +190,14 @@ class Engine:
         return tenant
 
     def _check_batch(self, input_ids, attention_mask, adapters, token_type_ids) -> None:
+        for field, value in (("input_ids", input_ids), ("attention_mask", attention_mask),
+                             ("token_type_ids", token_type_ids)):
+            if value is None and field == "token_type_ids":
+                continue
+            if not isinstance(value, torch.Tensor):
+                raise InvalidRequest(f"{field} must be a torch tensor, got {type(value).__name__}", field)
+            if field != "attention_mask" and (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool):
+                raise InvalidRequest(f"{field} must hold integers, got {value.dtype}", field)
         if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
             raise InvalidRequest(f"input_ids and attention_mask must both be [B, T], got {tuple(input_ids.shape)} and {tuple(attention_mask.shape)}")
         if token_type_ids is not None and token_type_ids.shape != input_ids.shape:
@@ -201,8 +209,13 @@ class Engine:
             raise InvalidRequest(f"batch size {b} is outside 1..{self.config.max_batch_rows}")
         if t == 0 or t > self.max_seq_len:
             raise InvalidRequest(f"sequence length {t} is outside 1..{self.max_seq_len}")
+        if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):  # pooling weighs tokens by the mask
+            raise InvalidRequest("attention_mask must hold only 0 and 1", "attention_mask")
         if bool((attention_mask.sum(1) == 0).any()):
             raise InvalidRequest("every row needs at least one token with attention_mask 1")
         vocab = self.model_config.vocab_size
         if bool((input_ids < 0).any()) or bool((input_ids >= vocab).any()):
             raise InvalidRequest(f"input_ids must lie in 0..{vocab - 1}")
+        types = getattr(self.model_config, "type_vocab_size", vocab)  # GPT-2 embeds token types with its vocabulary
+        if token_type_ids is not None and (bool((token_type_ids < 0).any()) or bool((token_type_ids >= types).any())):
+            raise InvalidRequest(f"token_type_ids must lie in 0..{types - 1}", "token_type_ids")

@@ -43,9 +43,11 @@ ACT_BY_NAME: dict[str, Act] = {
 
 
 def act_from_name(name: str | None) -> Act:
-    """Resolves a config string; raises KeyError for names we do not implement."""
+    """Resolves a config string; raises KeyError for names we do not implement (or values that are no string)."""
     if name is None:
         return Act.IDENTITY
+    if not isinstance(name, str):
+        raise KeyError(name)
     return ACT_BY_NAME[name.lower()]
 
 

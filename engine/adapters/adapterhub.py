@@ -60,7 +60,7 @@ def _check_base(meta: dict, target: TargetModel, source: str) -> None:
     if model_type is not None and model_type != target.info.model_type:
         raise InvalidAdapter(source, f"adapter was trained for model_type {model_type!r}, the base model is {target.info.model_type!r}")
     if hidden is not None and hidden != target.info.hidden_size:
-        raise InvalidAdapter(source, f"adapter was trained for hidden_size {hidden}, the base model has {target.info.hidden_size}")
+        raise InvalidAdapter(source, f"adapter was trained for hidden_size {hidden!r}, the base model has {target.info.hidden_size}")
 
 
 def _legacy_fixes(meta: dict, config: dict) -> dict:

@@ -5,6 +5,7 @@ pickle, JSON or OS error; a failing medium (EIO and the like) becomes `AdapterSo
 """
 import errno
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -81,6 +82,21 @@ def checked(tensor: torch.Tensor, source: str, key: str, shape: tuple[int, ...])
     if not bool(torch.isfinite(tensor).all()):
         raise InvalidAdapter(source, "contains NaN or infinite values", key)
     return tensor
+
+
+def layer_list(value, source: str, field: str) -> list[int]:
+    """A config field holding layer numbers (``leave_out``): a JSON list of integers."""
+    if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise InvalidAdapter(source, f"{field} must be a list of layer numbers, got {value!r}")
+    return value
+
+
+def finite_number(value, source: str, field: str) -> float:
+    """A numeric config field (alpha, scaling): a JSON number, not NaN or infinite (which would make every
+    output of the adapter NaN without an error)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InvalidAdapter(source, f"{field} must be a finite number, got {value!r}")
+    return float(value)
 
 
 def take(state: dict[str, torch.Tensor], key: str, source: str) -> torch.Tensor:

@@ -22,7 +22,7 @@ def read_head(folder: Path, target: TargetModel) -> HeadSpec | None:
     cfg, name = meta.get("config"), meta.get("name")
     if not isinstance(cfg, dict) or not isinstance(name, str):
         raise InvalidAdapter(source, "head_config.json needs a 'config' object and a 'name'")
-    head_type = HEAD_TYPES.get(cfg.get("head_type"))
+    head_type = HEAD_TYPES.get(cfg.get("head_type")) if isinstance(cfg.get("head_type"), str) else None
     if head_type is None:
         raise UnsupportedAdapter(source, f"head type {cfg.get('head_type')!r} is not supported (classification, multilabel_classification, tagging)")
     if cfg.get("use_pooler") and target.info.is_decoder:
@@ -56,6 +56,8 @@ def _labels(cfg: dict, num_labels: int, source: str) -> tuple[str, ...]:
     label2id = cfg.get("label2id")
     if not label2id:
         return tuple(f"LABEL_{i}" for i in range(num_labels))
+    if not isinstance(label2id, dict) or not all(isinstance(i, int) and not isinstance(i, bool) for i in label2id.values()):
+        raise InvalidAdapter(source, f"label2id must map label names to integers, got {label2id!r}")
     if sorted(label2id.values()) != list(range(num_labels)):
         raise InvalidAdapter(source, f"label2id must map onto 0..{num_labels - 1}, got {label2id}")
     return tuple(label for label, _ in sorted(label2id.items(), key=lambda item: item[1]))

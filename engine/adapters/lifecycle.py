@@ -33,7 +33,7 @@ from engine.adapters.tiers import AdapterTiers, Residency, TierBudget, device_by
 from engine.batch import AdapterBatch
 from engine.batcher import build_adapter_batch
 from engine.config import EngineConfig
-from engine.errors import AdapterNotFound, AdapterSourceError
+from engine.errors import AdapterNotFound, AdapterSourceError, InvalidRequest
 from engine.types import AdapterInfo, CatalogEntry
 
 
@@ -57,6 +57,8 @@ class AdapterLifecycle:
         self._downloads: dict[int, AdapterFolder] = {}  # version key -> its downloaded folder, deleted with it
 
     def load(self, source: str | Path, name: str | None, tenant: str | None, pin: bool) -> AdapterInfo:
+        if name is not None:
+            _check_name(name)
         folder = self.sources.resolve(source)
         try:
             stamp = fingerprint(folder.path)
@@ -69,6 +71,7 @@ class AdapterLifecycle:
 
     def average(self, name: str, sources: list[str], weights: list[float], tenant: str | None,
                 combine_strategy: str, svd_rank: int | None) -> AdapterInfo:
+        _check_name(name)
         records = self.registry.acquire_rows(list(sources), [tenant] * len(sources))  # nothing frees them meanwhile
         try:
             specs = [self.tiers.host_spec(r.key) for r in records]
@@ -123,8 +126,9 @@ class AdapterLifecycle:
 
     def _publish(self, spec: AdapterSpec, tenant: str | None, pin: bool, read: Callable[[], AdapterSpec] | None,
                  folder: AdapterFolder | None) -> AdapterInfo:
-        """Places a validated version (the only step that can still fail: a pinned one finding no slot),
-        then swaps it in under its name."""
+        """Places a validated version (the only steps that can still fail: values the serving dtype cannot hold,
+        or a pinned one finding no slot), then swaps it in under its name."""
+        spec.check_representable(self.pool.dtype)
         head = spec.head
         info = AdapterInfo(spec.name, tenant, spec.method.value, folder.source if folder else spec.source,
                            spec.num_params, head.head_type.value if head else None, head.labels if head else (), -1)
@@ -164,3 +168,9 @@ class AdapterLifecycle:
             return None
         tier, slot, state, pinned = placed
         return replace(record.info, slot=slot, tier=tier, state=state, pinned=pinned)
+
+
+def _check_name(name) -> None:
+    """A served name is a non-empty string: rows name their adapter by it, and an empty name means none."""
+    if not isinstance(name, str) or not name.strip():
+        raise InvalidRequest(f"an adapter name must be a non-empty string, got {name!r}", "name")

@@ -9,7 +9,7 @@ import math
 import re
 from pathlib import Path
 
-from engine.adapters.files import TargetModel, checked, read_json, read_weights
+from engine.adapters.files import TargetModel, checked, finite_number, read_json, read_weights
 from engine.adapters.spec import AdapterSpec, IA3Weights, LoraWeights, Method
 from engine.errors import InvalidAdapter, UnsupportedAdapter
 
@@ -57,23 +57,39 @@ def _strip_prefix(module: str, target: TargetModel) -> str:
     return module
 
 
-def _pattern_value(patterns: dict, module: str, default):
-    """PEFT's `get_pattern_key`: the first pattern that matches the end of the module path."""
-    for pattern, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({pattern})$", module):
+def _pattern_value(cfg: dict, field: str, module: str, default, source: str):
+    """PEFT's `get_pattern_key`: the value of the first pattern in ``cfg[field]`` that matches the end of the
+    module path, else ``default``."""
+    patterns = cfg.get(field) or {}
+    if not isinstance(patterns, dict):
+        raise InvalidAdapter(source, f"{field} must map module patterns to values, got {patterns!r}")
+    for pattern, value in patterns.items():
+        if _search(rf"(.*\.)?({pattern})$", module, field, source):
             return value
     return default
 
 
+def _search(pattern: str, module: str, field: str, source: str) -> bool:
+    """Whether the regex ``pattern`` (from the config's ``field``) matches the whole module path."""
+    try:
+        return re.fullmatch(pattern, module) is not None
+    except re.error as exc:
+        raise InvalidAdapter(source, f"{field} holds an invalid regular expression {pattern!r}: {exc}") from None
+
+
 def _lora(params: dict, cfg: dict, module: str, target: TargetModel, source: str) -> LoraWeights:
     in_f, out_f = target.linear[module]
-    r = _pattern_value(cfg.get("rank_pattern"), module, cfg.get("r", 8))
-    alpha = _pattern_value(cfg.get("alpha_pattern"), module, cfg.get("lora_alpha", 8))
-    if not isinstance(r, int) or r < 1:
+    r = _pattern_value(cfg, "rank_pattern", module, cfg.get("r", 8), source)
+    alpha = finite_number(_pattern_value(cfg, "alpha_pattern", module, cfg.get("lora_alpha", 8), source), source,
+                          f"lora_alpha for {module}")
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
         raise InvalidAdapter(source, f"r for {module} must be a positive integer, got {r!r}")
     for param in ("lora_A.weight", "lora_B.weight"):
         if param not in params:
             raise InvalidAdapter(source, "missing key", f"base_model.model.{module}.{param}")
+    extra = sorted(set(params) - {"lora_A.weight", "lora_B.weight"})
+    if extra:
+        raise InvalidAdapter(source, "unexpected key in a LoRA adapter", params[extra[0]][0])
     a = checked(params["lora_A.weight"][1], source, params["lora_A.weight"][0], (r, in_f))
     b = checked(params["lora_B.weight"][1], source, params["lora_B.weight"][0], (out_f, r))
     scaling = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
@@ -85,16 +101,19 @@ def _ia3(params: dict, cfg: dict, module: str, target: TargetModel, source: str)
     if set(params) != {"ia3_l"}:
         raise InvalidAdapter(source, "IA3 adapters hold only ia3_l vectors", params[next(iter(params))][0])
     key, tensor = params["ia3_l"]
-    feedforward = _matches(cfg.get("feedforward_modules"), module)
+    feedforward = _matches(cfg.get("feedforward_modules"), module, source)
     if feedforward:
         return IA3Weights(checked(tensor, source, key, (1, in_f))[0], on_input=True)
     return IA3Weights(checked(tensor, source, key, (out_f, 1))[:, 0], on_input=False)
 
 
-def _matches(targets, module: str) -> bool:
-    """PEFT's target matching: a regex string must match the whole path, list entries its end."""
+def _matches(targets, module: str, source: str) -> bool:
+    """PEFT's target matching (``feedforward_modules``): a regex string must match the whole path, list
+    entries its end."""
     if not targets:
         return False
     if isinstance(targets, str):
-        return re.fullmatch(targets, module) is not None
+        return _search(targets, module, "feedforward_modules", source)
+    if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+        raise InvalidAdapter(source, f"feedforward_modules must be a regex or a list of module names, got {targets!r}")
     return module in targets or any(module.endswith(f".{t}") for t in targets)

@@ -1,7 +1,8 @@
 """Validated adapters as host tensors, independent of the file format they came from.
 
 Weights are already in the layout the pool stacks use (``w_down [R, H]``, ``lora_a [R, K]``: down-projections
-rank-major, see `kernels.reference`), so the pool only copies. Every mapping is keyed by the model's site path (see `engine.model.sites`).
+rank-major, see `kernels.reference`), so the pool only copies. Every mapping is keyed by the model's site path
+(see `engine.model.sites`).
 """
 from dataclasses import dataclass, field
 from enum import Enum
@@ -10,6 +11,7 @@ from typing import Mapping
 import torch
 
 from engine.batch import BottleneckVariant
+from engine.errors import InvalidAdapter
 from kernels import Act
 
 
@@ -77,3 +79,30 @@ class AdapterSpec:
         tensors += [t for w in self.lora.values() for t in (w.lora_a, w.lora_b)]
         tensors += [w.vector for w in self.ia3.values()]
         return sum(t.numel() for t in tensors)
+
+    def named_tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor the pool holds for this version (weights, scalings, LayerNorms, head), by site and part."""
+        named = {}
+        for site, w in self.bottleneck.items():
+            parts = {"w_down": w.w_down, "b_down": w.b_down, "w_up": w.w_up, "b_up": w.b_up, "scaling": w.scaling}
+            for kind, norm in (("ln_before", w.ln_before), ("ln_after", w.ln_after)):
+                if norm:
+                    parts |= {f"{kind}.weight": norm[0], f"{kind}.bias": norm[1]}
+            named |= {f"{site}.{part}": t for part, t in parts.items()}
+        for site, w in self.lora.items():
+            named |= {f"{site}.lora_A": w.lora_a, f"{site}.lora_B": w.lora_b}
+        named |= {f"{site}.ia3": w.vector for site, w in self.ia3.items()}
+        for i, (weight, bias) in enumerate(self.head.layers if self.head else ()):
+            named |= {f"head.{i}.weight": weight} | ({} if bias is None else {f"head.{i}.bias": bias})
+        return named
+
+    def check_representable(self, dtype: torch.dtype) -> None:
+        """Raises `InvalidAdapter` when a value overflows the serving ``dtype`` (LoRA scalings are kept in
+        float32): the adapter's outputs would be inf or NaN. The readers check weights in float32 and config
+        numbers for NaN; what is left is a huge alpha or scaling, or weights beyond fp16's range."""
+        for key, tensor in self.named_tensors().items():
+            if not bool(torch.isfinite(tensor.to(dtype)).all()):
+                raise InvalidAdapter(self.source, f"values overflow the serving dtype {dtype}", key)
+        for site, w in self.lora.items():
+            if not abs(w.scaling) <= torch.finfo(torch.float32).max:
+                raise InvalidAdapter(self.source, f"LoRA scaling alpha / r = {w.scaling:g} overflows float32", site)

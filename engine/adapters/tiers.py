@@ -75,11 +75,11 @@ class AdapterTiers:
         with self._lock:
             victims = self._victims(entry) if entry.pinned or self._fits(entry) else None
             entry.spec = spec
-            self._entries[entry.key] = entry
             if victims is not None:
-                self._to_device(entry, victims)
+                self._to_device(entry, victims)  # if the copy fails (device out of memory), nothing of entry stays
             else:
                 self._on_host[entry.key] = entry
+            self._entries[entry.key] = entry
             self._trim_cpu()
 
     def drop(self, key: int) -> None:
@@ -221,10 +221,4 @@ class AdapterTiers:
 
 def device_bytes(spec: AdapterSpec, dtype: torch.dtype) -> int:
     """Bytes the version's own weights take in the serving dtype (the pool pads stacks to the largest rank)."""
-    tensors = [t for w in spec.bottleneck.values() for t in (w.w_down, w.b_down, w.w_up, w.b_up, w.scaling)]
-    tensors += [t for w in spec.bottleneck.values() for norm in (w.ln_before, w.ln_after) if norm for t in norm]
-    tensors += [t for w in spec.lora.values() for t in (w.lora_a, w.lora_b)]
-    tensors += [w.vector for w in spec.ia3.values()]
-    if spec.head is not None:
-        tensors += [t for layer in spec.head.layers for t in layer if t is not None]
-    return sum(t.numel() for t in tensors) * dtype.itemsize
+    return sum(t.numel() for t in spec.named_tensors().values()) * dtype.itemsize

@@ -4,11 +4,13 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from engine import (AdapterCapacityExceeded, AdapterNotFound, Engine, EngineConfig, InvalidAdapter, InvalidRequest,
                     UnsupportedAdapter)
 from oracle import build_oracle
+
+import engine.adapters.formats as formats
 
 
 @pytest.fixture(scope="module")
@@ -168,6 +170,90 @@ def test_invalid_or_unsupported_options(engine, bert, tmp_path, case, changes, f
         engine.load_adapter(folder)
 
 
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("case,changes,error,fragment", [  # values of the wrong JSON type or not finite
+    ("seq_bn_rf", {"config.leave_out": "0"}, InvalidAdapter, "leave_out must be a list of layer numbers, got '0'"),
+    ("lora_leave1", {"config.leave_out": 1}, InvalidAdapter, "leave_out must be a list of layer numbers, got 1"),
+    ("seq_bn_rf", {"config.non_linearity": 5}, UnsupportedAdapter, "activation 5 is not supported"),
+    ("seq_bn_rf", {"config.reduction_factor": NAN}, InvalidAdapter, "reduction_factor for layer 0"),
+    ("seq_bn_rf", {"config.scaling": INF}, InvalidAdapter, "unknown scaling inf"),
+    ("lora_leave1", {"config.alpha": NAN}, InvalidAdapter, "alpha must be a finite number, got nan"),
+    ("ia3", {"config.alpha": "1"}, InvalidAdapter, "alpha must be a finite number, got '1'"),
+    ("lora_leave1", {"config.attn_matrices": 3}, InvalidAdapter, "attn_matrices must be a list"),
+    ("lora_leave1", {"config.alpha": 1e300}, InvalidAdapter, "alpha / r = 5e+299 overflows float32"),
+])
+def test_malformed_config_values(engine, bert, tmp_path, case, changes, error, fragment):
+    folder = _copy(bert, case, tmp_path)
+    _edit_config(folder, **changes)
+    _assert_refused(engine, folder, error, fragment)
+
+
+@pytest.mark.parametrize("changes,error,fragment", [
+    ({"label2id": ["a", "b", "c"]}, InvalidAdapter, "label2id must map label names to integers"),
+    ({"label2id": {"a": 0, "b": "1", "c": 2}}, InvalidAdapter, "label2id must map label names to integers"),
+    ({"head_type": ["classification"]}, UnsupportedAdapter, "head type ['classification']"),
+    ({"activation_function": 5}, UnsupportedAdapter, "head activation 5"),
+])
+def test_malformed_head_config(engine, bert, tmp_path, changes, error, fragment):
+    folder = _copy(bert, "seq_bn", tmp_path)
+    head = json.loads((folder / "head_config.json").read_text())
+    head["config"].update(changes)
+    (folder / "head_config.json").write_text(json.dumps(head))
+    _assert_refused(engine, folder, error, fragment)
+
+
+@pytest.mark.parametrize("case,changes,fragment", [
+    ("peft_lora_rslora", {"lora_alpha": "8"}, "lora_alpha for encoder.layer.0.attention.self.query must be a finite"),
+    ("peft_lora_rslora", {"rank_pattern": ["x"]}, "rank_pattern must map module patterns to values"),
+    ("peft_lora_rslora", {"alpha_pattern": {"[": 2}}, "alpha_pattern holds an invalid regular expression"),
+    ("peft_ia3", {"feedforward_modules": 5}, "feedforward_modules must be a regex or a list of module names"),
+    ("peft_ia3", {"feedforward_modules": "("}, "feedforward_modules holds an invalid regular expression"),
+])
+def test_malformed_peft_config(engine, bert, tmp_path, case, changes, fragment):
+    folder = _copy(bert, case, tmp_path)
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**cfg, **changes}))
+    _assert_refused(engine, folder, InvalidAdapter, fragment)
+
+
+def test_extra_tensors_of_a_peft_lora_module_are_refused(engine, bert, tmp_path):
+    folder = _copy(bert, "peft_lora_rslora", tmp_path)
+    path = next(folder.glob("adapter_model.*"))
+    state = load_file(path) if path.suffix == ".safetensors" else torch.load(path, weights_only=True)
+    key = next(k for k in state if k.endswith("lora_A.weight")).replace("lora_A.weight", "ia3_l")
+    state[key] = torch.ones(1, 64)
+    save_file(state, folder / "adapter_model.safetensors")
+    _assert_refused(engine, folder, InvalidAdapter, "unexpected key in a LoRA adapter", key)
+
+
+def test_config_errors_no_check_names_are_still_typed(engine, bert, tmp_path, monkeypatch):
+    def parser_trips(folder, target):  # what a config value of an unforeseen JSON type does to a reader
+        raise TypeError("'<' not supported between instances of 'str' and 'int'")
+
+    monkeypatch.setattr(formats, "read_adapterhub", parser_trips)
+    _assert_refused(engine, _copy(bert, "seq_bn", tmp_path), InvalidAdapter, "malformed config value (TypeError: '<'")
+
+
+def test_values_beyond_the_serving_dtype_are_refused(bert, tmp_path):
+    engine = Engine.from_pretrained(bert.path, device="cpu", dtype="float16")
+    folder = _copy(bert, "lora_leave1", tmp_path)
+    key = "bert.encoder.layer.0.attention.self.query.loras.lora_leave1.lora_A"
+    _edit_weights(folder, lambda s: s[key].__setitem__((0, 0), 1e5))  # finite in float32, inf in float16
+    _assert_refused(engine, folder, InvalidAdapter, "values overflow the serving dtype torch.float16",
+                    "encoder.layer.0.attention.self.query.lora_A")
+
+
+def test_empty_adapter_names_are_refused(engine, bert):
+    with pytest.raises(InvalidRequest, match="an adapter name must be a non-empty string, got ''"):
+        engine.load_adapter(bert.cases["lora"].path, name="")
+    engine.load_adapter(bert.cases["lora"].path, name="a")
+    with pytest.raises(InvalidRequest, match="non-empty string, got ' '"):
+        engine.average_adapters(" ", ["a"], [1.0])
+    assert [a.name for a in engine.list_adapters()] == ["a"]
+
+
 def test_post_add_residual_on_a_decoder_is_refused(tmp_path):
     llama = build_oracle("llama", tmp_path / "llama", peft=False)
     engine = Engine.from_pretrained(llama.path, device="cpu")
@@ -229,3 +315,11 @@ def test_bad_requests(engine, bert):
         engine.forward(ids[:1], torch.zeros_like(ids[:1]), [None])
     with pytest.raises(InvalidRequest, match="must both be"):
         engine.forward(ids, mask[:, :3], [None] * 4)
+    with pytest.raises(InvalidRequest, match="input_ids must be a torch tensor, got list"):
+        engine.forward(ids.tolist(), mask, [None] * 4)
+    with pytest.raises(InvalidRequest, match="input_ids must hold integers, got torch.float32"):
+        engine.forward(ids.float(), mask, [None] * 4)
+    with pytest.raises(InvalidRequest, match="attention_mask must hold only 0 and 1"):
+        engine.forward(ids, mask * 3, [None] * 4)  # mean pooling would weigh tokens by it
+    with pytest.raises(InvalidRequest, match=r"token_type_ids must lie in 0\.\.1"):
+        engine.forward(ids, mask, [None] * 4, token_type_ids=torch.full_like(ids, 2))

@@ -4,9 +4,11 @@ Key layout per junction (``<site>.adapters.<name>.``): ``adapter_down.0`` Linear
 ``adapter_norm_before`` + ``adapter_down.1`` Linear, ``adapter_down.0`` being a duplicate of the norm),
 ``adapter_up``, optional ``scaling`` and ``adapter_norm_after``.
 """
+import math
+
 import torch
 
-from engine.adapters.files import TargetModel, checked, take
+from engine.adapters.files import TargetModel, checked, layer_list, take
 from engine.adapters.spec import AdapterSpec, BottleneckWeights, Method
 from engine.batch import BottleneckVariant, ResidualBeforeLN
 from engine.errors import InvalidAdapter, UnsupportedAdapter
@@ -47,9 +49,10 @@ def parse_bottleneck(name: str, config: dict, state: dict, target: TargetModel, 
     variant = _variant(cfg, source, pre_ln=target.info.is_decoder)
     hidden = target.info.hidden_size
     scaling_kind = _scaling_kind(cfg["scaling"], source)
+    leave_out = layer_list(cfg["leave_out"], source, "leave_out")
     junctions = {}
     for i in range(target.info.num_layers):
-        if i in cfg["leave_out"]:
+        if i in leave_out:
             continue
         rank = max(1, int(hidden // _reduction_factor(cfg["reduction_factor"], i, source)))
         for enabled, template in ((cfg["mh_adapter"], target.info.layout.attn_junction),
@@ -74,15 +77,15 @@ def _variant(cfg: dict, source: str, pre_ln: bool) -> BottleneckVariant:
 
 def _scaling_kind(scaling, source: str):
     # the library tests isinstance(float): a JSON integer such as 4 is refused there too
-    if isinstance(scaling, float) or scaling in ("learned", "channel"):
+    if isinstance(scaling, float) and math.isfinite(scaling) or scaling in ("learned", "channel"):
         return scaling
-    raise InvalidAdapter(source, f"unknown scaling {scaling!r} (a float, 'learned' or 'channel')")
+    raise InvalidAdapter(source, f"unknown scaling {scaling!r} (a finite float, 'learned' or 'channel')")
 
 
 def _reduction_factor(rf, layer: int, source: str) -> float:
     if isinstance(rf, dict):
         rf = rf.get(str(layer), rf.get("default"))
-    if not isinstance(rf, (int, float)) or isinstance(rf, bool) or rf <= 0:
+    if not isinstance(rf, (int, float)) or isinstance(rf, bool) or not math.isfinite(rf) or rf <= 0:
         raise InvalidAdapter(source, f"reduction_factor for layer {layer} must be a positive number, got {rf!r}")
     return rf
 

@@ -7,7 +7,7 @@ rank ``r * n`` with a block-structured ``[3H, r * n]`` B, and IA3's vector into 
 """
 import torch
 
-from engine.adapters.files import TargetModel, checked, take
+from engine.adapters.files import TargetModel, checked, finite_number, layer_list, take
 from engine.adapters.spec import AdapterSpec, IA3Weights, LoraWeights, Method
 from engine.errors import InvalidAdapter, UnsupportedAdapter
 
@@ -30,17 +30,18 @@ def parse_lora(name: str, config: dict, state: dict, target: TargetModel, source
         raise UnsupportedAdapter(source, "VeRA is not supported yet")
     if cfg["composition_mode"] not in ("add", "scale"):
         raise UnsupportedAdapter(source, f"composition_mode {cfg['composition_mode']!r} is not supported")
-    bad = [m for m in cfg["attn_matrices"] if m not in MATRICES]
-    if bad:
-        raise InvalidAdapter(source, f"attn_matrices {bad} are not q, k or v")
-    r, alpha = cfg["r"], cfg["alpha"]
-    if not isinstance(r, int) or r < 1 or isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-        raise InvalidAdapter(source, f"r must be a positive integer and alpha a number, got r={r!r} alpha={alpha!r}")
+    matrices = cfg["attn_matrices"]
+    if not isinstance(matrices, list) or any(m not in MATRICES for m in matrices):
+        raise InvalidAdapter(source, f"attn_matrices must be a list of 'q', 'k' and 'v', got {matrices!r}")
+    r, alpha = cfg["r"], finite_number(cfg["alpha"], source, "alpha")
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        raise InvalidAdapter(source, f"r must be a positive integer, got {r!r}")
+    leave_out = layer_list(cfg["leave_out"], source, "leave_out")
     is_ia3 = cfg["composition_mode"] == "scale"
     layout = target.info.layout
     weights = {}
     for i in range(target.info.num_layers):
-        if i in cfg["leave_out"]:
+        if i in leave_out:
             continue
         matrices = [m for m in MATRICES if m in cfg["attn_matrices"]] if cfg["selfattn_lora"] else []
         if matrices and layout.merged_qkv:
