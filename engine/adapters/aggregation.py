@@ -9,6 +9,7 @@ r = svd_rank, so its scaling becomes alpha / svd_rank; not on GPT-2, whose merge
 refuses). IA3 has only B-like vectors, so negate_b equals linear there. Heads are not averaged
 (`average_head` is a separate call in the library).
 """
+import math
 from enum import Enum
 
 import torch
@@ -30,8 +31,8 @@ def average_specs(name: str, specs: list[AdapterSpec], weights: list[float], str
                   svd_rank: int | None, target: TargetModel) -> AdapterSpec:
     combine = _check(specs, weights, strategy, svd_rank, target)
     total = sum(weights)
-    if total == 0:
-        raise InvalidRequest("the weights sum to 0; they are normalised to sum to 1", "weights")
+    if total == 0 or not math.isfinite(total):
+        raise InvalidRequest(f"the weights sum to {total}; they are normalised to sum to 1", "weights")
     w = [x / total for x in weights]
     first = specs[0]
     config = dict(first.config)
@@ -62,6 +63,8 @@ def _check(specs, weights, strategy, svd_rank, target: TargetModel) -> CombineSt
         raise InvalidRequest("average_adapters needs at least one source adapter", "sources")
     if len(weights) != len(specs):
         raise InvalidRequest(f"{len(weights)} weights for {len(specs)} source adapters", "weights")
+    if any(isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) for x in weights):
+        raise InvalidRequest(f"weights must be finite numbers, got {weights!r}", "weights")
     try:
         combine = CombineStrategy(strategy)
     except ValueError:
@@ -85,6 +88,10 @@ def _check(specs, weights, strategy, svd_rank, target: TargetModel) -> CombineSt
                                  "library", "combine_strategy")
         if not isinstance(svd_rank, int) or svd_rank < 1:
             raise InvalidRequest(f"lora_delta_w_svd needs a positive svd_rank, got {svd_rank!r}", "svd_rank")
+        largest = min(min(w.lora_a.shape[1], w.lora_b.shape[0]) for w in first.lora.values())
+        if svd_rank > largest:
+            raise InvalidRequest(f"svd_rank {svd_rank} exceeds the rank a delta W of these sites can have ({largest})",
+                                 "svd_rank")
     elif svd_rank is not None:
         raise InvalidRequest("svd_rank applies only to combine_strategy 'lora_delta_w_svd'", "svd_rank")
     return combine

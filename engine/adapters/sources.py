@@ -47,6 +47,14 @@ class AdapterSources:
         self.download_dir.mkdir(parents=True, exist_ok=True)
 
     def resolve(self, source: str | Path) -> AdapterFolder:
+        if "\x00" in str(source):  # every file system call would raise ValueError
+            raise AdapterSourceRefused(str(source).replace("\x00", "\\x00"), "contains a NUL character")
+        try:
+            return self._resolve(source)
+        except OSError as exc:  # a name too long for the file system and the like: the source cannot be opened
+            raise AdapterSourceError(str(source), f"cannot open it: {exc}") from None
+
+    def _resolve(self, source: str | Path) -> AdapterFolder:
         if isinstance(source, Path):
             return AdapterFolder(source, str(source), source.name, owned=False)
         match = URL.match(source)

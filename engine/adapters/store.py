@@ -62,9 +62,16 @@ def _describe(folder: Path, root: Path) -> CatalogEntry | None:
     name = folder.relative_to(root).as_posix()
     if "peft_type" in meta:
         method = str(meta["peft_type"]).lower()
-        return CatalogEntry(name, SCHEME + name, "peft", method, meta.get("base_model_name_or_path"), None, None, size)
+        return CatalogEntry(name, SCHEME + name, "peft", method, _text(meta.get("base_model_name_or_path")), None,
+                            None, size)
     return CatalogEntry(name, SCHEME + name, "adapterhub", adapterhub_method(meta.get("config")),
-                        meta.get("model_name"), meta.get("model_type"), _head_type(folder), size)
+                        _text(meta.get("model_name")), _text(meta.get("model_type")), _head_type(folder), size)
+
+
+def _text(value) -> str | None:
+    """A descriptive JSON field as the catalog's text, None when it is missing or no string: one malformed
+    folder must not break the listing of all the others."""
+    return value if isinstance(value, str) else None
 
 
 def adapterhub_method(config) -> str:
@@ -88,4 +95,4 @@ def _head_type(folder: Path) -> str | None:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
     config = head.get("config") if isinstance(head, dict) else None
-    return config.get("head_type") if isinstance(config, dict) else None
+    return _text(config.get("head_type")) if isinstance(config, dict) else None

@@ -88,3 +88,17 @@ def test_unsupported_config_of_a_reload_keeps_the_old_version(serving, bert, tmp
     with pytest.raises(UnsupportedAdapter, match="Compacter"):
         serving.load_adapter(folder, name="x")
     assert _state(serving) == before
+
+
+@pytest.mark.parametrize("name", ["new", "x"])
+def test_failed_device_copy_changes_nothing(serving, bert, monkeypatch, name):
+    def out_of_memory(slot, spec):
+        raise RuntimeError("device out of memory")  # e.g. growing a stack for a larger rank
+
+    monkeypatch.setattr(serving.pool, "_write", out_of_memory)
+    before, versions = _state(serving), len(serving.adapters.tiers._entries)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        serving.load_adapter(bert.cases["ia3"].path, name=name, pin=True)
+    assert (_state(serving), len(serving.adapters.tiers._entries)) == (before, versions)
+    monkeypatch.undo()
+    assert_rows(bert, run(serving, bert, ["x"]), ["lora"])

@@ -1,6 +1,7 @@
 """Each source kind: the adapter store (catalog, escapes refused), fsspec URLs (memory://, file://; size cap,
 failed downloads leave nothing) and Hugging Face ids from a pre-populated offline cache."""
 import errno
+import json
 import os
 import shutil
 
@@ -59,6 +60,25 @@ def test_store_sources_load_and_escapes_are_refused(make_engine, bert, store):
     with pytest.raises(AdapterSourceError, match="no adapter_store is configured"):
         make_engine().load_adapter("store://bert/lora")
     assert engine.list_adapters() == before
+
+
+def test_sources_the_file_system_cannot_open(make_engine, store):
+    engine = make_engine(adapter_store=str(store))
+    for source in ("/tmp/a\x00b", "store://bert/\x00lora"):
+        with pytest.raises(AdapterSourceRefused, match=r"contains a NUL character"):
+            engine.load_adapter(source)
+    for source in ("/tmp/" + "a" * 300, "store://" + "a" * 300):
+        with pytest.raises(AdapterSourceError, match="cannot open it: .*File name too long"):
+            engine.load_adapter(source)
+    assert engine.list_adapters() == []
+
+
+def test_a_malformed_store_folder_does_not_break_the_catalog(make_engine, store):
+    meta = json.loads((store / "bert" / "lora" / "adapter_config.json").read_text())
+    (store / "bert" / "lora" / "adapter_config.json").write_text(json.dumps({**meta, "model_name": 5}))
+    entries = {e.name: e for e in make_engine(adapter_store=str(store)).catalog()}
+    assert sorted(entries) == ["bert/lora", "bert/prefix", "bert/sentiment", "peft/rslora"]
+    assert (entries["bert/lora"].base_model, entries["bert/lora"].model_type) == (None, "bert")
 
 
 def _put_in_memory(folder, prefix: str) -> None:
