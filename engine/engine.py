@@ -16,7 +16,7 @@ from engine.allocator import keep_freed_memory
 from engine.batch import AdapterBatch
 from engine.config import EngineConfig
 from engine.errors import InvalidRequest
-from engine.model.heads import apply_heads, last_token_index, pool
+from engine.model.heads import apply_heads, head_token_index, pool
 from engine.model.sites import BottleneckSite, name_sites
 from engine.model.weights import load_base_model
 from engine.resolve import default_pooling, resolve_device, resolve_model
@@ -173,7 +173,8 @@ class Engine:
             logits = (None,) * len(row_slots)
             if heads:
                 if self.info.is_decoder:
-                    summary = hidden[torch.arange(hidden.shape[0], device=d), last_token_index(attention_mask)]
+                    pad = getattr(self.model_config, "pad_token_id", None)
+                    summary = hidden[torch.arange(hidden.shape[0], device=d), head_token_index(input_ids, attention_mask, pad)]
                 else:
                     summary = hidden[:, 0]
                 needs_pooler = any(h.use_pooler for h in heads.values())

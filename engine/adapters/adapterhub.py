@@ -24,7 +24,9 @@ PRESETS = {
     "ia3": {"architecture": "lora", "r": 1, "alpha": 1, "attn_matrices": ["k", "v"], "intermediate_lora": True,
             "composition_mode": "scale"},
 }
-PRESETS.update(pfeiffer=PRESETS["seq_bn"], houlsby=PRESETS["double_seq_bn"], parallel=PRESETS["par_bn"])
+PRESETS["scaled_par_bn"] = {**PRESETS["par_bn"], "scaling": "learned"}
+PRESETS.update(pfeiffer=PRESETS["seq_bn"], houlsby=PRESETS["double_seq_bn"], parallel=PRESETS["par_bn"],
+               scaled_parallel=PRESETS["scaled_par_bn"])
 ACTIVATION_RENAME = {"gelu": "gelu_new", "gelu_orig": "gelu"}  # configs saved before versions were recorded
 LEGACY_KEYS = {"attention_text_task_adapters": "adapters", "attention_text_lang_adapters": "adapters",
                "layer_text_task_adapters": "adapters", "layer_text_lang_adapters": "adapters"}

@@ -33,6 +33,7 @@ def read_peft(folder: Path, target: TargetModel, name: str) -> AdapterSpec:
         raise UnsupportedAdapter(source, f"bias={cfg['bias']!r} is not supported (only 'none')")
     state = read_weights(folder, "adapter_model.safetensors", "adapter_model.bin")
     modules: dict[str, dict] = {}
+    names: dict[str, str] = {}  # site path -> the module's name in the saved model: what PEFT's patterns match
     for key, tensor in state.items():
         match = KEY.match(key)
         if match is None:
@@ -41,12 +42,13 @@ def read_peft(folder: Path, target: TargetModel, name: str) -> AdapterSpec:
         if module not in target.linear:
             raise UnsupportedAdapter(source, f"module {module!r} is not an adapter site of this base model ({key})")
         modules.setdefault(module, {})[match["param"]] = (key, tensor)
+        names[module] = match["module"]
     if not modules:
         raise InvalidAdapter(source, "no LoRA or IA3 weights in the file")
     if peft_type == "LORA":
-        lora = {m: _lora(p, cfg, m, target, source) for m, p in modules.items()}
+        lora = {m: _lora(p, cfg, m, names[m], target, source) for m, p in modules.items()}
         return AdapterSpec(name, Method.LORA, source, lora=lora, config=cfg)
-    ia3 = {m: _ia3(p, cfg, m, target, source) for m, p in modules.items()}
+    ia3 = {m: _ia3(p, cfg, m, names[m], target, source) for m, p in modules.items()}
     return AdapterSpec(name, Method.IA3, source, ia3=ia3, config=cfg)
 
 
@@ -77,10 +79,10 @@ def _search(pattern: str, module: str, field: str, source: str) -> bool:
         raise InvalidAdapter(source, f"{field} holds an invalid regular expression {pattern!r}: {exc}") from None
 
 
-def _lora(params: dict, cfg: dict, module: str, target: TargetModel, source: str) -> LoraWeights:
+def _lora(params: dict, cfg: dict, module: str, name: str, target: TargetModel, source: str) -> LoraWeights:
     in_f, out_f = target.linear[module]
-    r = _pattern_value(cfg, "rank_pattern", module, cfg.get("r", 8), source)
-    alpha = finite_number(_pattern_value(cfg, "alpha_pattern", module, cfg.get("lora_alpha", 8), source), source,
+    r = _pattern_value(cfg, "rank_pattern", name, cfg.get("r", 8), source)
+    alpha = finite_number(_pattern_value(cfg, "alpha_pattern", name, cfg.get("lora_alpha", 8), source), source,
                           f"lora_alpha for {module}")
     if not isinstance(r, int) or isinstance(r, bool) or r < 1:
         raise InvalidAdapter(source, f"r for {module} must be a positive integer, got {r!r}")
@@ -96,12 +98,12 @@ def _lora(params: dict, cfg: dict, module: str, target: TargetModel, source: str
     return LoraWeights(a, b, float(scaling))
 
 
-def _ia3(params: dict, cfg: dict, module: str, target: TargetModel, source: str) -> IA3Weights:
+def _ia3(params: dict, cfg: dict, module: str, name: str, target: TargetModel, source: str) -> IA3Weights:
     in_f, out_f = target.linear[module]
     if set(params) != {"ia3_l"}:
         raise InvalidAdapter(source, "IA3 adapters hold only ia3_l vectors", params[next(iter(params))][0])
     key, tensor = params["ia3_l"]
-    feedforward = _matches(cfg.get("feedforward_modules"), module, source)
+    feedforward = _matches(cfg.get("feedforward_modules"), name, source)
     if feedforward:
         return IA3Weights(checked(tensor, source, key, (1, in_f))[0], on_input=True)
     return IA3Weights(checked(tensor, source, key, (out_f, 1))[:, 0], on_input=False)

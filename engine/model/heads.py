@@ -17,6 +17,20 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.bool() * positions).amax(dim=1)
 
 
+def head_token_index(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_token_id: int | None) -> torch.Tensor:
+    """[B] position of the token a decoder's prediction head reads: the one the `adapters` library picks for
+    the row run alone, ``torch.ne(input_ids, pad_token_id).sum(-1) - 1`` (its index -1, the last token, without
+    a pad_token_id or when that count is 0), counted over the row's attended tokens so padding on either side
+    is skipped. It differs from the last attended token when a row holds the pad id as a real token (GPT-2's
+    pad is often its EOS): the library then reads an earlier token, and heads trained with it expect that."""
+    real = attention_mask.bool()
+    counted = real if pad_token_id is None else real & (input_ids != pad_token_id)
+    n = counted.sum(1)
+    k = torch.where(n > 0, n - 1, real.sum(1) - 1)  # which of the row's attended tokens
+    rank = real.long().cumsum(1) - 1  # each position's index among the attended tokens
+    return ((rank == k[:, None]) & real).long().argmax(1)
+
+
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: Pooling, normalize: bool) -> torch.Tensor:
     """[B, T, H] -> [B, H] sentence embeddings."""
     if pooling == Pooling.MEAN:

@@ -4,6 +4,8 @@ Names follow the Hugging Face checkpoints (``layers.3.self_attn.q_proj``). Pre-L
 junctions after attention and MLP are `BottleneckSite`s without a LayerNorm, exactly where the
 `adapters` library puts ``attention_adapters`` / ``output_adapters``.
 """
+from dataclasses import replace
+
 import torch
 from torch import nn
 
@@ -23,6 +25,8 @@ LAYOUT = SiteLayout(
     intermediate="layers.{i}.mlp.down_proj",
     output="layers.{i}.mlp.up_proj",
 )
+# Qwen2 comes through the library's plugin interface (wrappers/interfaces.py), which does not swap them
+QWEN2_LAYOUT = replace(LAYOUT, intermediate="layers.{i}.mlp.up_proj", output="layers.{i}.mlp.down_proj")
 
 
 class RMSNorm(nn.Module):
@@ -117,7 +121,8 @@ class LlamaModel(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self.info = ArchInfo(cfg.model_type, cfg.hidden_size, cfg.num_hidden_layers, True, ("model.",), LAYOUT)
+        self.info = ArchInfo(cfg.model_type, cfg.hidden_size, cfg.num_hidden_layers, True, ("model.",),
+                             QWEN2_LAYOUT if cfg.model_type == "qwen2" else LAYOUT)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, head_dim) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)

@@ -183,6 +183,7 @@ NAN, INF = float("nan"), float("inf")
     ("ia3", {"config.alpha": "1"}, InvalidAdapter, "alpha must be a finite number, got '1'"),
     ("lora_leave1", {"config.attn_matrices": 3}, InvalidAdapter, "attn_matrices must be a list"),
     ("lora_leave1", {"config.alpha": 1e300}, InvalidAdapter, "alpha / r = 5e+299 overflows float32"),
+    ("ia3", {"config.r": 2}, InvalidAdapter, "composition_mode 'scale' (IA3) needs r = 1, got r=2"),  # as the library
 ])
 def test_malformed_config_values(engine, bert, tmp_path, case, changes, error, fragment):
     folder = _copy(bert, case, tmp_path)

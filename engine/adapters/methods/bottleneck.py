@@ -30,6 +30,9 @@ INERT = {
 
 def parse_bottleneck(name: str, config: dict, state: dict, target: TargetModel, source: str) -> AdapterSpec:
     cfg = {**DEFAULTS, **config}
+    legacy_inv = cfg.pop("invertible_adapter", None)  # v1 configs nest it; `BnConfig.__setattr__` maps it
+    if legacy_inv:
+        cfg["inv_adapter"] = legacy_inv.get("block_type") if isinstance(legacy_inv, dict) else legacy_inv
     unknown = sorted(set(cfg) - set(DEFAULTS) - set(REQUIRED) - INERT)
     if unknown:
         raise UnsupportedAdapter(source, f"bottleneck config fields {unknown} are not supported")

@@ -38,6 +38,8 @@ def parse_lora(name: str, config: dict, state: dict, target: TargetModel, source
         raise InvalidAdapter(source, f"r must be a positive integer, got {r!r}")
     leave_out = layer_list(cfg["leave_out"], source, "leave_out")
     is_ia3 = cfg["composition_mode"] == "scale"
+    if is_ia3 and r != 1:  # the library refuses it too (methods/lora.py)
+        raise InvalidAdapter(source, f"composition_mode 'scale' (IA3) needs r = 1, got r={r}")
     layout = target.info.layout
     weights = {}
     for i in range(target.info.num_layers):
