@@ -30,9 +30,9 @@ def parse_lora(name: str, config: dict, state: dict, target: TargetModel, source
         raise UnsupportedAdapter(source, "VeRA is not supported yet")
     if cfg["composition_mode"] not in ("add", "scale"):
         raise UnsupportedAdapter(source, f"composition_mode {cfg['composition_mode']!r} is not supported")
-    matrices = cfg["attn_matrices"]
-    if not isinstance(matrices, list) or any(m not in MATRICES for m in matrices):
-        raise InvalidAdapter(source, f"attn_matrices must be a list of 'q', 'k' and 'v', got {matrices!r}")
+    attn = cfg["attn_matrices"]
+    if not isinstance(attn, list) or any(m not in MATRICES for m in attn):
+        raise InvalidAdapter(source, f"attn_matrices must be a list of 'q', 'k' and 'v', got {attn!r}")
     r, alpha = cfg["r"], finite_number(cfg["alpha"], source, "alpha")
     if not isinstance(r, int) or isinstance(r, bool) or r < 1:
         raise InvalidAdapter(source, f"r must be a positive integer, got {r!r}")
@@ -45,7 +45,7 @@ def parse_lora(name: str, config: dict, state: dict, target: TargetModel, source
     for i in range(target.info.num_layers):
         if i in leave_out:
             continue
-        matrices = [m for m in MATRICES if m in cfg["attn_matrices"]] if cfg["selfattn_lora"] else []
+        matrices = [m for m in MATRICES if m in attn] if cfg["selfattn_lora"] else []
         if matrices and layout.merged_qkv:
             site = layout.q.format(i=i)
             weights[site] = _merged(state, site, name, matrices, r, alpha, is_ia3, target, source)
