@@ -42,6 +42,8 @@ def peak_bandwidth(name: str) -> float | None:
 
 def make_case(n_adapters: int, T: int, H: int, dtype, gen, dev: str = "cuda") -> dict:
     """Tables for n_adapters slots (zero padding beyond each rank, as in the pool), rows and activations."""
+    from kernels.activations import Act
+
     S, R = n_adapters, MAX_RANK
     ranks = torch.randint(8, MAX_RANK + 1, (S,), generator=gen, dtype=torch.int32)
     cols = torch.arange(R)[None, :] < ranks[:, None].long()  # [S, R] live columns
@@ -57,7 +59,7 @@ def make_case(n_adapters: int, T: int, H: int, dtype, gen, dev: str = "cuda") ->
         b_down=(rand(S, R, std=0.1) * cols).to(dev),
         w_up=(rand(S, R, H, std=R ** -0.5) * cols[:, :, None]).to(dev),
         b_up=rand(S, H, std=0.1).to(dev), scaling=(1 + rand(S, H, std=0.1)).to(dev),
-        act_ids=torch.randint(0, 9, (S,), generator=gen, dtype=torch.int32).to(dev),
+        act_ids=torch.randint(0, len(Act), (S,), generator=gen, dtype=torch.int32).to(dev),
         lora_a=(rand(S, R, H, std=H ** -0.5) * cols[:, :, None]).to(dev),
         lora_b=(rand(S, H, R, std=R ** -0.5) * cols[:, None, :]).to(dev),
         lora_scaling=torch.rand(S, generator=gen).to(dev),

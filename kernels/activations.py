@@ -2,7 +2,8 @@
 
 Adapters choose their activation per slot, so kernels receive an integer id per slot and apply the
 function for that id. Names follow `transformers.get_activation` plus the `adapters` library's extra
-"leakyrelu" spelling; the math matches those modules exactly (fp32, 1e-7), not approximately.
+"leakyrelu" spelling; the math is those modules' formulas (fp32 results within 1e-6: aliases such as
+"gelu_python" or "gelu_fast" compute the same function with their terms in another order), not approximations.
 """
 import math
 from enum import IntEnum
@@ -23,15 +24,23 @@ class Act(IntEnum):
     LEAKY_RELU = 6  # negative slope 0.01
     SIGMOID = 7
     QUICK_GELU = 8
+    MISH = 9
+    RELU6 = 10
+    RELU_SQUARED = 11  # "relu2"
+    GELU_CLIPPED = 12  # "gelu_10": erf GELU clipped to [-10, 10]
+    LAPLACE = 13  # 0.5 * (1 + erf((x - 0.707107) / (0.282095 * sqrt(2))))
 
 
 ACT_BY_NAME: dict[str, Act] = {
     "linear": Act.IDENTITY,
-    "identity": Act.IDENTITY,
     "relu": Act.RELU,
     "gelu": Act.GELU,
+    "gelu_python": Act.GELU,
     "gelu_new": Act.GELU_TANH,
     "gelu_pytorch_tanh": Act.GELU_TANH,
+    "gelu_python_tanh": Act.GELU_TANH,
+    "gelu_accurate": Act.GELU_TANH,
+    "gelu_fast": Act.GELU_TANH,  # the same tanh approximation, its terms in another order (1e-7 apart)
     "swish": Act.SILU,
     "silu": Act.SILU,
     "tanh": Act.TANH,
@@ -39,7 +48,12 @@ ACT_BY_NAME: dict[str, Act] = {
     "leaky_relu": Act.LEAKY_RELU,
     "sigmoid": Act.SIGMOID,
     "quick_gelu": Act.QUICK_GELU,
-}
+    "mish": Act.MISH,
+    "relu6": Act.RELU6,
+    "relu2": Act.RELU_SQUARED,
+    "gelu_10": Act.GELU_CLIPPED,
+    "laplace": Act.LAPLACE,
+}  # transformers' "prelu" and "xielu" have parameters of their own: not served
 
 
 def act_from_name(name: str | None) -> Act:
@@ -71,4 +85,14 @@ def apply_act(x: torch.Tensor, act: Act) -> torch.Tensor:
         return torch.sigmoid(x)
     if act == Act.QUICK_GELU:
         return x * torch.sigmoid(1.702 * x)
+    if act == Act.MISH:
+        return F.mish(x)
+    if act == Act.RELU6:
+        return F.relu6(x)
+    if act == Act.RELU_SQUARED:
+        return torch.square(F.relu(x))
+    if act == Act.GELU_CLIPPED:
+        return torch.clip(F.gelu(x), -10.0, 10.0)
+    if act == Act.LAPLACE:
+        return 0.5 * (1.0 + torch.erf((x - 0.707107).div(0.282095 * math.sqrt(2.0))))
     raise ValueError(f"unknown activation id {act!r}")

@@ -39,6 +39,17 @@ def activation(z, act):
         z = tl.sigmoid(z)
     elif act == 8:  # QUICK_GELU
         z = z * tl.sigmoid(1.702 * z)
+    elif act == 9:  # MISH: z * tanh(softplus(z)); softplus is z itself past 20, as torch's
+        z = z * _tanh(tl.where(z > 20.0, z, tl.log(1.0 + tl.exp(tl.minimum(z, 20.0)))))
+    elif act == 10:  # RELU6
+        z = tl.minimum(tl.maximum(z, 0.0), 6.0)
+    elif act == 11:  # RELU_SQUARED
+        z = tl.maximum(z, 0.0)
+        z = z * z
+    elif act == 12:  # GELU_CLIPPED
+        z = tl.minimum(tl.maximum(0.5 * z * (1.0 + tl.erf(z * 0.7071067811865476)), -10.0), 10.0)
+    elif act == 13:  # LAPLACE
+        z = 0.5 * (1.0 + tl.erf((z - 0.707107) / (0.282095 * 1.4142135623730951)))  # sqrt(2)
     return z  # 0 = IDENTITY
 
 

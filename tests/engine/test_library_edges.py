@@ -7,7 +7,7 @@ import adapters
 import pytest
 import torch
 import transformers
-from adapters import AutoAdapterModel, IA3Config, LoRAConfig, ParBnConfig
+from adapters import AutoAdapterModel, IA3Config, LoRAConfig, ParBnConfig, SeqBnConfig
 from oracle import _base_spec, _randomise, _seed
 from peft import LoraConfig, get_peft_model
 
@@ -117,3 +117,26 @@ def test_legacy_config_forms(tmp_path, edit):
     engine.load_adapter(tmp_path / "par")
     got = engine.forward(IDS, MASK, ["par"] * 3).last_hidden_state
     torch.testing.assert_close(got[MASK.bool()], want[MASK.bool()], atol=1e-5, rtol=1e-5)
+
+
+def test_every_transformers_activation_in_one_mixed_batch(tmp_path):
+    acts = ["mish", "relu6", "relu2", "gelu_10", "laplace", "gelu_fast", "gelu_accurate", "gelu_python"]
+    base_class, cfg = _base_spec("bert")
+    torch.manual_seed(0)
+    base_class._from_config(cfg, attn_implementation="eager").save_pretrained(tmp_path / "base")
+    model = AutoAdapterModel.from_pretrained(tmp_path / "base", attn_implementation="eager").eval()
+    ids, mask = torch.cat([IDS] * 3)[:len(acts)], torch.cat([MASK] * 3)[:len(acts)]
+    want = []
+    for act in acts:
+        model.add_adapter(act, config=SeqBnConfig(non_linearity=act))
+        with torch.no_grad():
+            _randomise(model, lambda n, a=act: a in n.split("."), _seed("bert", act), lambda p: False)
+            model.set_active_adapters(act)
+            want.append(model.base_model(ids, attention_mask=mask).last_hidden_state)
+        model.save_adapter(str(tmp_path / act), act)
+    engine = Engine.from_pretrained(tmp_path / "base", device="cpu")
+    for act in acts:
+        engine.load_adapter(tmp_path / act)
+    got = engine.forward(ids, mask, acts).last_hidden_state  # row i through adapter i, one pass
+    for i in range(len(acts)):
+        torch.testing.assert_close(got[i][mask[i].bool()], want[i][i][mask[i].bool()], atol=1e-5, rtol=1e-5)

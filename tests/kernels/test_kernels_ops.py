@@ -20,7 +20,7 @@ import torch
 
 from adapter_tables import (PATTERNS, TOL, bottleneck_tables, lora_tables, mixed_ranks, row_slots,
                             to_device, to_fp32)
-from kernels import reference
+from kernels import Act, reference
 
 bn = sys.modules["kernels.bottleneck"]  # the attribute `kernels.bottleneck` is the public op
 lora = sys.modules["kernels.lora"]
@@ -51,7 +51,7 @@ def _close(out: torch.Tensor, expected: torch.Tensor, dtype) -> None:
 def run_bottleneck(pattern, T, dtype, H, R, act_offset=0, device=DEVICE, num_rows=12, **knobs):
     gen = _gen("bn", pattern, T, dtype, H, R, act_offset, num_rows)
     t, slots = _batch(pattern, T, H, dtype, gen, num_rows)
-    acts = (torch.arange(S) + act_offset) % 9  # every Act id over the cases, several per batch
+    acts = (torch.arange(S) + act_offset) % len(Act)  # every Act id over the cases, several per batch
     kern, ref = bottleneck_tables(S, H, R, mixed_ranks(S, R, gen), acts, dtype, gen)
     out = bn.bottleneck(t.to(device), row_slots=slots.to(device), **to_device(kern, device), **knobs)
     expected = reference.bottleneck(t.float(), row_slots=slots, **to_fp32(ref))
@@ -122,7 +122,7 @@ def test_single_row_and_rank_zero():
     gen = _gen("rank0")
     H, R = 72, 16
     ranks = torch.tensor([0, 16, 4, 0, 8, 1, 16, 2], dtype=torch.int32)
-    kern, ref = bottleneck_tables(S, H, R, ranks, torch.arange(S) % 9, torch.float32, gen)
+    kern, ref = bottleneck_tables(S, H, R, ranks, torch.arange(S) % len(Act), torch.float32, gen)
     for slots in (torch.tensor([0]), torch.tensor([3, 0, 3, 1])):
         t = torch.randn(len(slots), 5, H, generator=gen)
         out = bn.bottleneck(t.to(DEVICE), row_slots=slots.to(DEVICE), **to_device(kern, DEVICE))
