@@ -7,7 +7,7 @@ import time
 from collections import Counter
 
 import pytest
-from conftest import ATOL, assert_rows, copy_case, row_error, run
+from lifecycle_helpers import ATOL, assert_rows, copy_case, row_error, run
 
 import engine.adapters.lifecycle as lifecycle
 from engine import AdapterNotFound

@@ -6,7 +6,7 @@ import re
 
 import pytest
 import torch
-from conftest import assert_rows, copy_case, run
+from lifecycle_helpers import assert_rows, copy_case, run
 
 import engine.adapters.files as files
 from engine import AdapterSourceError, InvalidAdapter, UnsupportedAdapter

@@ -8,7 +8,7 @@ import shutil
 import fsspec
 import huggingface_hub.constants
 import pytest
-from conftest import assert_rows, copy_case, run
+from lifecycle_helpers import assert_rows, copy_case, run
 from fsspec.implementations.memory import MemoryFileSystem
 
 from engine import AdapterSourceError, AdapterSourceRefused, InvalidAdapter

@@ -1,6 +1,6 @@
 """Tenants: (tenant, name) keys, a tenant's own adapter shadowing a shared one, per-row tenants in one batch."""
 import pytest
-from conftest import assert_rows, run
+from lifecycle_helpers import assert_rows, run
 
 from engine import AdapterNotFound
 

@@ -3,7 +3,7 @@ import threading
 import time
 
 import pytest
-from conftest import assert_rows, copy_case, placement, run
+from lifecycle_helpers import assert_rows, copy_case, placement, run
 
 from engine import AdapterCapacityExceeded, AdapterSourceError
 
