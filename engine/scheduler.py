@@ -61,7 +61,8 @@ class Request:
 class Scheduler:
     def __init__(self, config: SchedulerConfig, ready: Callable[[Request], bool] = lambda request: True):
         """``ready(request)`` says whether a request's adapter can be used without waiting for a read;
-        requests that are not ready stay queued while others are scheduled."""
+        requests that are not ready stay queued while others are scheduled, and requests for which it
+        raises an `AdapterServeError` fail with it."""
         self.config, self._ready = config, ready
         self._queues: OrderedDict[str | None, deque[Request]] = OrderedDict()
         self._cond = threading.Condition()
@@ -124,7 +125,7 @@ class Scheduler:
             progress = False
             for tenant in list(self._queues):
                 queue = self._queues[tenant]
-                request = next((r for r in queue if self._ready(r)), None)
+                request = self._first_ready(queue)
                 if request is None:
                     continue  # its adapters are still being read: its place in line is kept
                 new_longest = max(longest, request.longest)
@@ -140,6 +141,21 @@ class Scheduler:
                 else:
                     del self._queues[tenant]
         return batch
+
+    def _first_ready(self, queue: deque) -> Request | None:
+        """The first request of a tenant's queue whose adapter can be used now. A request whose readiness
+        check raises (its adapter was unloaded while queued, or its source read failed) fails here at
+        once: it would otherwise wait for its deadline, or forever."""
+        for request in list(queue):
+            try:
+                if self._ready(request):
+                    return request
+            except AdapterServeError as exc:
+                queue.remove(request)
+                self._size -= 1
+                if not request.future.cancelled():
+                    request.future.set_exception(exc)
+        return None
 
     def _purge_dead(self) -> None:
         """Drops cancelled and expired requests everywhere (they should not hold queue places)."""

@@ -3,7 +3,7 @@ import time
 
 import pytest
 
-from engine.errors import InvalidRequest, ShuttingDown
+from engine.errors import AdapterSourceError, InvalidRequest, ShuttingDown
 from engine.scheduler import DeadlineExpired, QueueFull, Request, Scheduler, SchedulerConfig, Task
 from engine.text import EncodedRow
 
@@ -84,3 +84,20 @@ def test_requests_waiting_for_their_adapter_do_not_block_others():
     assert sched.schedule(timeout=0.01) == []  # still loading: held, not dropped
     loading.clear()
     assert sched.schedule(timeout=1) == [cold]
+
+
+def test_a_request_whose_adapter_cannot_be_read_fails_at_once():
+    def ready(request):
+        if request.adapter == "broken":  # its source read failed (or it was unloaded while queued)
+            raise AdapterSourceError("/adapters/broken", "its files changed since it was loaded")
+        return True
+
+    sched = Scheduler(SchedulerConfig(max_wait_s=0), ready=ready)
+    broken = Request(Task.EMBED, "a", "broken", [EncodedRow((1, 2), None, None)])
+    fine = Request(Task.EMBED, "a", "fine", [EncodedRow((1, 2), None, None)])
+    sched.add(broken)
+    sched.add(fine)
+    assert sched.schedule(timeout=1) == [fine]
+    with pytest.raises(AdapterSourceError, match="changed since it was loaded"):
+        broken.future.result(timeout=0)
+    assert sched.num_waiting == 0

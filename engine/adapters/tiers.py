@@ -7,6 +7,10 @@ arrives as the most recent). A version on the device keeps its host copy, so evi
 tier copies nothing. Versions in use (``record.refs > 0``) and pinned ones are never evicted; versions
 without a source (averages) keep their host copy for as long as they live.
 
+A host copy that a queued request was told is ready (`prefetch`), or that was just read for one, outlives
+CPU-tier trims for ``HOLD_S``: the scheduler takes the request on that promise, and the engine loop must not
+then find the copy gone and read it again itself while every other request waits.
+
 Locking: one lock guards the entries, the LRU orders and every pool call (slot writes and batch
 metadata). It is held only for bookkeeping, host->device slot copies and metadata builds, never for
 file I/O: reads from a source run on the reader threads, and whoever needs the result waits on its
@@ -14,6 +18,7 @@ future outside the lock. Reads are single-flight per version. The work per batch
 and evictions, not with the number of registered adapters.
 """
 import threading
+import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -24,7 +29,9 @@ import torch
 from engine.adapters.pool import AdapterPool
 from engine.adapters.registry import AdapterRecord
 from engine.adapters.spec import AdapterSpec
-from engine.errors import AdapterCapacityExceeded
+from engine.errors import AdapterCapacityExceeded, AdapterServeError, AdapterSourceError
+
+HOLD_S = 5.0  # seconds a promised or freshly read host copy is kept over the CPU budget (see the module docstring)
 
 
 @dataclass(frozen=True)
@@ -45,6 +52,7 @@ class Residency:
     slot: int = -1
     reading: Future | None = None
     error: Exception | None = None  # of the last failed read, until one succeeds
+    hold_until: float = 0.0  # time.monotonic() until which CPU-tier trims keep its host copy
 
     @property
     def key(self) -> int:
@@ -129,12 +137,22 @@ class AdapterTiers:
             pending.result()
 
     def prefetch(self, key: int) -> bool:
-        """True when the version can be served without reading files; else starts reading it."""
+        """True when the version can be served without reading files (its host copy is then held for the
+        caller); else starts reading it and returns False. When its last read failed, raises that error (a
+        queued request is failed instead of waiting for a read that keeps failing) and reads once more in
+        the background, so a source that is back serves the next request."""
         with self._lock:
             entry = self._entries.get(key)
-            if entry is None or entry.spec is not None:
+            if entry is None:
                 return True
+            if entry.spec is not None:
+                entry.hold_until = time.monotonic() + HOLD_S
+                return True
+            failed = entry.error if entry.reading is None else None
             self._start_read(entry)
+            if failed is not None:
+                raise failed if isinstance(failed, AdapterServeError) else AdapterSourceError(
+                    entry.record.info.source, f"reading it again failed: {type(failed).__name__}: {failed}")
             return False
 
     def released(self, keys: list[int]) -> None:
@@ -186,14 +204,15 @@ class AdapterTiers:
         self._on_host.pop(entry.key, None)
         self._on_device[entry.key] = entry
 
-    def _trim_cpu(self, keep: Residency | None = None) -> None:
-        """Drops the oldest host copies over ``max_cpu_adapters`` (those that can be read again and are idle;
-        ``keep`` is a prefetched one that would otherwise be dropped as soon as it arrives)."""
+    def _trim_cpu(self) -> None:
+        """Drops the oldest host copies over ``max_cpu_adapters``: those that can be read again, are idle and
+        are not held for a queued request."""
         excess = len(self._on_host) - self.budget.max_cpu_adapters
+        now = time.monotonic()
         for entry in list(self._on_host.values()) if excess > 0 else ():
             if excess <= 0:
                 break
-            if entry.read is not None and entry.record.refs == 0 and entry is not keep:
+            if entry.read is not None and entry.record.refs == 0 and entry.hold_until <= now:
                 entry.spec = None
                 del self._on_host[entry.key]
                 excess -= 1
@@ -213,9 +232,9 @@ class AdapterTiers:
         with self._lock:
             entry.reading, entry.error = None, None
             if entry.key in self._entries and entry.spec is None:
-                entry.spec = spec
+                entry.spec, entry.hold_until = spec, time.monotonic() + HOLD_S  # for the request that asked
                 self._on_host[entry.key] = entry
-                self._trim_cpu(keep=entry)
+                self._trim_cpu()
         return spec
 
 

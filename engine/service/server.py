@@ -65,13 +65,9 @@ class AdapterServer:
         self._tasks: list[asyncio.Task] = []
 
     def _adapter_ready(self, request: Request) -> bool:
-        """Hold a request whose adapter is still being read from its source; others go ahead meanwhile."""
-        if request.adapter is None:
-            return True
-        try:
-            return self.engine.adapters_ready([request.adapter], request.tenant)
-        except AdapterServeError:
-            return True  # unloaded while queued: the forward reports AdapterNotFound for this request only
+        """Hold a request whose adapter is still being read from its source; others go ahead meanwhile. Raises
+        (the scheduler then fails this request only) when it was unloaded while queued or its read failed."""
+        return request.adapter is None or self.engine.adapters_ready([request.adapter], request.tenant)
 
     async def start(self) -> int:
         size = self.config.max_message_mb * 1024 * 1024

@@ -126,3 +126,44 @@ def test_reads_of_one_version_are_single_flight(make_engine, bert, monkeypatch):
     release.set()
     assert_rows(bert, run(engine, bert, ["ia3"]), ["ia3"])  # waits for the same read
     assert len(reads) == 1
+
+
+def test_a_failed_read_is_reported_to_the_next_readiness_check_and_retried(make_engine, bert, monkeypatch):
+    engine = make_engine(max_device_adapters=1, max_cpu_adapters=0)
+    engine.load_adapter(bert.cases["lora"].path)
+    engine.load_adapter(bert.cases["ia3"].path)
+    run(engine, bert, ["ia3"])  # lora back to its source
+    import engine.adapters.lifecycle as lifecycle
+
+    original, failures = lifecycle.read_adapter, [OSError(5, "Input/output error")]
+
+    def flaky_read(*args):
+        if failures:
+            raise failures.pop()
+        return original(*args)
+
+    monkeypatch.setattr(lifecycle, "read_adapter", flaky_read)
+    assert engine.adapters_ready(["lora"]) is False  # starts the read, which fails
+    deadline = time.monotonic() + 10
+    while engine.get_adapter("lora").state != "failed" and time.monotonic() < deadline:
+        time.sleep(0.01)
+    # a queued request is failed with the read's error instead of being held forever; the read is retried
+    with pytest.raises(AdapterSourceError, match="reading it again failed: OSError"):
+        engine.adapters_ready(["lora"])
+    while not engine.adapters_ready(["lora"]) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert_rows(bert, run(engine, bert, ["lora"]), ["lora"])
+
+
+def test_a_host_copy_promised_to_a_queued_request_survives_other_reads(make_engine, bert):
+    engine = make_engine(max_device_adapters=1, max_cpu_adapters=1)
+    for name in ("lora", "ia3", "par_bn"):
+        engine.load_adapter(bert.cases[name].path)
+    run(engine, bert, ["par_bn"])  # lora, ia3 -> cpu / source; par_bn on the device
+    on_host = next(name for name, tier in placement(engine).items() if tier == "cpu")
+    from_source = next(name for name, tier in placement(engine).items() if tier == "source")
+    assert engine.adapters_ready([on_host]) is True  # the scheduler would take its request now
+    deadline = time.monotonic() + 10
+    while not engine.adapters_ready([from_source]) and time.monotonic() < deadline:
+        time.sleep(0.01)  # another read arrives and the CPU tier is over its budget of 1
+    assert placement(engine)[on_host] == "cpu"  # not trimmed: the promised request finds it
