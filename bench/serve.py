@@ -42,7 +42,7 @@ from engine.config import EngineConfig  # noqa: E402
 from engine.loop import EngineLoop  # noqa: E402
 from engine.scheduler import Request, Scheduler, SchedulerConfig, Task  # noqa: E402
 from engine.service.metrics import Metrics  # noqa: E402
-from engine.text import classifications, encode_texts, require_head  # noqa: E402
+from engine.text import CLASSIFY_HEADS, classifications, encode_texts, require_head  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "serve.md"
@@ -119,12 +119,13 @@ class InProcess:
         self.loop.start()
 
     async def call(self, req: Req) -> int:
-        info = self.engine.registry.lookup(req.adapter, req.tenant)
-        require_head(info, ("classification", "multilabel_classification"), "Classify")
+        require_head(req.adapter, self.engine.registry.lookup(req.adapter, req.tenant).head_type, CLASSIFY_HEADS,
+                     "Classify")
         rows = [row for t in req.texts for row in encode_texts(self.engine.tokenizer, [t], self.engine.max_seq_len)]
         request = Request(Task.CLASSIFY, req.tenant, req.adapter, rows)
         self.scheduler.add(request)
-        return len(classifications((await asyncio.wrap_future(request.future)).logits, info))
+        output = await asyncio.wrap_future(request.future)
+        return len(classifications(output.logits, output.heads, req.adapter, "Classify"))
 
     async def close(self) -> None:
         self.scheduler.close()

@@ -20,8 +20,8 @@ from engine.model.heads import apply_heads, head_token_index, pool
 from engine.model.sites import BottleneckSite, name_sites
 from engine.model.weights import load_base_model
 from engine.resolve import default_pooling, resolve_device, resolve_model
-from engine.text import classifications, encode_texts, pad_rows, require_head, token_tags
-from engine.types import AdapterInfo, CatalogEntry, Classification, ForwardOutput, TokenTag
+from engine.text import CLASSIFY_HEADS, TAG_HEADS, classifications, encode_texts, pad_rows, require_head, token_tags
+from engine.types import AdapterInfo, CatalogEntry, Classification, ForwardOutput, RowHead, TokenTag
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -44,7 +44,7 @@ class Engine:
         self.target = TargetModel(self.info, linear, frozenset(junctions))
         self.pool = AdapterPool(linear, junctions, self.info.hidden_size, config.max_device_adapters, self.device, self.dtype)
         self.adapters = AdapterLifecycle(self.target, self.pool, config)
-        self.registry = self.adapters.registry  # names and versions (the text API reads heads and labels there)
+        self.registry = self.adapters.registry  # names and versions (the text API checks an adapter's head there first)
         pooling, normalize = default_pooling(self.model_dir, self.info.is_decoder)
         self.pooling = config.pooling or pooling
         self.normalize = normalize if config.normalize_embeddings is None else config.normalize_embeddings
@@ -127,31 +127,34 @@ class Engine:
 
     def classify(self, texts: list[str], adapter: str, tenant: str | None = None) -> list[Classification]:
         """Labels and scores from the adapter's (multi-label) classification head."""
-        info = self.registry.lookup(adapter, tenant)
-        require_head(info, ("classification", "multilabel_classification"), "classify")
-        return [c for out, _ in self._forward_texts(texts, adapter, tenant) for c in classifications(out.logits, info)]
+        require_head(adapter, self.registry.lookup(adapter, tenant).head_type, CLASSIFY_HEADS, "classify")
+        return [c for out, _ in self._forward_texts(texts, adapter, tenant)
+                for c in classifications(out.logits, out.heads, adapter, "classify")]
 
     def tag(self, texts: list[str], adapter: str, tenant: str | None = None) -> list[list[TokenTag]]:
         """One label per token (special tokens skipped), with character offsets into the text."""
-        info = self.registry.lookup(adapter, tenant)
-        require_head(info, ("tagging",), "tag")
+        require_head(adapter, self.registry.lookup(adapter, tenant).head_type, TAG_HEADS, "tag")
         return [t for out, rows in self._forward_texts(texts, adapter, tenant)
-                for t in token_tags(out.logits, info, rows, self.tokenizer)]
+                for t in token_tags(out.logits, out.heads, rows, self.tokenizer, adapter, "tag")]
 
     def embed(self, texts: list[str], adapter: str | None = None, tenant: str | None = None) -> torch.Tensor:
         """[n, H] sentence embeddings (the engine's pooling), through the adapter if one is named."""
         return torch.cat([out.embeddings for out, _ in self._forward_texts(texts, adapter, tenant)])
 
     def _forward_texts(self, texts: list[str], adapter: str | None, tenant: str | None):
-        """Tokenises, then runs chunks of at most max_batch_rows rows: [(output, rows)] per chunk."""
+        """Tokenises, then runs chunks of at most max_batch_rows rows, all on the adapter version current at
+        the start (a re-load meanwhile serves later calls): [(output, rows)] per chunk."""
         if not isinstance(texts, (list, tuple)):
             raise InvalidRequest("texts must be a non-empty list of strings")
         rows = encode_texts(self.tokenizer, texts, self.max_seq_len)
         step, results = self.config.max_batch_rows, []
-        for i in range(0, len(rows), step):
-            chunk = rows[i:i + step]
-            ids, mask, types = pad_rows(chunk, self.pad_token_id)
-            results.append((self.forward(ids, mask, [adapter] * len(chunk), types, tenant), chunk))
+        with self.adapters.acquired([adapter], [tenant]) as version:
+            for i in range(0, len(rows), step):
+                chunk = rows[i:i + step]
+                ids, mask, types = pad_rows(chunk, self.pad_token_id)
+                self._check_batch(ids, mask, [adapter] * len(chunk), types)
+                batch = self.adapters.place(version * len(chunk))
+                results.append((self._run(ids, mask, types, batch.meta, batch.row_slots, batch.heads), chunk))
         return results
 
     def _model_pass(self, input_ids, attention_mask, token_type_ids, meta: AdapterBatch | None) -> torch.Tensor:
@@ -174,13 +177,16 @@ class Engine:
             if heads:
                 if self.info.is_decoder:
                     pad = getattr(self.model_config, "pad_token_id", None)
-                    summary = hidden[torch.arange(hidden.shape[0], device=d), head_token_index(input_ids, attention_mask, pad)]
+                    token = head_token_index(input_ids, attention_mask, pad)
+                    summary = hidden[torch.arange(hidden.shape[0], device=d), token]
                 else:
                     summary = hidden[:, 0]
                 needs_pooler = any(h.use_pooler for h in heads.values())
                 pooled = self.model.pooler(hidden) if needs_pooler and self.model.pooler is not None else None
                 logits = apply_heads(heads, row_slots, hidden, summary, pooled)
-        return ForwardOutput(hidden, embeddings, logits)
+        row_heads = tuple(RowHead(heads[s].head_type.value, heads[s].labels) if s in heads else None
+                          for s in row_slots)
+        return ForwardOutput(hidden, embeddings, logits, row_heads)
 
     @staticmethod
     def _row_tenants(adapters: list[str | None], tenant: str | None | list[str | None]) -> list[str | None]:
@@ -197,7 +203,8 @@ class Engine:
                 continue
             if not isinstance(value, torch.Tensor):
                 raise InvalidRequest(f"{field} must be a torch tensor, got {type(value).__name__}", field)
-            if field != "attention_mask" and (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool):
+            if field != "attention_mask" and (value.is_floating_point() or value.is_complex()
+                                              or value.dtype == torch.bool):
                 raise InvalidRequest(f"{field} must hold integers, got {value.dtype}", field)
         if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
             raise InvalidRequest(f"input_ids and attention_mask must both be [B, T], got {tuple(input_ids.shape)} and {tuple(attention_mask.shape)}")

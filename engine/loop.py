@@ -16,6 +16,7 @@ from engine.errors import AdapterServeError
 from engine.scheduler import Request, Scheduler
 from engine.service.metrics import Metrics
 from engine.text import pad_rows
+from engine.types import RowHead
 
 log = logging.getLogger("adapterserve.loop")
 
@@ -24,6 +25,7 @@ log = logging.getLogger("adapterserve.loop")
 class RequestOutput:
     logits: tuple[torch.Tensor | None, ...]  # per row: [L] or [T, L] (tagging), None without head
     embeddings: torch.Tensor  # [n, H]
+    heads: tuple[RowHead | None, ...]  # per row: the head its logits came from (`ForwardOutput.heads`)
 
 
 class EngineLoop:
@@ -94,6 +96,6 @@ class EngineLoop:
         outputs, start = [], 0
         for request in batch:
             end = start + len(request.rows)
-            outputs.append(RequestOutput(out.logits[start:end], out.embeddings[start:end].cpu()))
+            outputs.append(RequestOutput(out.logits[start:end], out.embeddings[start:end].cpu(), out.heads[start:end]))
             start = end
         return outputs

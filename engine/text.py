@@ -8,7 +8,10 @@ from typing import Sequence
 import torch
 
 from engine.errors import InvalidRequest
-from engine.types import AdapterInfo, Classification, TokenTag
+from engine.types import Classification, RowHead, TokenTag
+
+CLASSIFY_HEADS = ("classification", "multilabel_classification")
+TAG_HEADS = ("tagging",)
 
 
 @dataclass(frozen=True)
@@ -55,26 +58,30 @@ def pad_rows(rows: Sequence[EncodedRow], pad_id: int) -> tuple[torch.Tensor, tor
     return ids, mask, types
 
 
-def classifications(logits: Sequence[torch.Tensor], info: AdapterInfo) -> list[Classification]:
+def classifications(logits: Sequence[torch.Tensor], heads: Sequence[RowHead | None], adapter: str,
+                    task: str) -> list[Classification]:
+    """Labels and scores per row, each read with the head its logits came from."""
     results = []
-    for row in logits:
-        if info.head_type == "multilabel_classification":
+    for row, head in zip(logits, heads):
+        require_head(adapter, head and head.head_type, CLASSIFY_HEADS, task)
+        if head.head_type == "multilabel_classification":
             probs = torch.sigmoid(row.float())
-            chosen = tuple(label for label, p in zip(info.labels, probs.tolist()) if p > 0.5)
-            results.append(Classification(chosen[0] if chosen else "", _scores(probs, info), chosen))
+            chosen = tuple(label for label, p in zip(head.labels, probs.tolist()) if p > 0.5)
+            results.append(Classification(chosen[0] if chosen else "", _scores(probs, head.labels), chosen))
         else:
             probs = torch.softmax(row.float(), dim=-1)
-            best = info.labels[int(probs.argmax())]
-            results.append(Classification(best, _scores(probs, info), (best,)))
+            best = head.labels[int(probs.argmax())]
+            results.append(Classification(best, _scores(probs, head.labels), (best,)))
     return results
 
 
-def token_tags(logits: Sequence[torch.Tensor], info: AdapterInfo, rows: Sequence[EncodedRow],
-               tokenizer) -> list[list[TokenTag]]:
-    """Per row, a tag for each real token; special tokens are skipped."""
+def token_tags(logits: Sequence[torch.Tensor], heads: Sequence[RowHead | None], rows: Sequence[EncodedRow],
+               tokenizer, adapter: str, task: str) -> list[list[TokenTag]]:
+    """Per row, a tag for each real token (special tokens are skipped), read with the row's head."""
     special = set(tokenizer.all_special_ids)
     results = []
-    for row_logits, row in zip(logits, rows):
+    for row_logits, head, row in zip(logits, heads, rows):
+        require_head(adapter, head and head.head_type, TAG_HEADS, task)
         probs = torch.softmax(row_logits.float(), dim=-1)
         tags = []
         for pos, token_id in enumerate(row.ids):
@@ -82,16 +89,16 @@ def token_tags(logits: Sequence[torch.Tensor], info: AdapterInfo, rows: Sequence
                 continue
             start, end = row.offsets[pos] if row.offsets else (0, 0)
             label = int(probs[pos].argmax())
-            tags.append(TokenTag(tokenizer.convert_ids_to_tokens(token_id), start, end, info.labels[label],
+            tags.append(TokenTag(tokenizer.convert_ids_to_tokens(token_id), start, end, head.labels[label],
                                  float(probs[pos, label])))
         results.append(tags)
     return results
 
 
-def require_head(info: AdapterInfo, kinds: tuple[str, ...], task: str) -> None:
-    if info.head_type not in kinds:
-        raise InvalidRequest(f"adapter {info.name!r} has head {info.head_type!r}; {task} needs one of {list(kinds)}")
+def require_head(adapter: str, head_type: str | None, kinds: tuple[str, ...], task: str) -> None:
+    if head_type not in kinds:
+        raise InvalidRequest(f"adapter {adapter!r} has head {head_type!r}; {task} needs one of {list(kinds)}")
 
 
-def _scores(probs: torch.Tensor, info: AdapterInfo) -> dict[str, float]:
-    return {label: float(p) for label, p in zip(info.labels, probs.tolist())}
+def _scores(probs: torch.Tensor, labels: tuple[str, ...]) -> dict[str, float]:
+    return {label: float(p) for label, p in zip(labels, probs.tolist())}

@@ -109,15 +109,25 @@ class AdapterLifecycle:
     def admit(self, names: list[str | None], tenants: list[str | None]) -> Iterator[AdmittedBatch]:
         """Acquires each row's version, brings it onto the device and yields the batch's slots and metadata;
         releases them on exit (freeing versions retired meanwhile once their last rows are done)."""
+        with self.acquired(names, tenants) as records:
+            yield self.place(records)
+
+    @contextmanager
+    def acquired(self, names: list[str | None], tenants: list[str | None]) -> Iterator[list[AdapterRecord | None]]:
+        """Each row's current version, held until exit: batches placed from these records all use the same
+        versions even if a name is re-loaded meanwhile (one request split into several batches)."""
         records = self.registry.acquire_rows(names, tenants)
         try:
-            keys = list(dict.fromkeys(r.key for r in records if r is not None))
-            if not keys:
-                yield AdmittedBatch([-1] * len(records), None, {})
-            else:
-                yield self.tiers.place(keys, functools.partial(self._batch, records))
+            yield records
         finally:
             self._release(records)
+
+    def place(self, records: list[AdapterRecord | None]) -> AdmittedBatch:
+        """Slots and metadata for rows of acquired versions (see `acquired`), bringing them onto the device."""
+        keys = list(dict.fromkeys(r.key for r in records if r is not None))
+        if not keys:
+            return AdmittedBatch([-1] * len(records), None, {})
+        return self.tiers.place(keys, functools.partial(self._batch, records))
 
     def _batch(self, records: list[AdapterRecord | None], slots: dict[int, int]) -> AdmittedBatch:
         row_slots = [slots[r.key] if r is not None else -1 for r in records]

@@ -13,7 +13,8 @@ from engine.service.auth import Authenticator, Role
 from engine.service.convert import classification_pb, token_tags_pb
 from engine.service.metrics import Metrics
 from engine.service.rpc import RpcContext, Servicer, rpc
-from engine.text import EncodedRow, classifications, encode_ids, encode_texts, require_head, token_tags
+from engine.text import (CLASSIFY_HEADS, TAG_HEADS, EncodedRow, classifications, encode_ids, encode_texts, require_head,
+                         token_tags)
 
 MAX_TEXT_CHARS = 100_000  # per input; the tokenizer truncates to the model's limit anyway
 
@@ -28,11 +29,10 @@ class InferenceServicer(Servicer, pb_grpc.InferenceServiceServicer):
     @rpc(Role.INFERENCE)
     async def Classify(self, request: pb.ClassifyRequest, ctx: RpcContext) -> pb.ClassifyResponse:
         adapter, tenant = self._adapter(request.adapter_id, ctx, required=True)
-        info = self.engine.registry.lookup(adapter, tenant)
-        require_head(info, ("classification", "multilabel_classification"), "Classify")
+        require_head(adapter, self.engine.registry.lookup(adapter, tenant).head_type, CLASSIFY_HEADS, "Classify")
         _, output = await self._submit(Task.CLASSIFY, request.inputs, adapter, tenant, ctx)
-        return pb.ClassifyResponse(results=[classification_pb(c) for c in classifications(output.logits, info)],
-                                   request_id=ctx.request_id)
+        results = classifications(output.logits, output.heads, adapter, "Classify")
+        return pb.ClassifyResponse(results=[classification_pb(c) for c in results], request_id=ctx.request_id)
 
     @rpc(Role.INFERENCE)
     async def Embed(self, request: pb.EmbedRequest, ctx: RpcContext) -> pb.EmbedResponse:
@@ -46,10 +46,9 @@ class InferenceServicer(Servicer, pb_grpc.InferenceServiceServicer):
     @rpc(Role.INFERENCE)
     async def Tag(self, request: pb.TagRequest, ctx: RpcContext) -> pb.TagResponse:
         adapter, tenant = self._adapter(request.adapter_id, ctx, required=True)
-        info = self.engine.registry.lookup(adapter, tenant)
-        require_head(info, ("tagging",), "Tag")
+        require_head(adapter, self.engine.registry.lookup(adapter, tenant).head_type, TAG_HEADS, "Tag")
         rows, output = await self._submit(Task.TAG, request.inputs, adapter, tenant, ctx)
-        tags = token_tags(output.logits, info, rows, self.engine.tokenizer)
+        tags = token_tags(output.logits, output.heads, rows, self.engine.tokenizer, adapter, "Tag")
         return pb.TagResponse(results=[token_tags_pb(t) for t in tags], request_id=ctx.request_id)
 
     async def GenerateStream(self, request: pb.GenerateStreamRequest, context: grpc.aio.ServicerContext):

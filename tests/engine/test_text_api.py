@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from engine import Engine, InvalidRequest
+from engine import Engine, EngineConfig, InvalidRequest
 from minilm import build_minilm_adapters, library_logits
 
 TEXTS = ["The movie was wonderful and moving.", "Terrible plot, I walked out.", "Paris is in France."]
@@ -80,3 +80,39 @@ def test_reload_swaps_to_new_version(engine, library):
     engine.load_adapter(folders["sentiment"])
     assert engine.classify(TEXTS, "sentiment") == before
     assert len(engine.list_adapters()) == 3
+
+
+def test_labels_come_from_the_version_that_ran(library, monkeypatch):
+    _, folders = library
+    engine = Engine.from_pretrained(device="cpu")
+    engine.load_adapter(folders["sentiment"], name="x")  # classification: neg, pos
+    lookup = engine.registry.lookup
+
+    def lookup_then_reload(name, tenant=None):  # a re-load lands between the call's lookup and its forward
+        info = lookup(name, tenant)
+        monkeypatch.setattr(engine.registry, "lookup", lookup)
+        engine.load_adapter(folders["topics"], name="x")  # multilabel: art, geo, film
+        return info
+
+    monkeypatch.setattr(engine.registry, "lookup", lookup_then_reload)
+    results = engine.classify(TEXTS, "x")
+    assert results == engine.classify(TEXTS, "x")  # exactly what the new version gives
+    assert all(set(r.scores) == {"art", "geo", "film"} for r in results)
+
+
+def test_one_call_runs_on_one_version_across_its_batches(library, monkeypatch):
+    _, folders = library
+    engine = Engine.from_pretrained(device="cpu", config=EngineConfig(max_batch_rows=1))
+    engine.load_adapter(folders["sentiment"], name="x")
+    want = engine.embed(TEXTS, "x")
+    run = engine._run
+
+    def run_then_reload(*args):  # the call's first batch is done: a re-load lands before its second
+        monkeypatch.setattr(engine, "_run", run)
+        out = run(*args)
+        engine.load_adapter(folders["topics"], name="x")
+        return out
+
+    monkeypatch.setattr(engine, "_run", run_then_reload)
+    assert torch.equal(engine.embed(TEXTS, "x"), want)  # all three batches on the version it started with
+    assert not torch.allclose(engine.embed(TEXTS, "x"), want)  # later calls get the new one
