@@ -30,14 +30,16 @@ class AdapterServicer(Servicer, pb_grpc.AdapterServiceServicer):
         if not request.source:
             raise InvalidRequest("source is required", "source")
         tenant = ctx.principal.scope(request.tenant or None)
-        if ctx.principal.tenant is not None and not _remote_source(request.source):
-            # a tenant's admin must not make the server read its own file system
-            raise PermissionDenied("tenant keys may load from the adapter store (store://), the hub or remote "
-                                   "URLs, not from server paths")
+        source = request.source
+        if ctx.principal.tenant is not None:  # a tenant's admin must not make the server read its own file system
+            if not _remote_source(source):
+                raise PermissionDenied("tenant keys may load from the adapter store (store://), the hub or remote "
+                                       "URLs, not from server paths")
+            if "://" not in source:  # "org/name" is a hub id here, even where a server folder of that name exists
+                source = "hf://" + source
         start = time.perf_counter()
         try:
-            info = await asyncio.to_thread(self.engine.load_adapter, request.source, request.name or None, tenant,
-                                           request.pin)
+            info = await asyncio.to_thread(self.engine.load_adapter, source, request.name or None, tenant, request.pin)
         except Exception:
             self.metrics.loads.labels("error").inc()
             raise

@@ -15,6 +15,7 @@ from engine.service.metrics import Metrics
 from engine.service.rpc import RpcContext, Servicer, rpc
 from engine.text import (CLASSIFY_HEADS, TAG_HEADS, EncodedRow, classifications, encode_ids, encode_texts, require_head,
                          token_tags)
+from engine.types import AdapterInfo
 
 MAX_TEXT_CHARS = 100_000  # per input; the tokenizer truncates to the model's limit anyway
 
@@ -29,7 +30,7 @@ class InferenceServicer(Servicer, pb_grpc.InferenceServiceServicer):
     @rpc(Role.INFERENCE)
     async def Classify(self, request: pb.ClassifyRequest, ctx: RpcContext) -> pb.ClassifyResponse:
         adapter, tenant = self._adapter(request.adapter_id, ctx, required=True)
-        require_head(adapter, self.engine.registry.lookup(adapter, tenant).head_type, CLASSIFY_HEADS, "Classify")
+        require_head(adapter, self._lookup(adapter, tenant).head_type, CLASSIFY_HEADS, "Classify")
         _, output = await self._submit(Task.CLASSIFY, request.inputs, adapter, tenant, ctx)
         results = classifications(output.logits, output.heads, adapter, "Classify")
         return pb.ClassifyResponse(results=[classification_pb(c) for c in results], request_id=ctx.request_id)
@@ -38,7 +39,7 @@ class InferenceServicer(Servicer, pb_grpc.InferenceServiceServicer):
     async def Embed(self, request: pb.EmbedRequest, ctx: RpcContext) -> pb.EmbedResponse:
         adapter, tenant = self._adapter(request.adapter_id, ctx, required=False)
         if adapter:
-            self.engine.registry.lookup(adapter, tenant)
+            self._lookup(adapter, tenant)
         _, output = await self._submit(Task.EMBED, request.inputs, adapter, tenant, ctx)
         return pb.EmbedResponse(embeddings=[pb.Embedding(values=row) for row in output.embeddings.float().tolist()],
                                 request_id=ctx.request_id)
@@ -46,7 +47,7 @@ class InferenceServicer(Servicer, pb_grpc.InferenceServiceServicer):
     @rpc(Role.INFERENCE)
     async def Tag(self, request: pb.TagRequest, ctx: RpcContext) -> pb.TagResponse:
         adapter, tenant = self._adapter(request.adapter_id, ctx, required=True)
-        require_head(adapter, self.engine.registry.lookup(adapter, tenant).head_type, TAG_HEADS, "Tag")
+        require_head(adapter, self._lookup(adapter, tenant).head_type, TAG_HEADS, "Tag")
         rows, output = await self._submit(Task.TAG, request.inputs, adapter, tenant, ctx)
         tags = token_tags(output.logits, output.heads, rows, self.engine.tokenizer, adapter, "Tag")
         return pb.TagResponse(results=[token_tags_pb(t) for t in tags], request_id=ctx.request_id)
@@ -65,9 +66,14 @@ class InferenceServicer(Servicer, pb_grpc.InferenceServiceServicer):
         adapter = body or header or None
         if required and adapter is None:
             raise InvalidRequest("adapter_id is required (body or x-adapter-id metadata)", "adapter_id")
-        if adapter:
-            self.metrics.count_adapter(adapter)
         return adapter, ctx.principal.scope(ctx.metadata.get("x-tenant-id") or None)
+
+    def _lookup(self, adapter: str, tenant: str | None) -> AdapterInfo:
+        """The adapter as the caller's tenant sees it; counted per adapter only once found (unknown ids must not
+        take the bounded per-adapter label set)."""
+        info = self.engine.registry.lookup(adapter, tenant)
+        self.metrics.count_adapter(adapter)
+        return info
 
     async def _submit(self, task: Task, inputs, adapter, tenant, ctx: RpcContext) -> tuple[list[EncodedRow], RequestOutput]:
         if self.draining:

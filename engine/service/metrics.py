@@ -6,7 +6,7 @@ vLLM-compatible ``lora_requests_info`` gauge that inference gateways parse.
 """
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, start_http_server
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -14,6 +14,7 @@ SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 class Metrics:
     def __init__(self, max_adapter_labels: int = 50, vllm_compat: bool = False):
+        disable_created_metrics()  # process-wide: no *_created series beside every counter and histogram
         self.registry = CollectorRegistry()
         r, p = self.registry, "adapterserve_"
         self.requests = Counter(p + "requests_total", "RPCs by method and gRPC code", ["method", "code"], registry=r)

@@ -2,6 +2,7 @@
 
 Health and reflection are separate servicers and never pass through here, so probes need no key.
 """
+import asyncio
 import functools
 import json
 import logging
@@ -59,6 +60,11 @@ def rpc(role: Role):
                 principal = self.auth.authenticate(metadata)
                 principal.check_role(role)
                 response = await method(self, request, RpcContext(principal, metadata, request_id, context))
+            except asyncio.CancelledError:  # the client cancelled, or its deadline passed: count it all the same
+                remaining = context.time_remaining()
+                expired = remaining is not None and remaining <= 0
+                record(grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED)
+                raise
             except Exception as exc:  # every error leaves through the one mapping
                 status = to_status(exc, request_id)
                 if status.code == grpc.StatusCode.INTERNAL:

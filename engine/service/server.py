@@ -74,6 +74,7 @@ class AdapterServer:
         self._grpc = grpc.aio.server(options=[
             ("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size),
             ("grpc.keepalive_time_ms", 30_000), ("grpc.keepalive_timeout_ms", 10_000),
+            ("grpc.keepalive_permit_without_calls", 1),  # clients' keepalive pings on idle connections: no GOAWAY
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
             ("grpc.max_connection_age_ms", 300_000), ("grpc.max_connection_age_grace_ms", 30_000)])
         inference_service_pb2_grpc.add_InferenceServiceServicer_to_server(self.inference, self._grpc)

@@ -1,5 +1,6 @@
 """Every error code the service promises, produced by a real call, with its ErrorInfo reason."""
 import json
+import shutil
 import threading
 import time
 
@@ -154,3 +155,18 @@ def test_cancelled_request_is_never_computed(start_server, minilm_setup, monkeyp
         first.join(30)
         assert client.embed(["after"])  # the server keeps serving
     assert blocked.calls == [2, 1]  # the first batch, then "after": the cancelled request freed its place
+
+
+def test_a_tenant_admin_hub_id_never_reads_a_server_folder_of_that_name(authed, minilm_setup, tmp_path,
+                                                                       monkeypatch):
+    import huggingface_hub.constants
+
+    shutil.copytree(minilm_setup.folders["sentiment"], tmp_path / "adapters" / "sentiment")
+    monkeypatch.chdir(tmp_path)  # "adapters/sentiment" now names a server folder, relative to the server
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with authed.client("acme-admin") as acme_admin:
+        err = _expect(grpc.StatusCode.FAILED_PRECONDITION, "ADAPTER_SOURCE_UNAVAILABLE",
+                      lambda: acme_admin.load_adapter("adapters/sentiment"))
+        assert "hf://adapters/sentiment" in err.message and "hub" in err.message
+        assert "sentiment" not in {a.name for a in acme_admin.list_adapters()}
+

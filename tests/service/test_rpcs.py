@@ -1,5 +1,6 @@
 """Every RPC round-trips through a real server, and results equal the in-process engine's."""
 import threading
+import time
 import urllib.request
 
 import grpc
@@ -99,16 +100,27 @@ def test_reflection_lists_the_services(server):
     channel.close()
 
 
+def _scrape(server) -> dict:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{server.server.metrics_port}/metrics").read().decode()
+    return {f.name: f for f in text_string_to_metric_families(text)}
+
+
+def _requests_total(families) -> dict[tuple[str, str], float]:
+    return {(s.labels["method"], s.labels["code"]): s.value for s in families["adapterserve_requests"].samples
+            if s.name == "adapterserve_requests_total"}
+
+
 def test_metrics_scrape_and_parse(server):
     with server.client() as client:
         client.classify(TEXTS, "sentiment")
         with pytest.raises(RpcError):
             client.classify(TEXTS, "nope")
-    text = urllib.request.urlopen(f"http://127.0.0.1:{server.server.metrics_port}/metrics").read().decode()
-    families = {f.name: f for f in text_string_to_metric_families(text)}
-    requests = {(s.labels["method"], s.labels["code"]): s.value for s in families["adapterserve_requests"].samples
-                if s.name == "adapterserve_requests_total"}
+    families = _scrape(server)
+    requests = _requests_total(families)
     assert requests[("Classify", "OK")] >= 1 and requests[("Classify", "NOT_FOUND")] >= 1
+    assert not [s for f in families.values() for s in f.samples if s.name.endswith("_created")]
+    adapters = {s.labels["adapter"] for s in families["adapterserve_adapter_requests"].samples}
+    assert "sentiment" in adapters and "nope" not in adapters  # unknown ids must not take the bounded label set
     for name in ("adapterserve_request_duration_seconds", "adapterserve_batch_rows", "adapterserve_batch_distinct_adapters",
                  "adapterserve_prompt_tokens", "adapterserve_adapters_resident", "adapterserve_lora_requests_info",
                  "adapterserve_request_queue_time_seconds", "adapterserve_adapter_requests"):
@@ -135,3 +147,19 @@ def test_async_client_round_trip(server, minilm_setup):
     assert [r.label for r in results] == [w.label for w in want]
     assert {i.name for i in infos} == {"sentiment", "topics", "ner", "plain"}
     assert missing.code == grpc.StatusCode.NOT_FOUND
+
+
+def test_calls_that_outlive_their_deadline_are_counted(server):
+    from adapterserve.v1 import inference_service_pb2 as pb
+    from adapterserve.v1 import inference_service_pb2_grpc as pb_grpc
+
+    request = pb.EmbedRequest(inputs=[pb.Input(text="word " * 200)] * 32)  # ~6,500 tokens: a second of CPU work
+    with grpc.insecure_channel(server.target) as channel:
+        with pytest.raises(grpc.RpcError) as info:
+            pb_grpc.InferenceServiceStub(channel).Embed(request, timeout=0.1)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    deadline, counted = time.monotonic() + 10, {}
+    while time.monotonic() < deadline and ("Embed", "DEADLINE_EXCEEDED") not in counted:
+        time.sleep(0.05)  # the server notices the expiry just after the client
+        counted = _requests_total(_scrape(server))
+    assert counted.get(("Embed", "DEADLINE_EXCEEDED")) == 1, counted
