@@ -52,6 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     client.add_argument("--server", default=os.environ.get("ADAPTERSERVE_SERVER", "localhost:50051"))
     client.add_argument("--api-key", default=os.environ.get("ADAPTERSERVE_API_KEY"))
     client.add_argument("--tenant", help="act for this tenant (operators and auth-off servers)")
+    client.add_argument("--timeout", type=float, default=60.0,
+                        help="seconds to wait for the answer (a hub download may need more)")
 
     adapters = sub.add_parser("adapters", help="manage adapters on a running server")
     verbs = adapters.add_subparsers(required=True, metavar="VERB")
@@ -124,7 +126,7 @@ def _hash_key(args) -> int:
 def _call(args, action) -> int:
     from engine.client import Client, RpcError
 
-    with Client(args.server, api_key=args.api_key, tenant=args.tenant) as client:
+    with Client(args.server, api_key=args.api_key, tenant=args.tenant, timeout=args.timeout) as client:
         try:
             print(json.dumps(_plain(action(client)), indent=2))
         except RpcError as exc:
@@ -136,7 +138,7 @@ def _call(args, action) -> int:
 def _generate(args) -> int:
     from engine.client import Client, RpcError
 
-    with Client(args.server, api_key=args.api_key, tenant=args.tenant) as client:
+    with Client(args.server, api_key=args.api_key, tenant=args.tenant, timeout=args.timeout) as client:
         try:
             for piece in client.generate(args.prompt, args.adapter or None):
                 print(piece, end="", flush=True)

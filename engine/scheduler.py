@@ -71,10 +71,11 @@ class Scheduler:
 
     def add(self, request: Request) -> None:
         if len(request.rows) > self.config.max_batch_rows:
-            raise InvalidRequest(f"{len(request.rows)} inputs exceed the limit of {self.config.max_batch_rows} per request")
+            raise InvalidRequest(f"{len(request.rows)} inputs exceed the limit of {self.config.max_batch_rows} per request",
+                                 "inputs")
         if request.longest * len(request.rows) > self.config.max_batch_tokens:
             raise InvalidRequest(f"request needs {request.longest * len(request.rows)} padded tokens, "
-                                 f"over the batch budget of {self.config.max_batch_tokens}")
+                                 f"over the batch budget of {self.config.max_batch_tokens}", "inputs")
         with self._cond:
             if self._closed:
                 raise ShuttingDown("the server is draining; retry on another replica")

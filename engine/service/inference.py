@@ -12,7 +12,7 @@ from engine.scheduler import Request, Scheduler, Task
 from engine.service.auth import Authenticator, Role
 from engine.service.convert import classification_pb, token_tags_pb
 from engine.service.metrics import Metrics
-from engine.service.rpc import RpcContext, Servicer, rpc
+from engine.service.rpc import RpcContext, Servicer, check_caller, rpc
 from engine.text import (CLASSIFY_HEADS, TAG_HEADS, EncodedRow, classifications, encode_ids, encode_texts, require_head,
                          token_tags)
 from engine.types import AdapterInfo
@@ -53,6 +53,7 @@ class InferenceServicer(Servicer, pb_grpc.InferenceServiceServicer):
         return pb.TagResponse(results=[token_tags_pb(t) for t in tags], request_id=ctx.request_id)
 
     async def GenerateStream(self, request: pb.GenerateStreamRequest, context: grpc.aio.ServicerContext):
+        await check_caller(self, context, Role.INFERENCE)
         kind = "a decoder" if self.engine.info.is_decoder else f"an encoder ({self.engine.info.model_type})"
         await context.abort(grpc.StatusCode.UNIMPLEMENTED,
                             f"text generation is not implemented yet; the base model is {kind}")

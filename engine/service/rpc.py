@@ -37,6 +37,18 @@ class Servicer:
         self.auth, self.metrics = auth, metrics
 
 
+def metadata_of(context: grpc.aio.ServicerContext) -> dict[str, str]:
+    return {k.lower(): v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
+
+
+async def check_caller(servicer: Servicer, context: grpc.aio.ServicerContext, role: Role) -> None:
+    """Auth for a streaming handler, which `rpc` does not wrap: aborts with the mapped status when refused."""
+    try:
+        servicer.auth.authenticate(metadata_of(context)).check_role(role)
+    except Exception as exc:
+        await context.abort_with_status(to_status(exc, uuid.uuid4().hex))
+
+
 def rpc(role: Role):
     """Decorates ``async def Method(self, request, ctx: RpcContext)`` into a gRPC handler."""
 
@@ -46,7 +58,7 @@ def rpc(role: Role):
         @functools.wraps(method)
         async def handler(self: Servicer, request, context: grpc.aio.ServicerContext):
             start = time.perf_counter()
-            metadata = {k.lower(): v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
+            metadata = metadata_of(context)
             request_id = getattr(request, "request_id", "") or metadata.get("x-request-id") or uuid.uuid4().hex
 
             def record(code: grpc.StatusCode) -> None:

@@ -59,17 +59,19 @@ def to_status(exc: Exception, request_id: str) -> grpc.Status:
     mapping = mapping_for(exc)
     message = str(exc) if mapping is not INTERNAL else f"internal error (request {request_id}); see server logs"
     info = error_details_pb2.ErrorInfo(reason=mapping.reason, domain=DOMAIN, metadata={"requestId": request_id})
+    details = [info]
     if isinstance(exc, AdapterNotFound):
         info.metadata["adapterId"] = exc.name
-    details = [_pack(info)]
+        details.append(error_details_pb2.ResourceInfo(resource_type="adapter", resource_name=exc.name,
+                                                      owner=exc.tenant or "", description=message))
     if isinstance(exc, InvalidRequest):
         violation = error_details_pb2.BadRequest.FieldViolation(field=exc.field or "", description=message)
-        details.append(_pack(error_details_pb2.BadRequest(field_violations=[violation])))
+        details.append(error_details_pb2.BadRequest(field_violations=[violation]))
     if mapping.retry_s is not None:
         delay = duration_pb2.Duration(seconds=int(mapping.retry_s), nanos=int(mapping.retry_s % 1 * 1e9))
-        details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
+        details.append(error_details_pb2.RetryInfo(retry_delay=delay))
     code = getattr(code_pb2, mapping.code.name)
-    return rpc_status.to_status(status_pb2.Status(code=code, message=message, details=details))
+    return rpc_status.to_status(status_pb2.Status(code=code, message=message, details=[_pack(d) for d in details]))
 
 
 def _pack(message) -> any_pb2.Any:

@@ -170,3 +170,31 @@ def test_a_tenant_admin_hub_id_never_reads_a_server_folder_of_that_name(authed, 
         assert "hf://adapters/sentiment" in err.message and "hub" in err.message
         assert "sentiment" not in {a.name for a in acme_admin.list_adapters()}
 
+
+
+def _details(err: grpc.RpcError) -> dict:
+    from google.rpc import error_details_pb2
+    from grpc_status import rpc_status
+
+    found = {}
+    for detail in rpc_status.from_call(err).details:
+        for kind in (error_details_pb2.ErrorInfo, error_details_pb2.ResourceInfo, error_details_pb2.BadRequest):
+            if detail.Is(kind.DESCRIPTOR):
+                found[kind.__name__] = kind()
+                detail.Unpack(found[kind.__name__])
+    return found
+
+
+def test_error_details_name_the_resource_and_the_field(authed):
+    with grpc.insecure_channel(authed.target) as channel:
+        stub, key = pb_grpc.InferenceServiceStub(channel), (("authorization", "Bearer globex-key"),)
+        with pytest.raises(grpc.RpcError) as missing:
+            stub.Classify(pb.ClassifyRequest(adapter_id="acme-secret", inputs=[pb.Input(text="hi")]), metadata=key)
+        resource = _details(missing.value)["ResourceInfo"]
+        assert (resource.resource_type, resource.resource_name, resource.owner) == ("adapter", "acme-secret", "globex")
+        with pytest.raises(grpc.RpcError) as too_many:
+            stub.Embed(pb.EmbedRequest(inputs=[pb.Input(text="hi")] * 65), metadata=key)
+        assert _details(too_many.value)["BadRequest"].field_violations[0].field == "inputs"
+        with pytest.raises(grpc.RpcError) as anonymous:  # the streaming RPC checks the caller like the others
+            list(stub.GenerateStream(pb.GenerateStreamRequest(input=pb.Input(text="hi"))))
+        assert anonymous.value.code() == grpc.StatusCode.UNAUTHENTICATED
