@@ -45,7 +45,6 @@ class AdapterServicer(Servicer, pb_grpc.AdapterServiceServicer):
             raise
         self.metrics.loads.labels("ok").inc()
         self.metrics.load_time.observe(time.perf_counter() - start)
-        self.update_residency()
         return pb.LoadAdapterResponse(adapter=adapter_pb(info))
 
     @rpc(Role.ADMIN)
@@ -53,7 +52,6 @@ class AdapterServicer(Servicer, pb_grpc.AdapterServiceServicer):
         if not request.name:
             raise InvalidRequest("name is required", "name")
         await asyncio.to_thread(self.engine.unload_adapter, request.name, ctx.principal.scope(request.tenant or None))
-        self.update_residency()
         return pb.UnloadAdapterResponse()
 
     @rpc(Role.ADMIN)
@@ -70,13 +68,6 @@ class AdapterServicer(Servicer, pb_grpc.AdapterServiceServicer):
             raise InvalidRequest("name is required", "name")
         info = self.engine.get_adapter(request.name, ctx.principal.scope(request.tenant or None))
         return pb.GetAdapterResponse(adapter=adapter_pb(info))
-
-    def update_residency(self) -> None:
-        tiers: dict[str, int] = {}
-        for info in self.engine.list_adapters():
-            tiers[info.tier] = tiers.get(info.tier, 0) + 1
-        for tier in ("device", "cpu", "source"):
-            self.metrics.resident.labels(tier).set(tiers.get(tier, 0))
 
 
 class ServerServicer(Servicer, pb_grpc.ServerServiceServicer):

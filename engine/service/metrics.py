@@ -5,8 +5,11 @@ their own series, the rest are folded into ``other``. Adapter names otherwise ap
 vLLM-compatible ``lora_requests_info`` gauge that inference gateways parse.
 """
 import time
+from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -30,7 +33,6 @@ class Metrics:
         self.tokens = Counter(p + "prompt_tokens_total", "Tokens processed (rate() gives tokens/s)", registry=r)
         self.running = Gauge(p + "num_requests_running", "Requests in the current forward pass", registry=r)
         self.waiting = Gauge(p + "num_requests_waiting", "Requests waiting for a batch", registry=r)
-        self.resident = Gauge(p + "adapters_resident", "Adapters per tier", ["tier"], registry=r)
         self.slots = Gauge(p + "adapter_slots_total", "Device adapter slots", registry=r)
         self.load_time = Histogram(p + "adapter_load_duration_seconds", "LoadAdapter time", buckets=LATENCY_BUCKETS,
                                    registry=r)
@@ -48,6 +50,10 @@ class Metrics:
     def serve(self, port: int, addr: str = "0.0.0.0"):
         return start_http_server(port, addr=addr, registry=self.registry)
 
+    def watch_residency(self, count: Callable[[], dict[str, int]]) -> None:
+        """``adapters_resident{tier}`` read at scrape time: forwards move adapters between tiers all the time."""
+        self.registry.register(_Residency(count))
+
     def count_adapter(self, adapter: str | None) -> None:
         name = adapter or "none"
         if name not in self._labelled and len(self._labelled) < self._max_labels:
@@ -59,3 +65,15 @@ class Metrics:
         for gauge in self.lora_info:
             gauge.clear()
             gauge.labels(str(max_lora), ",".join(sorted(running)), ",".join(sorted(waiting))).set(time.time())
+
+
+class _Residency(Collector):
+    def __init__(self, count: Callable[[], dict[str, int]]):
+        self._count = count
+
+    def collect(self):
+        gauge = GaugeMetricFamily("adapterserve_adapters_resident", "Adapters per tier", labels=["tier"])
+        counts = self._count()
+        for tier in ("device", "cpu", "source"):
+            gauge.add_metric([tier], counts.get(tier, 0))
+        yield gauge

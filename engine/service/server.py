@@ -5,6 +5,7 @@ as a drain starts. Drain (SIGTERM): stop admitting, let accepted requests finish
 period, stop the engine loop, exit 0.
 """
 import asyncio
+import collections
 import logging
 import signal
 import time
@@ -19,7 +20,6 @@ from grpc_reflection.v1alpha import reflection
 
 from engine.engine import Engine
 from engine.loop import EngineLoop
-from engine.errors import AdapterServeError
 from engine.scheduler import Request, Scheduler, SchedulerConfig
 from engine.service.admin import AdapterServicer, ServerServicer, versions
 from engine.service.auth import Authenticator
@@ -69,6 +69,9 @@ class AdapterServer:
         (the scheduler then fails this request only) when it was unloaded while queued or its read failed."""
         return request.adapter is None or self.engine.adapters_ready([request.adapter], request.tenant)
 
+    def _residency(self) -> dict[str, int]:
+        return dict(collections.Counter(info.tier for info in self.engine.list_adapters()))
+
     async def start(self) -> int:
         size = self.config.max_message_mb * 1024 * 1024
         self._grpc = grpc.aio.server(options=[
@@ -92,7 +95,7 @@ class AdapterServer:
             self.metrics_port = self._metrics_http.server_port
         self.metrics.build_info.labels(versions().get("adapterserve", "dev"), self.engine.config.model).set(1)
         self.metrics.slots.set(self.engine.config.max_device_adapters)
-        self.admin.update_residency()
+        self.metrics.watch_residency(self._residency)
         if not self.auth.enabled:
             log.warning("authentication is OFF: every caller is an operator (pass --api-keys to enable it)")
         self.loop.start()

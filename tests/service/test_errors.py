@@ -1,5 +1,4 @@
 """Every error code the service promises, produced by a real call, with its ErrorInfo reason."""
-import json
 import shutil
 import threading
 import time

@@ -163,3 +163,12 @@ def test_calls_that_outlive_their_deadline_are_counted(server):
         time.sleep(0.05)  # the server notices the expiry just after the client
         counted = _requests_total(_scrape(server))
     assert counted.get(("Embed", "DEADLINE_EXCEEDED")) == 1, counted
+
+
+def test_residency_gauge_is_read_at_scrape_time(server, minilm_setup):
+    def resident() -> dict[str, float]:
+        return {s.labels["tier"]: s.value for s in _scrape(server)["adapterserve_adapters_resident"].samples}
+
+    before = resident()["device"]
+    minilm_setup.engine.load_adapter(minilm_setup.folders["sentiment"], name="loaded-in-process")  # no admin RPC
+    assert resident()["device"] == before + 1
