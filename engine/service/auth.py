@@ -7,16 +7,25 @@ File format (plaintext keys are never stored)::
 
 ``tenant`` null means not bound to one tenant (an operator). An ``admin`` key may also call inference.
 Keys arrive as ``authorization: Bearer <key>`` metadata. With auth off every caller is an operator and may
-pick a tenant with ``x-tenant-id`` metadata (local use and tests).
+pick a tenant with ``x-tenant-id`` metadata (local use and tests). The file is read again when it changes
+(a rotated Kubernetes Secret), looked at no more than once per ``RELOAD_CHECK_S``; a changed file that cannot
+be read keeps the keys in use.
 """
 import hashlib
 import hmac
 import json
+import logging
+import os
+import threading
+import time
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
 from engine.errors import PermissionDenied, Unauthenticated
+
+log = logging.getLogger("adapterserve.auth")
+RELOAD_CHECK_S = 1.0
 
 
 class Role(Enum):
@@ -53,8 +62,10 @@ def hash_key(key: str) -> str:
 
 
 class Authenticator:
-    def __init__(self, entries: tuple[KeyEntry, ...] | None):
+    def __init__(self, entries: tuple[KeyEntry, ...] | None, path: Path | None = None):
         self.entries = entries  # None: auth off
+        self.path = path  # the key file, watched for changes
+        self._stamp, self._checked, self._lock = _stamp(path), time.monotonic(), threading.Lock()
 
     @property
     def enabled(self) -> bool:
@@ -62,19 +73,12 @@ class Authenticator:
 
     @classmethod
     def from_file(cls, path: str | Path | None) -> "Authenticator":
-        if path is None:
-            return cls(None)
-        try:
-            data = json.loads(Path(path).read_text())
-            entries = tuple(KeyEntry(bytes.fromhex(k["sha256"]), Principal(k.get("tenant"), Role(k["role"])))
-                            for k in data["keys"])
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ValueError(f"cannot read API key file {path}: {exc}") from exc
-        return cls(entries)
+        return cls(None) if path is None else cls(_read_keys(Path(path)), Path(path))
 
     def authenticate(self, metadata: dict[str, str]) -> Principal:
         if self.entries is None:
             return Principal(metadata.get("x-tenant-id") or None, Role.ADMIN)
+        self._reload_if_changed()
         header = metadata.get("authorization", "")
         if not header.lower().startswith("bearer ") or not header[7:].strip():
             raise Unauthenticated("missing API key: send 'authorization: Bearer <key>' metadata")
@@ -83,3 +87,36 @@ class Authenticator:
             if hmac.compare_digest(entry.digest, digest):
                 return entry.principal
         raise Unauthenticated("unknown API key")
+
+    def _reload_if_changed(self) -> None:
+        now = time.monotonic()
+        if self.path is None or now - self._checked < RELOAD_CHECK_S:
+            return
+        with self._lock:
+            self._checked, stamp = now, _stamp(self.path)
+            if stamp == self._stamp:
+                return
+            self._stamp = stamp  # a bad file is reported once, not on every check
+            try:
+                self.entries = _read_keys(self.path)
+                log.info("API key file %s changed: %d keys", self.path, len(self.entries))
+            except ValueError as exc:
+                log.error("%s; keeping the %d keys in use", exc, len(self.entries))
+
+
+def _read_keys(path: Path) -> tuple[KeyEntry, ...]:
+    try:
+        data = json.loads(path.read_text())
+        return tuple(KeyEntry(bytes.fromhex(k["sha256"]), Principal(k.get("tenant"), Role(k["role"])))
+                     for k in data["keys"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"cannot read API key file {path}: {exc}") from exc
+
+
+def _stamp(path: Path | None) -> tuple | None:
+    """What changes when the file is rewritten or a Secret's symlinked copy is swapped; None if unreadable."""
+    try:
+        info = os.stat(path) if path is not None else None
+    except OSError:
+        return None
+    return None if info is None else (info.st_ino, info.st_mtime_ns, info.st_size)

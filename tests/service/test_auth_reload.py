@@ -1,0 +1,29 @@
+"""The API key file is read again when it changes (a rotated Kubernetes Secret), without a restart."""
+import json
+
+import pytest
+
+import engine.service.auth as auth
+from engine.errors import Unauthenticated
+from engine.service.auth import Authenticator, Role, hash_key
+
+
+def _write(path, *keys):
+    path.write_text(json.dumps({"keys": [{"sha256": hash_key(k), "tenant": "acme", "role": "inference"}
+                                         for k in keys]}))
+
+
+def test_rotated_keys_take_effect_and_a_broken_file_keeps_the_old_ones(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(auth, "RELOAD_CHECK_S", 0.0)
+    path = tmp_path / "keys.json"
+    _write(path, "old-key")
+    authenticator = Authenticator.from_file(path)
+    bearer = lambda key: {"authorization": f"Bearer {key}"}  # noqa: E731
+    assert authenticator.authenticate(bearer("old-key")).role == Role.INFERENCE
+    _write(path, "new-key", "second-key")
+    assert authenticator.authenticate(bearer("new-key")).tenant == "acme"
+    with pytest.raises(Unauthenticated):
+        authenticator.authenticate(bearer("old-key"))
+    path.write_text("{half a file")
+    assert authenticator.authenticate(bearer("second-key")).tenant == "acme"  # still the last good keys
+    assert "keeping the 2 keys in use" in caplog.text
