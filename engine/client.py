@@ -1,8 +1,11 @@
 """Typed Python client: `Client` (sync) and `AsyncClient` (asyncio) over the gRPC API.
 
 Errors arrive as `RpcError` with the gRPC code, the server's ErrorInfo reason and its message.
-Inputs are strings (tokenised by the server) or lists of token ids.
+Inputs are strings (tokenised by the server) or lists of token ids. Calls that end UNAVAILABLE (a draining
+server, a connection that dropped) are retried by gRPC itself, up to 3 attempts with backoff: behind a
+Kubernetes Service the channel reconnects to another replica.
 """
+import json
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Iterator, Sequence
 
@@ -17,6 +20,12 @@ from grpc_status import rpc_status
 from engine.types import AdapterInfo, Classification, TokenTag
 
 Inputs = Sequence[str | Sequence[int]]
+# gRPC's own retries (service config); every method: inference is stateless, a repeated load swaps versions
+CHANNEL_OPTIONS = [("grpc.enable_retries", 1), ("grpc.service_config", json.dumps({"methodConfig": [{
+    "name": [{"service": "adapterserve.v1.InferenceService"}, {"service": "adapterserve.v1.AdapterService"},
+             {"service": "adapterserve.v1.ServerService"}],
+    "retryPolicy": {"maxAttempts": 3, "initialBackoff": "0.2s", "maxBackoff": "2s", "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"]}}]}))]
 
 
 class RpcError(Exception):
@@ -126,7 +135,7 @@ class Client(_Base):
 
     def __init__(self, target: str = "localhost:50051", api_key: str | None = None, tenant: str | None = None,
                  timeout: float | None = 60.0):
-        super().__init__(grpc.insecure_channel(target), api_key, tenant, timeout)
+        super().__init__(grpc.insecure_channel(target, options=CHANNEL_OPTIONS), api_key, tenant, timeout)
 
     def _invoke(self, call: _Call):
         try:
@@ -184,7 +193,7 @@ class AsyncClient(_Base):
 
     def __init__(self, target: str = "localhost:50051", api_key: str | None = None, tenant: str | None = None,
                  timeout: float | None = 60.0):
-        super().__init__(grpc.aio.insecure_channel(target), api_key, tenant, timeout)
+        super().__init__(grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS), api_key, tenant, timeout)
 
     async def _invoke(self, call: _Call):
         try:
