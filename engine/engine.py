@@ -108,7 +108,8 @@ class Engine:
     def adapters_ready(self, adapters: list[str | None], tenant: str | None | list[str | None] = None) -> bool:
         """True when every named adapter can be served without reading files; otherwise starts bringing the
         missing ones in from their sources and returns False. A scheduler can hold such requests and
-        schedule others, so nobody waits for the read; `forward` would wait for it."""
+        schedule others, so nobody waits for the read; `forward` would wait for it. Raises `AdapterNotFound`
+        for an unknown name, and the read's error when an adapter's last read failed (it is read again)."""
         return self.adapters.ready(adapters, self._row_tenants(adapters, tenant))
 
     # ---- inference ------------------------------------------------------------------------------
