@@ -41,20 +41,20 @@ class CatalogEntry:
 
 
 @dataclass(frozen=True)
-class ForwardOutput:
-    last_hidden_state: torch.Tensor  # [B, T, H]
-    embeddings: torch.Tensor  # [B, H] pooled per the engine's pooling (L2-normalised if configured)
-    logits: tuple[torch.Tensor | None, ...]  # per row: [L] (classification), [T, L] (tagging), None without head
-    heads: tuple["RowHead | None", ...]  # per row: the head its logits came from, None without head
-
-
-@dataclass(frozen=True)
 class RowHead:
     """The head of the adapter version that ran a row: a re-load may land between a caller's lookup of
     the adapter and its forward, so labels are read from here, never from an earlier lookup."""
 
     head_type: str  # "classification" | "multilabel_classification" | "tagging"
     labels: tuple[str, ...]  # index -> label name
+
+
+@dataclass(frozen=True)
+class ForwardOutput:
+    last_hidden_state: torch.Tensor  # [B, T, H]
+    embeddings: torch.Tensor  # [B, H] pooled per the engine's pooling (L2-normalised if configured)
+    logits: tuple[torch.Tensor | None, ...]  # per row: [L] (classification), [T, L] (tagging), None without head
+    heads: tuple[RowHead | None, ...]  # per row: the head its logits came from, None without head
 
 
 @dataclass(frozen=True)

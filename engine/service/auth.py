@@ -115,8 +115,10 @@ def _read_keys(path: Path) -> tuple[KeyEntry, ...]:
 
 def _stamp(path: Path | None) -> tuple | None:
     """What changes when the file is rewritten or a Secret's symlinked copy is swapped; None if unreadable."""
+    if path is None:
+        return None
     try:
-        info = os.stat(path) if path is not None else None
+        info = os.stat(path)
     except OSError:
         return None
-    return None if info is None else (info.st_ino, info.st_mtime_ns, info.st_size)
+    return info.st_ino, info.st_mtime_ns, info.st_size

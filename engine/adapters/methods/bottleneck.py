@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from engine.adapters.files import TargetModel, checked, layer_list, take
+from engine.adapters.files import TargetModel, checked, finite_number, layer_list, take
 from engine.adapters.spec import AdapterSpec, BottleneckWeights, Method
 from engine.batch import BottleneckVariant, ResidualBeforeLN
 from engine.errors import InvalidAdapter, UnsupportedAdapter
@@ -88,8 +88,9 @@ def _scaling_kind(scaling, source: str):
 def _reduction_factor(rf, layer: int, source: str) -> float:
     if isinstance(rf, dict):
         rf = rf.get(str(layer), rf.get("default"))
-    if not isinstance(rf, (int, float)) or isinstance(rf, bool) or not math.isfinite(rf) or rf <= 0:
-        raise InvalidAdapter(source, f"reduction_factor for layer {layer} must be a positive number, got {rf!r}")
+    rf = finite_number(rf, source, f"reduction_factor for layer {layer}")
+    if rf <= 0:
+        raise InvalidAdapter(source, f"reduction_factor for layer {layer} must be positive, got {rf!r}")
     return rf
 
 
