@@ -77,12 +77,14 @@ class AdapterSources:
             shutil.rmtree(folder.path, ignore_errors=True)
 
     def _from_hub(self, source: str) -> AdapterFolder:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import constants, snapshot_download
 
         repo, _, revision = source.removeprefix("hf://").partition("@")
         revision = self._hub_revision_within_cap(source, repo, revision or None)
         try:
-            path = Path(snapshot_download(repo, revision=revision, allow_patterns=HUB_FILES))
+            # offline, say so explicitly: huggingface_hub 1.x otherwise lists a commit-pinned repo online and fails
+            path = Path(snapshot_download(repo, revision=revision, allow_patterns=HUB_FILES,
+                                          local_files_only=constants.HF_HUB_OFFLINE))
         except Exception as exc:  # hub errors come in many types; all mean "cannot get it"
             local = "" if source.startswith("hf://") else "no local folder of that name, and "
             raise AdapterSourceError(source, f"{local}not on the Hugging Face hub or in its cache: "

@@ -25,12 +25,14 @@ def resolve_model_dir(model: str | Path) -> Path:
     path = Path(model).expanduser()
     if path.is_dir():
         return path
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import constants, snapshot_download
 
     repo, _, revision = str(model).partition("@")
     try:
         patterns = ["*.json", "*.safetensors", "*.bin", "*.txt", "*.model"]
-        return Path(snapshot_download(repo, revision=revision or None, allow_patterns=patterns))
+        # offline, say so explicitly: huggingface_hub 1.x otherwise lists a commit-pinned repo online and fails
+        return Path(snapshot_download(repo, revision=revision or None, allow_patterns=patterns,
+                                      local_files_only=constants.HF_HUB_OFFLINE))
     except Exception as exc:  # hub errors come in many types; all mean "cannot get this model"
         raise ModelLoadError(f"cannot resolve base model {model!r}: {exc}") from exc
 

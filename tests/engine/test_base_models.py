@@ -149,3 +149,25 @@ def test_cpu_gemm_backends_agree(tiny, monkeypatch):
     monkeypatch.setenv(CPU_GEMM_ENV, "mkl")
     with pytest.raises(ValueError, match="ADAPTERSERVE_CPU_GEMM must be onednn or torch, got 'mkl'"):
         dense(torch.ones(2, 4), torch.ones(3, 4), None)
+
+
+def test_hub_ids_from_the_offline_cache(tmp_path, monkeypatch):
+    """`org/name[@revision]` through huggingface_hub's cache when offline: a branch, a pinned commit, and a
+    typed error for a revision the cache lacks (huggingface_hub 1.x tried the network for a pinned commit)."""
+    import huggingface_hub
+
+    sha = "c" * 40
+    repo = tmp_path / "hub" / "models--acme--tiny-bert"
+    torch.manual_seed(0)
+    transformers.BertModel(transformers.BertConfig(**TINY)).save_pretrained(repo / "snapshots" / sha)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(sha)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    ids, mask = _batch(100, 0)
+    want = Engine.from_pretrained(repo / "snapshots" / sha, device="cpu").forward(ids, mask, [None] * 3)
+    for model in ("acme/tiny-bert", "acme/tiny-bert@main", f"acme/tiny-bert@{sha}"):
+        got = Engine.from_pretrained(model, device="cpu").forward(ids, mask, [None] * 3)
+        assert torch.equal(got.last_hidden_state, want.last_hidden_state), model
+    with pytest.raises(ModelLoadError, match=f"cannot resolve base model 'acme/tiny-bert@{'d' * 40}'"):
+        Engine.from_pretrained(f"acme/tiny-bert@{'d' * 40}", device="cpu")
