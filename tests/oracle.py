@@ -26,12 +26,15 @@ import torch
 import transformers
 from torch import nn
 
+from oracle_store import INDEX, copy_oracle, save_oracle, stored_oracle_dir
+
 transformers.logging.set_verbosity_error()
 logging.getLogger("adapters").setLevel(logging.ERROR)  # set_active_adapters logs a spurious "none are activated"
 
 VOCAB, HIDDEN, LAYERS, HEADS, INTER, MAX_POS = 100, 64, 2, 4, 128, 64
 LENGTHS = (7, 5, 3, 7)  # right padding to T=7: rows of different length, two full rows
 ENCODERS = ("bert", "roberta", "xlm-roberta")
+ARCHS = (*ENCODERS, "llama", "gpt2")
 
 
 @dataclass(frozen=True)
@@ -194,12 +197,32 @@ def _peft_cases(arch: str) -> list[tuple[str, Any]]:
     ]
 
 
-@torch.no_grad()
 def build_oracle(arch: str, root: Path, *, peft: bool = True) -> OracleBase:
-    """Build the base model, every adapter folder and their reference outputs under `root` (created if missing)."""
+    """Build the base model, every adapter folder and their reference outputs under `root` (created if missing).
+
+    With ADAPTERSERVE_ORACLE_DIR set (`oracle_store`), the oracle is built once into that folder (PEFT cases
+    included) when the library is installed, else read from it, and copied to `root`.
+    """
+    stored = stored_oracle_dir(arch)
+    if stored is None:
+        return _build(arch, Path(root), peft)
+    if not (stored / INDEX).is_file() and _library_installed():
+        save_oracle(_build(arch, stored, peft=True), stored)
+    return copy_oracle(stored, Path(root), peft)
+
+
+def _library_installed() -> bool:
+    try:
+        import adapters  # noqa: F401  (its lazy module has no __spec__: find_spec cannot tell)
+    except ImportError:
+        return False
+    return True
+
+
+@torch.no_grad()
+def _build(arch: str, root: Path, peft: bool) -> OracleBase:
     from adapters import AutoAdapterModel
 
-    root = Path(root)
     (root / "adapters").mkdir(parents=True, exist_ok=True)
     base_cls, cfg = _base_spec(arch)
     torch.manual_seed(zlib.crc32(arch.encode()))

@@ -7,9 +7,8 @@ import pytest
 import torch
 
 from engine import Engine
-from oracle import build_oracle
+from oracle import ARCHS, build_oracle
 
-ARCHS = ("bert", "roberta", "xlm-roberta", "llama", "gpt2")
 ATOL = 1e-5
 
 
