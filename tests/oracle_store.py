@@ -24,7 +24,7 @@ INDEX, TENSORS = "oracle.json", "oracle.safetensors"
 def stored_oracle_dir(arch: str) -> Path | None:
     """``<ADAPTERSERVE_ORACLE_DIR>/<arch>``, or None when oracles are built afresh for every test."""
     root = os.environ.get(ORACLE_DIR_ENV)
-    return Path(root) / arch if root else None
+    return Path(root).resolve() / arch if root else None
 
 
 def save_oracle(oracle, root: Path) -> None:
