@@ -3,9 +3,13 @@
 Errors arrive as `RpcError` with the gRPC code, the server's ErrorInfo reason and its message.
 Inputs are strings (tokenised by the server) or lists of token ids. Calls that end UNAVAILABLE (a draining
 server, a connection that dropped) are retried by gRPC itself, up to 3 attempts with backoff: behind a
-Kubernetes Service the channel reconnects to another replica.
+Kubernetes Service the channel reconnects to another replica. Calls the server refuses as overloaded
+(RESOURCE_EXHAUSTED with a RetryInfo: its queue is full, every adapter slot is busy) are tried again after the
+delay it asks for, up to 3 attempts; RESOURCE_EXHAUSTED without RetryInfo (a message over the size limit) is not.
 """
+import asyncio
 import json
+import time
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Iterator, Sequence
 
@@ -28,6 +32,10 @@ CHANNEL_OPTIONS = [("grpc.enable_retries", 1), ("grpc.service_config", json.dump
                     "retryableStatusCodes": ["UNAVAILABLE"]}}]}))]
 
 
+OVERLOAD_ATTEMPTS = 3  # tries of a call refused as overloaded, the first included
+MAX_OVERLOAD_WAIT_S = 5.0  # the longest RetryInfo delay honoured before a retry
+
+
 class RpcError(Exception):
     def __init__(self, code: grpc.StatusCode, reason: str, message: str):
         self.code, self.reason, self.message = code, reason, message
@@ -43,6 +51,19 @@ def _error(exc: grpc.RpcError) -> RpcError:
             detail.Unpack(info)
             reason = info.reason
     return RpcError(exc.code(), reason, exc.details() or "")
+
+
+def _overload_wait(exc: grpc.RpcError) -> float | None:
+    """Seconds to wait before trying a call again that the server refused as overloaded, None for other errors."""
+    if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return None
+    status = rpc_status.from_call(exc)
+    for detail in status.details if status else ():
+        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            info = error_details_pb2.RetryInfo()
+            detail.Unpack(info)
+            return min(info.retry_delay.ToTimedelta().total_seconds(), MAX_OVERLOAD_WAIT_S)
+    return None
 
 
 def _inputs(items: Inputs) -> list[pb.Input]:
@@ -138,10 +159,14 @@ class Client(_Base):
         super().__init__(grpc.insecure_channel(target, options=CHANNEL_OPTIONS), api_key, tenant, timeout)
 
     def _invoke(self, call: _Call):
-        try:
-            return call.convert(self._method(call)(call.request, metadata=self.metadata, timeout=self.timeout))
-        except grpc.RpcError as exc:
-            raise _error(exc) from None
+        for attempt in range(1, OVERLOAD_ATTEMPTS + 1):
+            try:
+                return call.convert(self._method(call)(call.request, metadata=self.metadata, timeout=self.timeout))
+            except grpc.RpcError as exc:
+                wait = _overload_wait(exc)
+                if wait is None or attempt == OVERLOAD_ATTEMPTS:
+                    raise _error(exc) from None
+            time.sleep(wait)
 
     def classify(self, inputs: Inputs, adapter: str) -> list[Classification]:
         return self._invoke(_Calls.classify(inputs, adapter))
@@ -196,10 +221,15 @@ class AsyncClient(_Base):
         super().__init__(grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS), api_key, tenant, timeout)
 
     async def _invoke(self, call: _Call):
-        try:
-            return call.convert(await self._method(call)(call.request, metadata=self.metadata, timeout=self.timeout))
-        except grpc.RpcError as exc:
-            raise _error(exc) from None
+        for attempt in range(1, OVERLOAD_ATTEMPTS + 1):
+            try:
+                return call.convert(await self._method(call)(call.request, metadata=self.metadata,
+                                                             timeout=self.timeout))
+            except grpc.RpcError as exc:
+                wait = _overload_wait(exc)
+                if wait is None or attempt == OVERLOAD_ATTEMPTS:
+                    raise _error(exc) from None
+            await asyncio.sleep(wait)
 
     async def classify(self, inputs: Inputs, adapter: str) -> list[Classification]:
         return await self._invoke(_Calls.classify(inputs, adapter))

@@ -1,4 +1,7 @@
-"""The Python client retries UNAVAILABLE (a draining replica, a dropped connection) and nothing else."""
+"""The Python client retries UNAVAILABLE (a draining replica, a dropped connection) and overloads the server
+marked retryable (RESOURCE_EXHAUSTED with RetryInfo, after its delay), and nothing else."""
+import asyncio
+import time
 from concurrent import futures
 
 import grpc
@@ -6,18 +9,23 @@ import pytest
 from adapterserve.v1 import inference_service_pb2 as pb
 from adapterserve.v1 import inference_service_pb2_grpc as pb_grpc
 
-from engine.client import Client, RpcError
+from engine.client import AsyncClient, Client, RpcError
+from engine.errors import AdapterCapacityExceeded
+from engine.scheduler import QueueFull
+from engine.service.status import mapping_for, to_status
 
 
 class Flaky(pb_grpc.InferenceServiceServicer):
-    """Answers Embed after ``failures`` UNAVAILABLE replies; any other code is sent once."""
+    """Answers Embed after ``failures`` refusals with ``code``, or with the status our server maps ``error`` to."""
 
-    def __init__(self, failures: int, code=grpc.StatusCode.UNAVAILABLE):
-        self.failures, self.code, self.calls = failures, code, 0
+    def __init__(self, failures: int, code=grpc.StatusCode.UNAVAILABLE, error: Exception | None = None):
+        self.failures, self.code, self.error, self.calls = failures, code, error, []
 
     def Embed(self, request, context):
-        self.calls += 1
-        if self.calls <= self.failures:
+        self.calls.append(time.monotonic())
+        if len(self.calls) <= self.failures:
+            if self.error is not None:
+                context.abort_with_status(to_status(self.error, "r1"))
             context.abort(self.code, "draining: retry on another replica")
         return pb.EmbedResponse(embeddings=[pb.Embedding(values=[1.0, 2.0])])
 
@@ -46,6 +54,44 @@ def test_unavailable_is_retried(failures, code, calls, ok):
                 with pytest.raises(RpcError) as info:
                     client.embed(["hi"])
                 assert info.value.code == code
-        assert servicer.calls == calls
+        assert len(servicer.calls) == calls
     finally:
         server.stop(None)
+
+
+@pytest.mark.parametrize("failures,error,calls,ok", [
+    (2, QueueFull("waiting queue full (64)"), 3, True),  # RetryInfo 0.1 s: tried again after it
+    (3, QueueFull("waiting queue full (64)"), 3, False),  # at most 3 attempts
+    (1, AdapterCapacityExceeded("all 4 adapter slots are in use"), 2, True),  # RetryInfo 1 s
+])
+@pytest.mark.parametrize("client_kind", ["sync", "async"])
+def test_overloads_with_retry_info_are_retried_after_its_delay(failures, error, calls, ok, client_kind):
+    servicer = Flaky(failures, error=error)
+    server, target = _serve(servicer)
+    try:
+        outcome = _embed(client_kind, target)
+        if ok:
+            assert outcome == [[1.0, 2.0]]
+        else:
+            assert isinstance(outcome, RpcError) and outcome.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert outcome.reason == "QUEUE_FULL"
+        assert len(servicer.calls) == calls
+        delay = mapping_for(error).retry_s  # what the server's RetryInfo says
+        assert all(b - a >= delay * 0.9 for a, b in zip(servicer.calls, servicer.calls[1:]))
+    finally:
+        server.stop(None)
+
+
+def _embed(client_kind: str, target: str):
+    """Embed through the sync or the async client: the vectors, or the RpcError raised."""
+    try:
+        if client_kind == "sync":
+            with Client(target, timeout=10) as client:
+                return client.embed(["hi"])
+
+        async def run():
+            async with AsyncClient(target, timeout=10) as client:
+                return await client.embed(["hi"])
+        return asyncio.run(run())
+    except RpcError as exc:
+        return exc
