@@ -16,6 +16,7 @@ Case list: `_cases` (identical on all archs, except: pooler head only on encoder
 
 from __future__ import annotations
 
+import importlib
 import logging
 import zlib
 from dataclasses import dataclass
@@ -212,8 +213,8 @@ def build_oracle(arch: str, root: Path, *, peft: bool = True) -> OracleBase:
 
 
 def _library_installed() -> bool:
-    try:
-        import adapters  # noqa: F401  (its lazy module has no __spec__: find_spec cannot tell)
+    try:  # importing it: its lazy module has no __spec__, so importlib.util.find_spec cannot tell
+        importlib.import_module("adapters")
     except ImportError:
         return False
     return True
