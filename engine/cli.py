@@ -25,49 +25,57 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--adapter", action="append", default=[], metavar="NAME=SOURCE",
                        help="load an adapter at start-up (repeatable)")
     serve.add_argument("--adapter-store", help="folder whose sub-folders form the adapter catalog")
-    serve.add_argument("--host", default="0.0.0.0")
-    serve.add_argument("--port", type=int, default=50051)
-    serve.add_argument("--metrics-port", type=int, default=9090, help="Prometheus /metrics port; -1 disables it")
+    serve.add_argument("--host", default="0.0.0.0", help="address to listen on (default: %(default)s, all)")
+    serve.add_argument("--port", type=_port, default=50051, help="gRPC port; 0 picks a free one (default: %(default)s)")
+    serve.add_argument("--metrics-port", type=_port_or_off, default=9090,
+                       help="Prometheus /metrics port; -1 disables it (default: %(default)s)")
     serve.add_argument("--device", default="auto")
     serve.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
-    serve.add_argument("--api-keys", help="JSON file of hashed API keys; without it auth is off")
-    serve.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    serve.add_argument("--max-batch-rows", type=int, default=64)
-    serve.add_argument("--max-batch-tokens", type=int, default=8192)
-    serve.add_argument("--max-wait-ms", type=float, default=5.0)
-    serve.add_argument("--max-queue", type=int, default=1024)
-    serve.add_argument("--max-device-adapters", type=int, default=64, help="adapter slots on the device")
-    serve.add_argument("--max-cpu-adapters", type=int, default=256, help="adapters kept in host memory")
-    serve.add_argument("--grace-seconds", type=float, default=30.0)
+    serve.add_argument("--api-keys", help='key file, {"keys": [<hash-key output>, ...]}; without it auth is off')
+    serve.add_argument("--threads", type=_positive(int), help="torch CPU threads (default: torch's choice)")
+    serve.add_argument("--max-batch-rows", type=_positive(int), default=64)
+    serve.add_argument("--max-batch-tokens", type=_positive(int), default=8192)
+    serve.add_argument("--max-wait-ms", type=_positive(float, zero=True), default=5.0)
+    serve.add_argument("--max-queue", type=_positive(int), default=1024)
+    serve.add_argument("--max-device-adapters", type=_positive(int), default=64, help="adapter slots on the device")
+    serve.add_argument("--max-cpu-adapters", type=_positive(int, zero=True), default=256,
+                       help="adapters kept in host memory")
+    serve.add_argument("--grace-seconds", type=_positive(float, zero=True), default=30.0,
+                       help="how long SIGTERM waits for accepted requests (default: %(default)s)")
     serve.add_argument("--vllm-compat-metrics", action="store_true", help="also export vllm:lora_requests_info")
     serve.set_defaults(run=_serve)
 
-    keys = sub.add_parser("hash-key", help="print the key-file entry for an API key")
-    keys.add_argument("key")
-    keys.add_argument("--tenant")
+    keys = sub.add_parser("hash-key", help="print the key-file entry for an API key",
+                          description='Prints one entry of the --api-keys file, {"keys": [entry, ...]}.')
+    keys.add_argument("key", help="the secret clients will send as 'authorization: Bearer KEY'")
+    keys.add_argument("--tenant", help="bind the key to this tenant (default: an operator key, no tenant)")
     keys.add_argument("--role", choices=["inference", "admin"], default="inference")
     keys.set_defaults(run=_hash_key)
 
     client = argparse.ArgumentParser(add_help=False)
-    client.add_argument("--server", default=os.environ.get("ADAPTERSERVE_SERVER", "localhost:50051"))
-    client.add_argument("--api-key", default=os.environ.get("ADAPTERSERVE_API_KEY"))
+    client.add_argument("--server", default=os.environ.get("ADAPTERSERVE_SERVER", "localhost:50051"),
+                        help="host:port (default: $ADAPTERSERVE_SERVER or %(default)s)")
+    client.add_argument("--api-key", default=os.environ.get("ADAPTERSERVE_API_KEY"),
+                        help="API key (default: $ADAPTERSERVE_API_KEY)")
     client.add_argument("--tenant", help="act for this tenant (operators and auth-off servers)")
     client.add_argument("--timeout", type=float, default=60.0,
                         help="seconds to wait for the answer (a hub download may need more)")
 
     adapters = sub.add_parser("adapters", help="manage adapters on a running server")
     verbs = adapters.add_subparsers(required=True, metavar="VERB")
-    load = verbs.add_parser("load", parents=[client])
-    load.add_argument("source")
-    load.add_argument("--name")
-    load.add_argument("--pin", action="store_true")
+    load = verbs.add_parser("load", parents=[client], help="load (or hot-swap) an adapter")
+    load.add_argument("source", help="folder, store://PATH, hub id org/name[@rev] or fsspec URL")
+    load.add_argument("--name", help="default: the name saved in an AdapterHub folder, else the folder's name")
+    load.add_argument("--pin", action="store_true", help="never evict it (load again without --pin to unpin)")
     load.set_defaults(run=lambda a: _call(a, lambda c: c.load_adapter(a.source, a.name, a.tenant, a.pin)))
-    unload = verbs.add_parser("unload", parents=[client])
+    unload = verbs.add_parser("unload", parents=[client], help="unload an adapter")
     unload.add_argument("name")
     unload.set_defaults(run=lambda a: _call(a, lambda c: c.unload_adapter(a.name, a.tenant)))
-    listing = verbs.add_parser("list", parents=[client])
+    listing = verbs.add_parser("list", parents=[client], help="loaded adapters")
     listing.set_defaults(run=lambda a: _call(a, lambda c: c.list_adapters(a.tenant)))
-    show = verbs.add_parser("show", parents=[client])
+    catalog = verbs.add_parser("catalog", parents=[client], help="the adapter store's folders (--adapter-store)")
+    catalog.set_defaults(run=lambda a: _call(a, lambda c: c.catalog()))
+    show = verbs.add_parser("show", parents=[client], help="one loaded adapter")
     show.add_argument("name")
     show.set_defaults(run=lambda a: _call(a, lambda c: c.get_adapter(a.name, a.tenant)))
 
@@ -76,7 +84,8 @@ def _parser() -> argparse.ArgumentParser:
         cmd.add_argument("texts", nargs="+")
         cmd.add_argument("--adapter", required=task != "embed")
         cmd.set_defaults(run=lambda a, task=task: _call(a, lambda c: getattr(c, task)(a.texts, a.adapter)))
-    generate = sub.add_parser("generate", parents=[client], help="stream generated text (decoder bases)")
+    generate = sub.add_parser("generate", parents=[client],
+                              help="stream generated text (not implemented yet: the server answers UNIMPLEMENTED)")
     generate.add_argument("prompt")
     generate.add_argument("--adapter", default="")
     generate.set_defaults(run=_generate)
@@ -84,21 +93,35 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _serve(args) -> int:
+    from engine.errors import AdapterServeError
+
+    try:
+        return _start_and_serve(args)
+    except (AdapterServeError, ValueError, OSError) as exc:  # bad flags, model, adapters, key file or ports
+        print(f"adapterserve serve: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+
+
+def _start_and_serve(args) -> int:
     from engine.engine import Engine
     from engine.config import EngineConfig
     from engine.scheduler import SchedulerConfig
     from engine.service.server import AdapterServer, ServerConfig
 
+    from engine.service.auth import Authenticator
+
+    adapters = [spec.partition("=")[::2] for spec in args.adapter]
+    bad = [spec for spec, (name, source) in zip(args.adapter, adapters) if not name or not source]
+    if bad:
+        raise ValueError(f"--adapter expects NAME=SOURCE, got {bad[0]!r}")
+    Authenticator.from_file(args.api_keys)  # a bad key file fails now, not after the model has loaded
     print(f"adapterserve: loading base model {args.model} on {args.device} ...", file=sys.stderr, flush=True)
     engine = Engine(EngineConfig(model=args.model, device=args.device, dtype=args.dtype, num_threads=args.threads,
                                  max_device_adapters=args.max_device_adapters, max_batch_rows=args.max_batch_rows,
                                  max_cpu_adapters=args.max_cpu_adapters, adapter_store=args.adapter_store))
     print(f"adapterserve: {engine.info.model_type} ready ({engine.dtype}, {engine.device}); loading "
           f"{len(args.adapter)} adapter(s)", file=sys.stderr, flush=True)
-    for spec in args.adapter:
-        name, _, source = spec.partition("=")
-        if not source:
-            raise SystemExit(f"--adapter expects NAME=SOURCE, got {spec!r}")
+    for name, source in adapters:
         engine.load_adapter(source, name=name)
     server = AdapterServer(engine, ServerConfig(
         host=args.host, port=args.port, metrics_port=None if args.metrics_port < 0 else args.metrics_port,
@@ -128,10 +151,12 @@ def _call(args, action) -> int:
 
     with Client(args.server, api_key=args.api_key, tenant=args.tenant, timeout=args.timeout) as client:
         try:
-            print(json.dumps(_plain(action(client)), indent=2))
+            result = action(client)
         except RpcError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
+    if result is not None:
+        print(json.dumps(_plain(result), indent=2))
     return 0
 
 
@@ -147,6 +172,28 @@ def _generate(args) -> int:
             return 1
     print()
     return 0
+
+
+def _port(text: str) -> int:
+    port = int(text)
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 0-65535, got {port}")
+    return port
+
+
+def _port_or_off(text: str) -> int:
+    return -1 if text.strip() == "-1" else _port(text)
+
+
+def _positive(kind, zero: bool = False):
+    """argparse type: a number of ``kind`` above 0 (or at least 0)."""
+    def parse(text: str):
+        value = kind(text)
+        if value < 0 or (value == 0 and not zero):
+            raise argparse.ArgumentTypeError(f"must be {'>= 0' if zero else '> 0'}, got {text}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in "invalid int value" messages
+    return parse
 
 
 def _plain(value):

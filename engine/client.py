@@ -21,7 +21,7 @@ from adapterserve.v1 import inference_service_pb2_grpc as pb_grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from engine.types import AdapterInfo, Classification, TokenTag
+from engine.types import AdapterInfo, CatalogEntry, Classification, TokenTag
 
 Inputs = Sequence[str | Sequence[int]]
 # gRPC's own retries (service config); every method: inference is stateless, a repeated load swaps versions
@@ -86,6 +86,12 @@ def _info(a: admin_pb.Adapter) -> AdapterInfo:
                        slot=-1, tier=a.tier, state=a.state, pinned=a.pinned)  # slots are server-internal
 
 
+def _catalog_entry(e: admin_pb.CatalogEntry) -> CatalogEntry:
+    return CatalogEntry(name=e.name, source=e.source, format=e.format, method=e.method,
+                        base_model=e.base_model or None, model_type=e.model_type or None,
+                        head_type=e.head_type or None, size_bytes=e.size_bytes)
+
+
 @dataclass(frozen=True)
 class _Call:
     """One RPC, built once for both clients: which stub and method, the request, how to read the reply."""
@@ -128,6 +134,11 @@ class _Calls:
     def list_adapters(tenant: str | None) -> _Call:
         return _Call("admin", "ListAdapters", admin_pb.ListAdaptersRequest(tenant=tenant or ""),
                      lambda r: [_info(a) for a in r.adapters])
+
+    @staticmethod
+    def catalog() -> _Call:
+        return _Call("admin", "ListAdapters", admin_pb.ListAdaptersRequest(include_catalog=True),
+                     lambda r: [_catalog_entry(e) for e in r.catalog])
 
     @staticmethod
     def get_adapter(name: str, tenant: str | None) -> _Call:
@@ -186,6 +197,10 @@ class Client(_Base):
 
     def list_adapters(self, tenant: str | None = None) -> list[AdapterInfo]:
         return self._invoke(_Calls.list_adapters(tenant))
+
+    def catalog(self) -> list[CatalogEntry]:
+        """The adapter store's folders (`--adapter-store`); each entry's `source` loads it."""
+        return self._invoke(_Calls.catalog())
 
     def get_adapter(self, name: str, tenant: str | None = None) -> AdapterInfo:
         return self._invoke(_Calls.get_adapter(name, tenant))
@@ -249,6 +264,10 @@ class AsyncClient(_Base):
 
     async def list_adapters(self, tenant: str | None = None) -> list[AdapterInfo]:
         return await self._invoke(_Calls.list_adapters(tenant))
+
+    async def catalog(self) -> list[CatalogEntry]:
+        """The adapter store's folders (`--adapter-store`); each entry's `source` loads it."""
+        return await self._invoke(_Calls.catalog())
 
     async def get_adapter(self, name: str, tenant: str | None = None) -> AdapterInfo:
         return await self._invoke(_Calls.get_adapter(name, tenant))

@@ -32,10 +32,11 @@ class UnsupportedAdapter(AdapterServeError):
 class AdapterNotFound(AdapterServeError):
     """No adapter of that name is visible to the caller's tenant."""
 
-    def __init__(self, name: str, tenant: str | None = None):
+    def __init__(self, name: str, tenant: str | None = None, owners: list[str] | None = None):
         self.name, self.tenant = name, tenant
         scope = f" for tenant {tenant!r}" if tenant else ""
-        super().__init__(f"adapter {name!r} is not loaded{scope}")
+        hint = f" as a shared adapter; tenant {', '.join(map(repr, owners))} has one: pass its tenant" if owners else ""
+        super().__init__(f"adapter {name!r} is not loaded{scope}{hint}")
 
 
 class AdapterCapacityExceeded(AdapterServeError):

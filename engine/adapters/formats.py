@@ -19,7 +19,7 @@ def read_adapter(folder: Path, target: TargetModel, name: str | None = None,
     except (OSError, ValueError) as exc:  # a name too long for the file system, a NUL byte
         raise AdapterSourceError(str(folder), f"cannot open it: {exc}") from None
     if not is_folder:
-        raise InvalidAdapter(str(folder), "not a folder")
+        raise InvalidAdapter(str(folder), "a file, not a folder" if folder.exists() else "no such folder")
     try:
         if "peft_type" in read_json(folder / "adapter_config.json"):
             return read_peft(folder, target, name or default_name or folder.name)

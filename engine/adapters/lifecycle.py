@@ -155,6 +155,9 @@ class AdapterLifecycle:
     def _read_again(self, folder: AdapterFolder, name: str, stamp: tuple) -> AdapterSpec:
         """Reads an evicted version back; refuses files that changed since it was loaded (they would be
         another version under the same record)."""
+        if not folder.path.is_dir():  # moved or unmounted for now: a later request reads it again
+            raise AdapterSourceError(folder.source, f"its folder {str(folder.path)!r} is gone; the next request "
+                                                    "tries again (or load it again from where it is now)")
         if fingerprint(folder.path) != stamp:
             raise AdapterSourceError(folder.source, "its files changed since it was loaded; load it again")
         return read_adapter(folder.path, self.target, name, folder.default_name)

@@ -83,5 +83,7 @@ class AdapterRegistry:
     def _find(self, name: str, tenant: str | None) -> AdapterRecord:
         record = self._records.get((tenant, name)) or self._records.get((None, name))
         if record is None:
-            raise AdapterNotFound(name, tenant)
+            # a caller without tenant (an operator) may learn which tenants hold that name; a tenant never does
+            owners = sorted(t for t, n in self._records if n == name) if tenant is None else []
+            raise AdapterNotFound(name, tenant, owners)
         return record

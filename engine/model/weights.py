@@ -25,6 +25,9 @@ def resolve_model_dir(model: str | Path) -> Path:
     path = Path(model).expanduser()
     if path.is_dir():
         return path
+    repo_part = str(model).partition("@")[0]
+    if path.is_absolute() or str(model).startswith((".", "~")) or repo_part.count("/") > 1:
+        raise ModelLoadError(f"no model folder at {model!r} (and it is no hub id: name or org/name[@revision])")
     from huggingface_hub import constants, snapshot_download
 
     repo, _, revision = str(model).partition("@")

@@ -29,7 +29,7 @@ class AdapterServicer(Servicer, pb_grpc.AdapterServiceServicer):
     async def LoadAdapter(self, request: pb.LoadAdapterRequest, ctx: RpcContext) -> pb.LoadAdapterResponse:
         if not request.source:
             raise InvalidRequest("source is required", "source")
-        tenant = ctx.principal.scope(request.tenant or None)
+        tenant = ctx.tenant(request.tenant)
         source = request.source
         if ctx.principal.tenant is not None:  # a tenant's admin must not make the server read its own file system
             if not _remote_source(source):
@@ -51,12 +51,12 @@ class AdapterServicer(Servicer, pb_grpc.AdapterServiceServicer):
     async def UnloadAdapter(self, request: pb.UnloadAdapterRequest, ctx: RpcContext) -> pb.UnloadAdapterResponse:
         if not request.name:
             raise InvalidRequest("name is required", "name")
-        await asyncio.to_thread(self.engine.unload_adapter, request.name, ctx.principal.scope(request.tenant or None))
+        await asyncio.to_thread(self.engine.unload_adapter, request.name, ctx.tenant(request.tenant))
         return pb.UnloadAdapterResponse()
 
     @rpc(Role.ADMIN)
     async def ListAdapters(self, request: pb.ListAdaptersRequest, ctx: RpcContext) -> pb.ListAdaptersResponse:
-        tenant = ctx.principal.scope(request.tenant or None)
+        tenant = ctx.tenant(request.tenant)
         response = pb.ListAdaptersResponse(adapters=[adapter_pb(i) for i in self.engine.list_adapters(tenant)])
         if request.include_catalog:
             response.catalog.extend(catalog_entry_pb(e) for e in self.engine.catalog())
@@ -66,7 +66,7 @@ class AdapterServicer(Servicer, pb_grpc.AdapterServiceServicer):
     async def GetAdapter(self, request: pb.GetAdapterRequest, ctx: RpcContext) -> pb.GetAdapterResponse:
         if not request.name:
             raise InvalidRequest("name is required", "name")
-        info = self.engine.get_adapter(request.name, ctx.principal.scope(request.tenant or None))
+        info = self.engine.get_adapter(request.name, ctx.tenant(request.tenant))
         return pb.GetAdapterResponse(adapter=adapter_pb(info))
 
 

@@ -6,8 +6,8 @@ File format (plaintext keys are never stored)::
               {"sha256": "...", "tenant": null, "role": "admin"}]}
 
 ``tenant`` null means not bound to one tenant (an operator). An ``admin`` key may also call inference.
-Keys arrive as ``authorization: Bearer <key>`` metadata. With auth off every caller is an operator and may
-pick a tenant with ``x-tenant-id`` metadata (local use and tests). The file is read again when it changes
+Keys arrive as ``authorization: Bearer <key>`` metadata. With auth off every caller is an operator (it may
+load from server paths) and picks a tenant with the request's tenant field or ``x-tenant-id`` metadata. The file is read again when it changes
 (a rotated Kubernetes Secret), looked at no more than once per ``RELOAD_CHECK_S``; a changed file that cannot
 be read keeps the keys in use.
 """
@@ -77,7 +77,7 @@ class Authenticator:
 
     def authenticate(self, metadata: dict[str, str]) -> Principal:
         if self.entries is None:
-            return Principal(metadata.get("x-tenant-id") or None, Role.ADMIN)
+            return Principal(None, Role.ADMIN)  # an operator: `x-tenant-id` picks the tenant (RpcContext.tenant)
         self._reload_if_changed()
         header = metadata.get("authorization", "")
         if not header.lower().startswith("bearer ") or not header[7:].strip():

@@ -23,4 +23,5 @@ def adapter_pb(info: AdapterInfo) -> admin_pb.Adapter:
 
 def catalog_entry_pb(entry: CatalogEntry) -> admin_pb.CatalogEntry:
     return admin_pb.CatalogEntry(name=entry.name, method=entry.method, base_model=entry.base_model or "",
-                                 source=entry.source)
+                                 source=entry.source, format=entry.format, model_type=entry.model_type or "",
+                                 head_type=entry.head_type or "", size_bytes=entry.size_bytes)

@@ -67,7 +67,7 @@ class InferenceServicer(Servicer, pb_grpc.InferenceServiceServicer):
         adapter = body or header or None
         if required and adapter is None:
             raise InvalidRequest("adapter_id is required (body or x-adapter-id metadata)", "adapter_id")
-        return adapter, ctx.principal.scope(ctx.metadata.get("x-tenant-id") or None)
+        return adapter, ctx.tenant()
 
     def _lookup(self, adapter: str, tenant: str | None) -> AdapterInfo:
         """The adapter as the caller's tenant sees it; counted per adapter only once found (unknown ids must not

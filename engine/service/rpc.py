@@ -24,6 +24,10 @@ class RpcContext:
     def __init__(self, principal: Principal, metadata: dict[str, str], request_id: str, grpc_context):
         self.principal, self.metadata, self.request_id, self.grpc = principal, metadata, request_id, grpc_context
 
+    def tenant(self, requested: str = "") -> str | None:
+        """The tenant this call acts for: the request's field, else `x-tenant-id` metadata, within the key's scope."""
+        return self.principal.scope(requested or self.metadata.get("x-tenant-id") or None)
+
     def deadline(self) -> float | None:
         """The client deadline as time.monotonic() seconds, or None."""
         remaining = self.grpc.time_remaining()

@@ -88,10 +88,18 @@ class AdapterServer:
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         if self.config.reflection:
             reflection.enable_server_reflection((*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc)
-        self.port = self._grpc.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        address = f"{self.config.host}:{self.config.port}"
+        try:
+            self.port = self._grpc.add_insecure_port(address)
+        except RuntimeError as exc:  # grpc's way of saying the port is taken or the host is not ours
+            raise OSError(f"cannot listen on {address}: {exc}") from None
         await self._grpc.start()
         if self.config.metrics_port is not None:
-            self._metrics_http, _ = self.metrics.serve(self.config.metrics_port, self.config.host)
+            try:
+                self._metrics_http, _ = self.metrics.serve(self.config.metrics_port, self.config.host)
+            except OSError as exc:
+                await self._grpc.stop(None)  # not left to the garbage collector of a closed event loop
+                raise OSError(f"cannot serve metrics on {self.config.host}:{self.config.metrics_port}: {exc}") from None
             self.metrics_port = self._metrics_http.server_port
         self.metrics.build_info.labels(versions().get("adapterserve", "dev"), self.engine.config.model).set(1)
         self.metrics.slots.set(self.engine.config.max_device_adapters)

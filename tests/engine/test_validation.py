@@ -128,7 +128,9 @@ def test_bad_json_and_missing_files(engine, bert, tmp_path):
     folder = _copy(bert, "lora_leave1", tmp_path)
     (folder / "pytorch_adapter.bin").unlink()
     _assert_refused(engine, folder, InvalidAdapter, "no weights file")
-    _assert_refused(engine, tmp_path / "nowhere", InvalidAdapter, "not a folder")
+    _assert_refused(engine, tmp_path / "nowhere", InvalidAdapter, "no such folder")
+    (tmp_path / "a-file").write_text("{}")
+    _assert_refused(engine, tmp_path / "a-file", InvalidAdapter, "a file, not a folder")
 
 
 def test_corrupt_head(engine, bert, tmp_path):
@@ -282,8 +284,10 @@ def test_unknown_adapter_and_tenants(engine, bert):
     ids, mask = bert.input_ids[:1], bert.attention_mask[:1]
     with pytest.raises(AdapterNotFound, match="'nope' is not loaded"):
         engine.forward(ids, mask, ["nope"])
-    with pytest.raises(AdapterNotFound, match="'mine' is not loaded for tenant 'globex'"):
+    with pytest.raises(AdapterNotFound, match=r"'mine' is not loaded for tenant 'globex'$"):  # no hint to a tenant
         engine.forward(ids, mask, ["mine"], tenant="globex")
+    with pytest.raises(AdapterNotFound, match="'mine' is not loaded as a shared adapter; tenant 'acme' has one"):
+        engine.forward(ids, mask, ["mine"])
     engine.forward(ids, mask, ["mine"], tenant="acme")
     engine.forward(ids, mask, ["shared"], tenant="globex")
     assert [a.name for a in engine.list_adapters("globex")] == ["shared"]

@@ -105,6 +105,19 @@ def test_files_changed_since_loading_are_not_read_back(make_engine, bert, tmp_pa
     assert all(r.refs == 0 for r in engine.registry._records.values())
 
 
+def test_a_folder_gone_for_a_while_is_read_again_once_back(make_engine, bert, tmp_path):
+    engine = make_engine(max_device_adapters=1, max_cpu_adapters=0)
+    folder = copy_case(bert, "lora_leave1", tmp_path / "x")
+    engine.load_adapter(folder, name="x")
+    engine.load_adapter(bert.cases["ia3"].path)
+    run(engine, bert, ["ia3"])
+    folder.rename(tmp_path / "elsewhere")
+    with pytest.raises(AdapterSourceError, match="its folder '.*x' is gone; the next request tries again"):
+        run(engine, bert, ["x"])
+    (tmp_path / "elsewhere").rename(folder)
+    assert_rows(bert, run(engine, bert, ["x"]), ["lora_leave1"])
+
+
 def test_reads_of_one_version_are_single_flight(make_engine, bert, monkeypatch):
     engine = make_engine(max_device_adapters=1, max_cpu_adapters=0)
     engine.load_adapter(bert.cases["lora"].path)

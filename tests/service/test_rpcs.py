@@ -172,3 +172,47 @@ def test_residency_gauge_is_read_at_scrape_time(server, minilm_setup):
     before = resident()["device"]
     minilm_setup.engine.load_adapter(minilm_setup.folders["sentiment"], name="loaded-in-process")  # no admin RPC
     assert resident()["device"] == before + 1
+
+
+def test_auth_off_operators_load_server_folders_for_a_tenant(server, minilm_setup):
+    """With auth off every caller is an operator: `--tenant` (x-tenant-id) picks the tenant, it does not make the
+    caller a tenant admin restricted to remote sources."""
+    with server.client(tenant="acme") as acme:
+        info = acme.load_adapter(str(minilm_setup.folders["sentiment"]), name="acme-only", tenant="acme")
+        assert info.tenant == "acme"
+        assert acme.classify(TEXTS[:1], "acme-only")[0].label in ("neg", "pos")
+    with server.client(tenant="globex") as globex, pytest.raises(RpcError) as hidden:
+        globex.classify(TEXTS[:1], "acme-only")
+    assert hidden.value.code == grpc.StatusCode.NOT_FOUND
+    with server.client() as operator:
+        operator.unload_adapter("acme-only", tenant="acme")
+
+
+def test_catalog_from_the_client_and_the_cli(start_server, minilm_setup, tmp_path, capsys):
+    import asyncio
+    import shutil
+
+    from engine import Engine, EngineConfig
+    from engine.cli import main
+    from engine.client import AsyncClient
+
+    store = tmp_path / "store"
+    shutil.copytree(minilm_setup.folders["ner"], store / "minilm" / "ner")
+    engine = Engine(EngineConfig(device="cpu", adapter_store=str(store)))
+    running = start_server(engine=engine)
+    with running.client() as client:
+        [entry] = client.catalog()
+        assert entry == engine.catalog()[0]  # every field, through the wire
+        assert (entry.name, entry.source, entry.method, entry.head_type) == (
+            "minilm/ner", "store://minilm/ner", "ia3", "tagging")
+
+    async def run():
+        async with AsyncClient(running.target) as client:
+            return await client.catalog()
+    assert asyncio.run(run()) == [entry]
+    assert main(["adapters", "catalog", "--server", running.target]) == 0
+    assert '"source": "store://minilm/ner"' in capsys.readouterr().out
+    assert main(["adapters", "load", "store://minilm/ner", "--name", "n", "--server", running.target]) == 0
+    assert '"name": "n"' in capsys.readouterr().out
+    assert main(["adapters", "unload", "n", "--server", running.target]) == 0
+    assert capsys.readouterr().out == ""  # nothing to print (it printed "null")
