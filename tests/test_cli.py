@@ -1,0 +1,30 @@
+"""`adapterserve serve` refuses bad flags with one line naming the flag, before it loads a model."""
+import pytest
+
+from engine.cli import main
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--port", "99999"], "argument --port: a port is 0-65535, got 99999"),
+    (["--metrics-port", "-2"], "argument --metrics-port: a port is 0-65535, got -2"),
+    (["--threads", "0"], "argument --threads: must be > 0, got 0"),
+    (["--max-device-adapters", "0"], "argument --max-device-adapters: must be > 0, got 0"),
+    (["--grace-seconds", "-1"], "argument --grace-seconds: must be >= 0, got -1"),
+])
+def test_bad_flags_are_argparse_errors(flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", *flags])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--adapter", "sentiment"], "--adapter expects NAME=SOURCE, got 'sentiment'"),
+    (["--adapter", "=/tmp/x"], "--adapter expects NAME=SOURCE, got '=/tmp/x'"),
+    (["--api-keys", "/nonexistent/keys.json"], "cannot read API key file /nonexistent/keys.json"),
+    (["--model", "/nonexistent/model"], "no model folder at '/nonexistent/model'"),
+])
+def test_start_up_failures_are_one_line_errors(flags, message, capsys):
+    assert main(["serve", "--port", "0", "--metrics-port", "-1", *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
