@@ -131,7 +131,8 @@ def _start_and_serve(args) -> int:
 
     async def run():
         port = await server.start()
-        print(f"adapterserve: serving on {args.host}:{port} (metrics on {server.metrics_port})", file=sys.stderr,
+        metrics = "metrics off" if server.metrics_port is None else f"metrics on :{server.metrics_port}/metrics"
+        print(f"adapterserve: serving on {args.host}:{port} ({metrics})", file=sys.stderr,
               flush=True)
         await server.serve_until_signal()
 

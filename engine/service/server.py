@@ -106,6 +106,8 @@ class AdapterServer:
         self.metrics.watch_residency(self._residency)
         if not self.auth.enabled:
             log.warning("authentication is OFF: every caller is an operator (pass --api-keys to enable it)")
+        else:
+            log.info("authentication is on: %d API keys from %s", len(self.auth.entries), self.auth.path)
         self.loop.start()
         await asyncio.to_thread(self._warm_up)
         for name in ("", *SERVICES):
