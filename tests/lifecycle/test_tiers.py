@@ -88,13 +88,19 @@ def test_prefetch_brings_a_source_adapter_in_without_a_forward(make_engine, bert
     assert_rows(bert, run(engine, bert, ["ia3"]), ["ia3"])
 
 
-def test_files_changed_since_loading_are_not_read_back(make_engine, bert, tmp_path):
+def _evicted_to_its_folder(make_engine, bert, folder):
+    """An engine with adapter "x" loaded from ``folder`` (a copy of lora_leave1), then evicted to its source."""
     engine = make_engine(max_device_adapters=1, max_cpu_adapters=0)
-    folder = copy_case(bert, "lora_leave1", tmp_path / "x")
-    engine.load_adapter(folder, name="x")
+    engine.load_adapter(copy_case(bert, "lora_leave1", folder), name="x")
     engine.load_adapter(bert.cases["ia3"].path)
     run(engine, bert, ["ia3"])
     assert placement(engine) == {"x": "source", "ia3": "device"}
+    return engine
+
+
+def test_files_changed_since_loading_are_not_read_back(make_engine, bert, tmp_path):
+    folder = tmp_path / "x"
+    engine = _evicted_to_its_folder(make_engine, bert, folder)
     weights = folder / "pytorch_adapter.bin"
     weights.write_bytes(weights.read_bytes())  # same bytes, but rewritten: the version might differ
     with pytest.raises(AdapterSourceError, match="changed since it was loaded"):
@@ -106,11 +112,8 @@ def test_files_changed_since_loading_are_not_read_back(make_engine, bert, tmp_pa
 
 
 def test_a_folder_gone_for_a_while_is_read_again_once_back(make_engine, bert, tmp_path):
-    engine = make_engine(max_device_adapters=1, max_cpu_adapters=0)
-    folder = copy_case(bert, "lora_leave1", tmp_path / "x")
-    engine.load_adapter(folder, name="x")
-    engine.load_adapter(bert.cases["ia3"].path)
-    run(engine, bert, ["ia3"])
+    folder = tmp_path / "x"
+    engine = _evicted_to_its_folder(make_engine, bert, folder)
     folder.rename(tmp_path / "elsewhere")
     with pytest.raises(AdapterSourceError, match="its folder '.*x' is gone; the next request tries again"):
         run(engine, bert, ["x"])
