@@ -32,10 +32,12 @@ class UnsupportedAdapter(AdapterServeError):
 class AdapterNotFound(AdapterServeError):
     """No adapter of that name is visible to the caller's tenant."""
 
-    def __init__(self, name: str, tenant: str | None = None, owners: list[str] | None = None):
+    def __init__(self, name: str, tenant: str | None = None, owners: list[str] | None = None, shared: bool = False):
         self.name, self.tenant = name, tenant
         scope = f" for tenant {tenant!r}" if tenant else ""
         hint = f" as a shared adapter; tenant {', '.join(map(repr, owners))} has one: pass its tenant" if owners else ""
+        if shared:  # unloading: the name the tenant uses is the shared adapter, which only an operator may unload
+            hint = " (the shared adapter of that name is: an operator unloads it, without tenant)"
         super().__init__(f"adapter {name!r} is not loaded{scope}{hint}")
 
 

@@ -62,7 +62,7 @@ class AdapterRegistry:
         with self._lock:
             record = self._records.pop((tenant, name), None)
             if record is None:
-                raise AdapterNotFound(name, tenant)
+                raise AdapterNotFound(name, tenant, shared=tenant is not None and (None, name) in self._records)
             record.retired = True
             return record, record.refs == 0
 

@@ -290,6 +290,8 @@ def test_unknown_adapter_and_tenants(engine, bert):
         engine.forward(ids, mask, ["mine"])
     engine.forward(ids, mask, ["mine"], tenant="acme")
     engine.forward(ids, mask, ["shared"], tenant="globex")
+    with pytest.raises(AdapterNotFound, match="not loaded for tenant 'globex' .the shared adapter of that name is"):
+        engine.unload_adapter("shared", tenant="globex")
     assert [a.name for a in engine.list_adapters("globex")] == ["shared"]
     assert {a.name for a in engine.list_adapters("acme")} == {"mine", "shared"}
     with pytest.raises(AdapterNotFound):
