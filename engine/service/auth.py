@@ -7,9 +7,9 @@ File format (plaintext keys are never stored)::
 
 ``tenant`` null means not bound to one tenant (an operator). An ``admin`` key may also call inference.
 Keys arrive as ``authorization: Bearer <key>`` metadata. With auth off every caller is an operator (it may
-load from server paths) and picks a tenant with the request's tenant field or ``x-tenant-id`` metadata. The file is read again when it changes
-(a rotated Kubernetes Secret), looked at no more than once per ``RELOAD_CHECK_S``; a changed file that cannot
-be read keeps the keys in use.
+load from server paths) and picks a tenant with the request's tenant field or ``x-tenant-id`` metadata.
+The file is read again when it changes (a rotated Kubernetes Secret), looked at no more than once per
+``RELOAD_CHECK_S``; a changed file that cannot be read keeps the keys in use.
 """
 import hashlib
 import hmac
