@@ -61,7 +61,7 @@ def make_case(n_adapters: int, T: int, H: int, dtype, gen, dev: str = "cuda") ->
         b_up=rand(S, H, std=0.1).to(dev), scaling=(1 + rand(S, H, std=0.1)).to(dev),
         act_ids=torch.randint(0, len(Act), (S,), generator=gen, dtype=torch.int32).to(dev),
         lora_a=(rand(S, R, H, std=H ** -0.5) * cols[:, :, None]).to(dev),
-        lora_b=(rand(S, H, R, std=R ** -0.5) * cols[:, None, :]).to(dev),
+        lora_b=(rand(S, R, H, std=R ** -0.5) * cols[:, :, None]).to(dev),
         lora_scaling=torch.rand(S, generator=gen).to(dev),
         ia3=torch.ones(S, H, dtype=dtype, device=dev),  # exactly 1: repeated in-place timing keeps y unchanged
         ln_w=(1 + rand(S, H, std=0.1)).to(dev), ln_b=rand(S, H, std=0.1).to(dev),
@@ -92,7 +92,7 @@ def ops(mod: dict, c: dict) -> dict:
     def lora_loop():
         for s, rows in c["groups"]:
             r = ranks[s]
-            y[rows] += c["lora_scaling"][s] * ((x[rows] @ c["lora_a"][s, :r].T) @ c["lora_b"][s, :, :r].T)
+            y[rows] += c["lora_scaling"][s] * ((x[rows] @ c["lora_a"][s, :r].T) @ c["lora_b"][s, :r])
         return y
 
     def ia3_loop():

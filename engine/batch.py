@@ -69,7 +69,7 @@ class BottleneckVariant:
 @dataclass(frozen=True)
 class LoraTables:
     lora_a: torch.Tensor  # [S, R, K]
-    lora_b: torch.Tensor  # [S, N, R]
+    lora_b: torch.Tensor  # [S, R, N]
     scaling: torch.Tensor  # [S] float32
     ranks: torch.Tensor  # [S] int32
 

@@ -56,7 +56,7 @@ def add_lora(y, x, lora_a, lora_b, scaling, ranks, row_slots) -> torch.Tensor:
     """Multi-LoRA: adds each row's low-rank update into the base layer's output, in place.
 
     Semantics: for each row b with s = row_slots[b] >= 0 and every token t,
-        y[b, t] += scaling[s] * (x[b, t] @ lora_a[s, :ranks[s]].T) @ lora_b[s, :, :ranks[s]].T
+        y[b, t] += scaling[s] * (x[b, t] @ lora_a[s, :ranks[s]].T) @ lora_b[s, :ranks[s]]
     rows with s = -1 are untouched. Returns y. Columns >= ranks[s] are never read by the Triton kernel
     (the reference relies on them being zero).
     """

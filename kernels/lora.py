@@ -34,7 +34,7 @@ def _lora_kernel(
     offs_k, offs_n, offs_r = tl.arange(0, BLOCK_K), tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_R)
     r_mask = offs_r < rank
     a = a_ptr + s * R * K  # A[s] is [R, K]: read as a [BLOCK_K, BLOCK_R] tile of A^T
-    b = b_ptr + s * N * R  # B[s] is [N, R]: read as a [BLOCK_R, BLOCK_N] tile of B^T
+    b = b_ptr + s * R * N  # B[s] is stored rank-major, [R, N] (= B^T): read as [BLOCK_R, BLOCK_N] tiles
 
     # shrink: x @ A^T over K in BLOCK_K chunks
     acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
@@ -50,7 +50,7 @@ def _lora_kernel(
     for n0 in range(pid_n * BLOCK_N, N, num_splits * BLOCK_N):
         n = n0 + offs_n
         mask = m_mask[:, None] & (n < N)[None, :]
-        bt = tl.load(b + n[None, :] * R + offs_r[:, None], mask=r_mask[:, None] & (n < N)[None, :], other=0.0)
+        bt = tl.load(b + offs_r[:, None] * N + n[None, :], mask=r_mask[:, None] & (n < N)[None, :], other=0.0)
         delta = mma(acc, bt, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), DOT_FP32)
         y = tl.load(y_rows[:, None] + n[None, :], mask=mask, other=0.0).to(tl.float32)
         tl.store(y_rows[:, None] + n[None, :], (y + scale * delta).to(y_ptr.dtype.element_ty), mask=mask)
@@ -68,7 +68,7 @@ def add_lora(y, x, lora_a, lora_b, scaling, ranks, row_slots, *,
     check_rows("y", y, dtype, (B, T, N))
     assert y.device == dev, f"y on {y.device}, x on {dev}"
     check_table("lora_a", lora_a, dtype, (S, R, K), dev)
-    check_table("lora_b", lora_b, dtype, (S, N, R), dev)
+    check_table("lora_b", lora_b, dtype, (S, R, N), dev)
     check_table("scaling", scaling, torch.float32, (S,), dev)
     check_table("ranks", ranks, torch.int32, (S,), dev)
     check_table("row_slots", row_slots, torch.int64, (B,), dev)

@@ -27,11 +27,11 @@ PATTERNS = {
 
 def _tables(gen, rank_list):
     ranks, R = torch.tensor(rank_list, dtype=torch.int32), max(rank_list)
-    a, b = torch.randn(S, R, K, generator=gen), torch.randn(S, H, R, generator=gen)
+    a, b = torch.randn(S, R, K, generator=gen), torch.randn(S, R, H, generator=gen)
     w_down, w_up = torch.randn(S, R, H, generator=gen), torch.randn(S, R, H, generator=gen)
     b_down = torch.randn(S, R, generator=gen)
     for s, r in enumerate(ranks.tolist()):  # the pool keeps padding columns at zero
-        a[s, r:], b[s, :, r:], w_down[s, r:], w_up[s, r:], b_down[s, r:] = 0, 0, 0, 0, 0
+        a[s, r:], b[s, r:], w_down[s, r:], w_up[s, r:], b_down[s, r:] = 0, 0, 0, 0, 0
     return ranks, a, b, w_down, b_down, w_up
 
 
@@ -60,7 +60,7 @@ def test_ops_equal_their_semantics(pattern, rank_set, merge, monkeypatch):
             assert torch.equal(bn_out[row], torch.zeros_like(y[row]))
             continue
         r = int(ranks[s])
-        want = y[row] + scaling[s] * (x[row] @ a[s, :r].T) @ b[s, :, :r].T
+        want = y[row] + scaling[s] * (x[row] @ a[s, :r].T) @ b[s, :r]
         torch.testing.assert_close(lora_out[row], want, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(ia3_out[row], y[row] * ia3[s])
         hidden = apply_act(y[row] @ w_down[s, :r].T + b_down[s, :r], Act(int(acts[s])))

@@ -103,7 +103,7 @@ class AdapterPool:
         tables.lora_a[slot].zero_()
         tables.lora_b[slot].zero_()
         tables.lora_a[slot, :rank] = w.lora_a.to(self.dtype)
-        tables.lora_b[slot, :, :rank] = w.lora_b.to(self.dtype)
+        tables.lora_b[slot, :rank] = w.lora_b.t().to(self.dtype)  # rank-major, like lora_a
         tables.scaling[slot] = w.scaling
         tables.ranks[slot] = rank
         site.lora = tables
@@ -111,12 +111,12 @@ class AdapterPool:
 
     def _grow_lora(self, old: LoraTables | None, site: LinearSlots, rank: int) -> LoraTables:
         s, kw = self.capacity, dict(device=self.device, dtype=self.dtype)
-        new = LoraTables(torch.zeros(s, rank, site.in_features, **kw), torch.zeros(s, site.out_features, rank, **kw),
+        new = LoraTables(torch.zeros(s, rank, site.in_features, **kw), torch.zeros(s, rank, site.out_features, **kw),
                          torch.zeros(s, device=self.device), torch.zeros(s, dtype=torch.int32, device=self.device))
         if old is not None:
             r = old.lora_a.shape[1]
             new.lora_a[:, :r] = old.lora_a
-            new.lora_b[:, :, :r] = old.lora_b
+            new.lora_b[:, :r] = old.lora_b
             new.scaling.copy_(old.scaling)
             new.ranks.copy_(old.ranks)
         return new

@@ -81,10 +81,10 @@ def bottleneck_tables(S: int, H: int, R: int, ranks: torch.Tensor, act_ids: torc
 def lora_tables(S: int, K: int, N: int, R: int, ranks: torch.Tensor, dtype, gen):
     """-> (kernel tables, ref tables): dicts with the keyword names of `kernels.add_lora`."""
     a = _normal((S, R, K), 1.5 / math.sqrt(K), gen).to(dtype)
-    b = _normal((S, N, R), 1.0 / math.sqrt(R), gen).to(dtype)
+    b = _normal((S, R, N), 1.0 / math.sqrt(R), gen).to(dtype)
     common = dict(scaling=0.25 + torch.rand(S, generator=gen), ranks=ranks)
-    kernel = dict(lora_a=_pad(a, ranks, 1, PAD), lora_b=_pad(b, ranks, 2, PAD))
-    ref = dict(lora_a=_pad(a, ranks, 1, 0.0), lora_b=_pad(b, ranks, 2, 0.0))
+    kernel = dict(lora_a=_pad(a, ranks, 1, PAD), lora_b=_pad(b, ranks, 1, PAD))
+    ref = dict(lora_a=_pad(a, ranks, 1, 0.0), lora_b=_pad(b, ranks, 1, 0.0))
     return kernel | common, ref | common
 
 

@@ -86,7 +86,7 @@ def test_launchers_assert_dtypes_and_layout():
     with pytest.raises(AssertionError, match="contiguous"):
         ia3.scale_ia3(y.transpose(1, 2), torch.ones(2, 3), slots)
     lora = sys.modules["kernels.lora"]
-    x, a, b = torch.ones(2, 3, 8), torch.ones(4, 2, 8), torch.ones(4, 6, 2)
+    x, a, b = torch.ones(2, 3, 8), torch.ones(4, 2, 8), torch.ones(4, 2, 6)
     ranks, scaling = torch.full((4,), 2, dtype=torch.int32), torch.ones(4)
     with pytest.raises(AssertionError, match="lora_b"):
         lora.add_lora(torch.ones(2, 3, 6), x, a, b.transpose(1, 2).contiguous().transpose(1, 2), scaling, ranks, slots)
