@@ -99,6 +99,13 @@ def finite_number(value, source: str, field: str) -> float:
     return float(value)
 
 
+def positive_int(value, source: str, field: str) -> int:
+    """An integer config field that must be at least 1 (a LoRA rank): a JSON integer, not a bool."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise InvalidAdapter(source, f"{field} must be a positive integer, got {value!r}")
+    return value
+
+
 def take(state: dict[str, torch.Tensor], key: str, source: str) -> torch.Tensor:
     """Pops a required key; its absence is an error naming the key."""
     if key not in state:

@@ -9,7 +9,7 @@ import math
 import re
 from pathlib import Path
 
-from engine.adapters.files import TargetModel, checked, finite_number, read_json, read_weights
+from engine.adapters.files import TargetModel, checked, finite_number, positive_int, read_json, read_weights
 from engine.adapters.spec import AdapterSpec, IA3Weights, LoraWeights, Method
 from engine.errors import InvalidAdapter, UnsupportedAdapter
 
@@ -84,8 +84,7 @@ def _lora(params: dict, cfg: dict, module: str, name: str, target: TargetModel, 
     r = _pattern_value(cfg, "rank_pattern", name, cfg.get("r", 8), source)
     alpha = finite_number(_pattern_value(cfg, "alpha_pattern", name, cfg.get("lora_alpha", 8), source), source,
                           f"lora_alpha for {module}")
-    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
-        raise InvalidAdapter(source, f"r for {module} must be a positive integer, got {r!r}")
+    r = positive_int(r, source, f"r for {module}")
     for param in ("lora_A.weight", "lora_B.weight"):
         if param not in params:
             raise InvalidAdapter(source, "missing key", f"base_model.model.{module}.{param}")

@@ -7,7 +7,7 @@ rank ``r * n`` with a block-structured ``[3H, r * n]`` B, and IA3's vector into 
 """
 import torch
 
-from engine.adapters.files import TargetModel, checked, finite_number, layer_list, take
+from engine.adapters.files import TargetModel, checked, finite_number, layer_list, positive_int, take
 from engine.adapters.spec import AdapterSpec, IA3Weights, LoraWeights, Method
 from engine.errors import InvalidAdapter, UnsupportedAdapter
 
@@ -33,9 +33,8 @@ def parse_lora(name: str, config: dict, state: dict, target: TargetModel, source
     attn = cfg["attn_matrices"]
     if not isinstance(attn, list) or any(m not in MATRICES for m in attn):
         raise InvalidAdapter(source, f"attn_matrices must be a list of 'q', 'k' and 'v', got {attn!r}")
-    r, alpha = cfg["r"], finite_number(cfg["alpha"], source, "alpha")
-    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
-        raise InvalidAdapter(source, f"r must be a positive integer, got {r!r}")
+    alpha = finite_number(cfg["alpha"], source, "alpha")
+    r = positive_int(cfg["r"], source, "r")
     leave_out = layer_list(cfg["leave_out"], source, "leave_out")
     is_ia3 = cfg["composition_mode"] == "scale"
     if is_ia3 and r != 1:  # the library refuses it too (methods/lora.py)
