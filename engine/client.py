@@ -42,28 +42,28 @@ class RpcError(Exception):
         super().__init__(f"{code.name} ({reason or 'no reason'}): {message}")
 
 
-def _error(exc: grpc.RpcError) -> RpcError:
-    reason = ""
+def _detail(exc: grpc.RpcError, kind):
+    """The google.rpc detail of type ``kind`` (ErrorInfo, RetryInfo, ...) the status carries, or None."""
     status = rpc_status.from_call(exc)
     for detail in status.details if status else ():
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            reason = info.reason
-    return RpcError(exc.code(), reason, exc.details() or "")
+        if detail.Is(kind.DESCRIPTOR):
+            message = kind()
+            detail.Unpack(message)
+            return message
+    return None
+
+
+def _error(exc: grpc.RpcError) -> RpcError:
+    info = _detail(exc, error_details_pb2.ErrorInfo)
+    return RpcError(exc.code(), info.reason if info else "", exc.details() or "")
 
 
 def _overload_wait(exc: grpc.RpcError) -> float | None:
     """Seconds to wait before trying a call again that the server refused as overloaded, None for other errors."""
     if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
         return None
-    status = rpc_status.from_call(exc)
-    for detail in status.details if status else ():
-        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-            info = error_details_pb2.RetryInfo()
-            detail.Unpack(info)
-            return min(info.retry_delay.ToTimedelta().total_seconds(), MAX_OVERLOAD_WAIT_S)
-    return None
+    retry = _detail(exc, error_details_pb2.RetryInfo)
+    return None if retry is None else min(retry.retry_delay.ToTimedelta().total_seconds(), MAX_OVERLOAD_WAIT_S)
 
 
 def _inputs(items: Inputs) -> list[pb.Input]:
