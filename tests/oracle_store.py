@@ -7,6 +7,7 @@ architecture's oracle in ``<dir>/<arch>``: a run with the library writes it, a r
 plus ``oracle.json`` (case names and head types) and ``oracle.safetensors`` (inputs and reference outputs).
 Each test gets its own copy of the folder, so tests that edit adapter files never touch the stored one; the
 copies' adapter configs name the copy's base model, as the library would have written them there.
+``<dir>/minilm`` holds the headed adapters on the real MiniLM of the text API and service tests (`tests.minilm`).
 """
 from __future__ import annotations
 
@@ -65,9 +66,10 @@ def copy_oracle(stored: Path, root: Path, peft: bool):
                       t["base_hidden"], t.get("pooled"), cases)
 
 
-if __name__ == "__main__":  # python tests/oracle_store.py: makes sure every architecture's oracle is stored
+if __name__ == "__main__":  # python tests/oracle_store.py: makes sure every oracle is stored
     import tempfile
 
+    from minilm import build_minilm_adapters
     from oracle import ARCHS, build_oracle
 
     if stored_oracle_dir("any") is None:
@@ -75,3 +77,4 @@ if __name__ == "__main__":  # python tests/oracle_store.py: makes sure every arc
     with tempfile.TemporaryDirectory() as tmp:
         for arch in ARCHS:
             build_oracle(arch, Path(tmp) / arch)
+        build_minilm_adapters(Path(tmp) / "minilm")

@@ -3,9 +3,7 @@ import pytest
 import torch
 
 from engine import Engine, EngineConfig, InvalidRequest
-from minilm import build_minilm_adapters, library_logits
-
-TEXTS = ["The movie was wonderful and moving.", "Terrible plot, I walked out.", "Paris is in France."]
+from minilm import TEXTS, build_minilm_adapters
 
 
 @pytest.fixture(scope="module")
@@ -15,19 +13,15 @@ def library(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(library):
-    _, folders = library
+    folders = library.folders
     engine = Engine.from_pretrained(device="cpu")
     for name in ("sentiment", "topics", "ner"):
         engine.load_adapter(folders[name])
     return engine
 
 
-def _library_logits(model, name, texts):
-    return library_logits(model, name, texts)
-
-
 def test_classify_matches_library(engine, library):
-    logits, _ = _library_logits(library[0], "sentiment", TEXTS)
+    logits = library.logits["sentiment"]
     results = engine.classify(TEXTS, "sentiment")
     probs = torch.softmax(logits, -1)
     for result, p in zip(results, probs):
@@ -37,17 +31,17 @@ def test_classify_matches_library(engine, library):
 
 
 def test_multilabel_uses_sigmoid(engine, library):
-    logits, _ = _library_logits(library[0], "topics", TEXTS)
+    logits = library.logits["topics"]
     for result, row in zip(engine.classify(TEXTS, "topics"), torch.sigmoid(logits)):
         assert [result.scores[k] for k in ("art", "geo", "film")] == pytest.approx(row.tolist(), abs=1e-5)
         assert result.labels == tuple(k for k, p in zip(("art", "geo", "film"), row) if p > 0.5)
 
 
 def test_tag_matches_library_and_offsets(engine, library):
-    logits, batch = _library_logits(library[0], "ner", TEXTS)
+    logits = library.logits["ner"]
     tags = engine.tag(TEXTS, "ner")
     for row, (text, row_tags) in enumerate(zip(TEXTS, tags)):
-        real = int(batch["attention_mask"][row].sum()) - 2  # minus [CLS] and [SEP]
+        real = int(library.attention_mask[row].sum()) - 2  # minus [CLS] and [SEP]
         assert len(row_tags) == real
         for pos, tag in enumerate(row_tags, start=1):
             assert tag.label == ("O", "LOC", "MISC")[int(logits[row, pos].argmax())]
@@ -72,7 +66,7 @@ def test_task_needs_the_right_head(engine):
 
 
 def test_reload_swaps_to_new_version(engine, library):
-    _, folders = library
+    folders = library.folders
     before = engine.classify(TEXTS, "sentiment")
     engine.load_adapter(folders["topics"], name="sentiment")  # same name, other weights and head
     after = engine.classify(TEXTS, "sentiment")
@@ -83,7 +77,7 @@ def test_reload_swaps_to_new_version(engine, library):
 
 
 def test_labels_come_from_the_version_that_ran(library, monkeypatch):
-    _, folders = library
+    folders = library.folders
     engine = Engine.from_pretrained(device="cpu")
     engine.load_adapter(folders["sentiment"], name="x")  # classification: neg, pos
     lookup = engine.registry.lookup
@@ -101,7 +95,7 @@ def test_labels_come_from_the_version_that_ran(library, monkeypatch):
 
 
 def test_one_call_runs_on_one_version_across_its_batches(library, monkeypatch):
-    _, folders = library
+    folders = library.folders
     engine = Engine.from_pretrained(device="cpu", config=EngineConfig(max_batch_rows=1))
     engine.load_adapter(folders["sentiment"], name="x")
     want = engine.embed(TEXTS, "x")

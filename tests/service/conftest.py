@@ -11,7 +11,7 @@ from engine.client import Client
 from engine.scheduler import SchedulerConfig
 from engine.service.auth import hash_key
 from engine.service.server import AdapterServer, ServerConfig
-from minilm import build_minilm_adapters
+from minilm import MiniLMOracle, build_minilm_adapters
 
 KEYS = {  # key: (tenant, role)
     "acme-key": ("acme", "inference"),
@@ -46,15 +46,18 @@ class RunningServer:
 
 @dataclass
 class ServiceSetup:
-    library: object  # the adapters-library model holding the same adapters (oracle)
-    folders: dict
+    library: MiniLMOracle  # the adapter folders and the library's outputs for them
     engine: Engine
+
+    @property
+    def folders(self) -> dict:
+        return self.library.folders
 
 
 @pytest.fixture(scope="session")
 def minilm_setup(tmp_path_factory):
-    library, folders = build_minilm_adapters(tmp_path_factory.mktemp("minilm_adapters"))
-    return ServiceSetup(library, folders, Engine.from_pretrained(device="cpu"))
+    library = build_minilm_adapters(tmp_path_factory.mktemp("minilm_adapters"))
+    return ServiceSetup(library, Engine.from_pretrained(device="cpu"))
 
 
 @pytest.fixture(scope="session")

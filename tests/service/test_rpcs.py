@@ -10,9 +10,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from engine.client import RpcError
-from minilm import library_logits
-
-TEXTS = ["The movie was wonderful and moving.", "Terrible plot, I walked out.", "Paris is in France."]
+from minilm import TEXTS
 
 
 @pytest.fixture()
@@ -27,13 +25,12 @@ def server(start_server, minilm_setup):
 def test_classify_embed_tag_round_trip_and_match_the_library(server, minilm_setup):
     with server.client() as client:
         results = client.classify(TEXTS, "sentiment")
-        logits, batch = library_logits(minilm_setup.library, "sentiment", TEXTS)
-        for result, probs in zip(results, torch.softmax(logits, -1)):
+        for result, probs in zip(results, torch.softmax(minilm_setup.library.logits["sentiment"], -1)):
             assert result.scores["pos"] == pytest.approx(float(probs[1]), abs=1e-5)
         multi = client.classify(TEXTS, "topics")
         assert set(multi[0].scores) == {"art", "geo", "film"}
         tags = client.tag(TEXTS, "ner")
-        assert [len(t) for t in tags] == [int(m.sum()) - 2 for m in batch["attention_mask"]]
+        assert [len(t) for t in tags] == [int(m.sum()) - 2 for m in minilm_setup.library.attention_mask]
         embeddings = torch.tensor(client.embed(TEXTS))
         assert torch.allclose(embeddings, minilm_setup.engine.embed(TEXTS), atol=1e-5)
         ids = minilm_setup.engine.tokenizer(TEXTS[0])["input_ids"]
