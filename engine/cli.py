@@ -43,6 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--grace-seconds", type=_positive(float, zero=True), default=30.0,
                        help="how long SIGTERM waits for accepted requests (default: %(default)s)")
     serve.add_argument("--vllm-compat-metrics", action="store_true", help="also export vllm:lora_requests_info")
+    serve.add_argument("--no-access-log", action="store_true",
+                       help="no JSON log line per request (logger adapterserve.access); errors are still logged")
     serve.set_defaults(run=_serve)
 
     keys = sub.add_parser("hash-key", help="print the key-file entry for an API key",
@@ -109,7 +111,10 @@ def _start_and_serve(args) -> int:
     from engine.service.server import AdapterServer, ServerConfig
 
     from engine.service.auth import Authenticator
+    from engine.service.rpc import access_log
 
+    if args.no_access_log:
+        access_log.setLevel(logging.WARNING)
     adapters = [spec.partition("=")[::2] for spec in args.adapter]
     bad = [spec for spec, (name, source) in zip(args.adapter, adapters) if not name or not source]
     if bad:

@@ -1,4 +1,6 @@
 """`adapterserve serve` refuses bad flags with one line naming the flag, before it loads a model."""
+import logging
+
 import pytest
 
 from engine.cli import main
@@ -28,3 +30,15 @@ def test_start_up_failures_are_one_line_errors(flags, message, capsys):
     assert main(["serve", "--port", "0", "--metrics-port", "-1", *flags]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+
+def test_no_access_log_quiets_only_the_access_logger(monkeypatch):
+    from engine.service.rpc import access_log, log
+
+    monkeypatch.setattr(access_log, "level", logging.NOTSET)  # restored after the test
+    flags = ["serve", "--port", "0", "--metrics-port", "-1", "--model", "/nonexistent"]
+    assert main(flags) == 2
+    assert access_log.level == logging.NOTSET  # on by default: it follows ADAPTERSERVE_LOG_LEVEL
+    assert main([*flags, "--no-access-log"]) == 2
+    assert access_log.level == logging.WARNING and log.level == logging.NOTSET  # errors are still logged

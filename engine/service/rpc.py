@@ -16,6 +16,8 @@ from engine.service.metrics import Metrics
 from engine.service.status import to_status
 
 log = logging.getLogger("adapterserve.rpc")
+# One JSON line per call at INFO, in a logger of its own so that it can be turned off alone (serve --no-access-log)
+access_log = logging.getLogger("adapterserve.access")
 
 
 class RpcContext:
@@ -69,8 +71,9 @@ def rpc(role: Role):
                 elapsed = time.perf_counter() - start
                 self.metrics.requests.labels(name, code.name).inc()
                 self.metrics.latency.labels(name).observe(elapsed)
-                log.info(json.dumps({"rpc": name, "request_id": request_id, "code": code.name,
-                                     "ms": round(elapsed * 1000, 2), "peer": context.peer()}))
+                if access_log.isEnabledFor(logging.INFO):  # skip building the line when it is off
+                    access_log.info(json.dumps({"rpc": name, "request_id": request_id, "code": code.name,
+                                                "ms": round(elapsed * 1000, 2), "peer": context.peer()}))
 
             try:
                 principal = self.auth.authenticate(metadata)

@@ -1,4 +1,6 @@
 """Every RPC round-trips through a real server, and results equal the in-process engine's."""
+import json
+import logging
 import threading
 import time
 import urllib.request
@@ -36,6 +38,22 @@ def test_classify_embed_tag_round_trip_and_match_the_library(server, minilm_setu
         ids = minilm_setup.engine.tokenizer(TEXTS[0])["input_ids"]
         by_ids = client.classify([ids], "sentiment")  # pre-tokenised input, same result as the text
         assert by_ids[0].scores["pos"] == pytest.approx(results[0].scores["pos"], abs=1e-5)
+
+
+def test_one_access_log_line_per_call_which_can_be_turned_off(server, caplog):
+    caplog.set_level(logging.INFO, logger="adapterserve.access")
+    with server.client() as client:
+        client.embed(TEXTS[:1])
+        with pytest.raises(RpcError):
+            client.classify(TEXTS[:1], "nope")
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "adapterserve.access"]
+    assert [(line["rpc"], line["code"]) for line in lines] == [("Embed", "OK"), ("Classify", "NOT_FOUND")]
+    assert all(line["request_id"] and line["ms"] >= 0 for line in lines)
+    caplog.clear()
+    caplog.set_level(logging.WARNING, logger="adapterserve.access")  # what `serve --no-access-log` sets
+    with server.client() as client:
+        client.embed(TEXTS[:1])
+    assert not [r for r in caplog.records if r.name == "adapterserve.access"]
 
 
 def test_generate_is_unimplemented_with_a_clear_message(server):
