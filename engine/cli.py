@@ -43,6 +43,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--grace-seconds", type=_positive(float, zero=True), default=30.0,
                        help="how long SIGTERM waits for accepted requests (default: %(default)s)")
     serve.add_argument("--vllm-compat-metrics", action="store_true", help="also export vllm:lora_requests_info")
+    serve.add_argument("--metrics-per-adapter", type=_positive(int), nargs="?", const=50, default=0, metavar="N",
+                       help="export request counts of the N busiest adapters (default N: %(const)s), the rest as "
+                            "'other'; off by default: every adapter label is another Prometheus series")
     serve.add_argument("--no-access-log", action="store_true",
                        help="no JSON log line per request (logger adapterserve.access); errors are still logged")
     serve.set_defaults(run=_serve)
@@ -130,7 +133,8 @@ def _start_and_serve(args) -> int:
         engine.load_adapter(source, name=name)
     server = AdapterServer(engine, ServerConfig(
         host=args.host, port=args.port, metrics_port=None if args.metrics_port < 0 else args.metrics_port,
-        api_keys=args.api_keys, grace_s=args.grace_seconds, vllm_compat_metrics=args.vllm_compat_metrics),
+        api_keys=args.api_keys, grace_s=args.grace_seconds, vllm_compat_metrics=args.vllm_compat_metrics,
+        metrics_per_adapter=args.metrics_per_adapter),
         SchedulerConfig(max_queue=args.max_queue, max_batch_rows=args.max_batch_rows,
                         max_batch_tokens=args.max_batch_tokens, max_wait_s=args.max_wait_ms / 1000))
 

@@ -42,3 +42,10 @@ def test_no_access_log_quiets_only_the_access_logger(monkeypatch):
     assert access_log.level == logging.NOTSET  # on by default: it follows ADAPTERSERVE_LOG_LEVEL
     assert main([*flags, "--no-access-log"]) == 2
     assert access_log.level == logging.WARNING and log.level == logging.NOTSET  # errors are still logged
+
+
+@pytest.mark.parametrize("flags,top", [([], 0), (["--metrics-per-adapter"], 50), (["--metrics-per-adapter", "8"], 8)])
+def test_metrics_per_adapter_is_opt_in(flags, top):
+    from engine.cli import _parser
+
+    assert _parser().parse_args(["serve", *flags]).metrics_per_adapter == top

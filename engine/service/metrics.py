@@ -1,14 +1,16 @@
 """Prometheus metrics on their own registry and HTTP port (names per serving-conventions §3).
 
-Per-adapter request counts use a bounded label set: the first ``max_adapter_labels`` adapters seen get
-their own series, the rest are folded into ``other``. Adapter names otherwise appear only in the
-vLLM-compatible ``lora_requests_info`` gauge that inference gateways parse.
+Adapter names appear only in the vLLM-compatible ``lora_requests_info`` gauge that inference gateways parse,
+and, when asked for (``serve --metrics-per-adapter``), in per-adapter request counts capped to the busiest
+adapters (§3.5: every label value is a series, and a server may hold thousands of tenant adapters).
 """
+import collections
+import threading
 import time
 from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, start_http_server
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -16,7 +18,7 @@ SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 class Metrics:
-    def __init__(self, max_adapter_labels: int = 50, vllm_compat: bool = False):
+    def __init__(self, vllm_compat: bool = False, per_adapter_top: int = 0):
         disable_created_metrics()  # process-wide: no *_created series beside every counter and histogram
         self.registry = CollectorRegistry()
         r, p = self.registry, "adapterserve_"
@@ -37,15 +39,15 @@ class Metrics:
         self.load_time = Histogram(p + "adapter_load_duration_seconds", "LoadAdapter time", buckets=LATENCY_BUCKETS,
                                    registry=r)
         self.loads = Counter(p + "adapter_loads_total", "LoadAdapter calls by result", ["result"], registry=r)
-        self.adapter_requests = Counter(p + "adapter_requests_total", "Requests per adapter (bounded labels)",
-                                        ["adapter"], registry=r)
         self.build_info = Gauge(p + "build_info", "Build and model", ["version", "base_model"], registry=r)
         lora_labels = ["max_lora", "running_lora_adapters", "waiting_lora_adapters"]
         self.lora_info = [Gauge(p + "lora_requests_info", "Running/waiting adapters (vLLM gateway contract)",
                                 lora_labels, registry=r)]
         if vllm_compat:
             self.lora_info.append(Gauge("vllm:lora_requests_info", "vLLM-compatible alias", lora_labels, registry=r))
-        self._max_labels, self._labelled = max_adapter_labels, set()
+        self._adapter_requests = _AdapterRequests(per_adapter_top) if per_adapter_top else None
+        if self._adapter_requests is not None:
+            r.register(self._adapter_requests)
 
     def serve(self, port: int, addr: str = "0.0.0.0"):
         return start_http_server(port, addr=addr, registry=self.registry)
@@ -54,11 +56,9 @@ class Metrics:
         """``adapters_resident{tier}`` read at scrape time: forwards move adapters between tiers all the time."""
         self.registry.register(_Residency(count))
 
-    def count_adapter(self, adapter: str | None) -> None:
-        name = adapter or "none"
-        if name not in self._labelled and len(self._labelled) < self._max_labels:
-            self._labelled.add(name)
-        self.adapter_requests.labels(name if name in self._labelled else "other").inc()
+    def count_adapter(self, adapter: str) -> None:
+        if self._adapter_requests is not None:
+            self._adapter_requests.count(adapter)
 
     def set_lora_info(self, max_lora: int, running: set[str], waiting: set[str]) -> None:
         """One series, value = update time; names comma-joined without spaces (the gateway splits on ',')."""
@@ -77,3 +77,41 @@ class _Residency(Collector):
         for tier in ("device", "cpu", "source"):
             gauge.add_metric([tier], counts.get(tier, 0))
         yield gauge
+
+
+class _AdapterRequests(Collector):
+    """``adapterserve_adapter_requests_total{adapter}`` for the ``top`` busiest adapters so far; ``other`` for the rest.
+
+    Every series stays a counter (never decreases): an adapter's series counts its requests since it last entered
+    the top, ``other`` those made while their adapter was outside it. An adapter overtaken by a busier one loses
+    its series (Prometheus marks it stale); one that enters starts a new series. Totals are kept for every adapter
+    requested, which the registry bounds: only adapters that were found are counted.
+    """
+
+    def __init__(self, top: int):
+        self._top, self._lock = top, threading.Lock()
+        self._totals: collections.Counter[str] = collections.Counter()  # all requests per adapter: ranks the top
+        self._series: dict[str, int] = {}  # adapter in the top -> requests since it entered
+        self._other = 0
+
+    def count(self, adapter: str) -> None:
+        with self._lock:
+            self._totals[adapter] += 1
+            if adapter not in self._series:
+                if len(self._series) == self._top:
+                    least = min(self._series, key=self._totals.__getitem__)
+                    if self._totals[least] >= self._totals[adapter]:
+                        self._other += 1
+                        return
+                    del self._series[least]
+                self._series[adapter] = 0
+            self._series[adapter] += 1
+
+    def collect(self):
+        family = CounterMetricFamily("adapterserve_adapter_requests", "Requests per adapter (the busiest; rest: other)",
+                                     labels=["adapter"])
+        with self._lock:
+            samples = [*self._series.items(), ("other", self._other)]
+        for adapter, count in samples:
+            family.add_metric([adapter], count)
+        yield family

@@ -43,13 +43,14 @@ class ServerConfig:
     max_message_mb: int = 16
     reflection: bool = True
     vllm_compat_metrics: bool = False
+    metrics_per_adapter: int = 0  # request counts of the N busiest adapters (the rest: "other"); 0: none
 
 
 class AdapterServer:
     def __init__(self, engine: Engine, config: ServerConfig, scheduler_config: SchedulerConfig):
         self.engine, self.config = engine, config
         self.auth = Authenticator.from_file(config.api_keys)
-        self.metrics = Metrics(vllm_compat=config.vllm_compat_metrics)
+        self.metrics = Metrics(vllm_compat=config.vllm_compat_metrics, per_adapter_top=config.metrics_per_adapter)
         self.scheduler = Scheduler(scheduler_config, ready=self._adapter_ready)
         self.loop = EngineLoop(engine, self.scheduler, self.metrics)
         self.health = health.aio.HealthServicer()

@@ -72,9 +72,10 @@ def start_server(minilm_setup):
     """Factory: start a server on the shared engine; every server is drained at teardown."""
     started = []
 
-    def start(api_keys=None, scheduler=SchedulerConfig(), grace_s=5.0, max_message_mb=16, engine=None):
+    def start(api_keys=None, scheduler=SchedulerConfig(), grace_s=5.0, max_message_mb=16, engine=None,
+              metrics_per_adapter=0):
         config = ServerConfig(host="127.0.0.1", port=0, metrics_port=0, api_keys=api_keys, grace_s=grace_s,
-                              max_message_mb=max_message_mb)
+                              max_message_mb=max_message_mb, metrics_per_adapter=metrics_per_adapter)
         running = RunningServer(AdapterServer(engine or minilm_setup.engine, config, scheduler))
         started.append(running)
         return running

@@ -134,14 +134,32 @@ def test_metrics_scrape_and_parse(server):
     requests = _requests_total(families)
     assert requests[("Classify", "OK")] >= 1 and requests[("Classify", "NOT_FOUND")] >= 1
     assert not [s for f in families.values() for s in f.samples if s.name.endswith("_created")]
-    adapters = {s.labels["adapter"] for s in families["adapterserve_adapter_requests"].samples}
-    assert "sentiment" in adapters and "nope" not in adapters  # unknown ids must not take the bounded label set
     for name in ("adapterserve_request_duration_seconds", "adapterserve_batch_rows", "adapterserve_batch_distinct_adapters",
                  "adapterserve_prompt_tokens", "adapterserve_adapters_resident", "adapterserve_lora_requests_info",
-                 "adapterserve_request_queue_time_seconds", "adapterserve_adapter_requests"):
+                 "adapterserve_request_queue_time_seconds"):
         assert name in families, name
+    assert "adapterserve_adapter_requests" not in families  # per-adapter series only when asked for
     lora = families["adapterserve_lora_requests_info"].samples[0]
     assert lora.labels["max_lora"] == "64" and lora.value > 1.7e9
+
+
+def test_per_adapter_counts_are_opt_in_and_keep_the_busiest(start_server, minilm_setup):
+    running = start_server(metrics_per_adapter=1)
+    with running.client() as client:
+        for name in ("sentiment", "topics"):
+            client.load_adapter(str(minilm_setup.folders[name]), name=name)
+        client.classify(TEXTS, "sentiment")
+        client.classify(TEXTS, "topics")  # ties with sentiment: counted as other
+        with pytest.raises(RpcError):
+            client.classify(TEXTS, "nope")  # unknown ids are never counted
+        assert _adapter_requests(running) == {"sentiment": 1, "other": 1}
+        client.classify(TEXTS, "topics")  # now the busiest: takes the one series, starting afresh
+        assert _adapter_requests(running) == {"topics": 1, "other": 1}
+
+
+def _adapter_requests(running) -> dict[str, float]:
+    return {s.labels["adapter"]: s.value for s in _scrape(running)["adapterserve_adapter_requests"].samples
+            if s.name == "adapterserve_adapter_requests_total"}
 
 
 def test_async_client_round_trip(server, minilm_setup):
