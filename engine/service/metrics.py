@@ -45,8 +45,9 @@ class Metrics:
                                 lora_labels, registry=r)]
         if vllm_compat:
             self.lora_info.append(Gauge("vllm:lora_requests_info", "vLLM-compatible alias", lora_labels, registry=r))
-        self._adapter_requests = _AdapterRequests(per_adapter_top) if per_adapter_top else None
-        if self._adapter_requests is not None:
+        self._adapter_requests = None
+        if per_adapter_top:
+            self._adapter_requests = _AdapterRequests(per_adapter_top)
             r.register(self._adapter_requests)
 
     def serve(self, port: int, addr: str = "0.0.0.0"):
@@ -84,8 +85,8 @@ class _AdapterRequests(Collector):
 
     Every series stays a counter (never decreases): an adapter's series counts its requests since it last entered
     the top, ``other`` those made while their adapter was outside it. An adapter overtaken by a busier one loses
-    its series (Prometheus marks it stale); one that enters starts a new series. Totals are kept for every adapter
-    requested, which the registry bounds: only adapters that were found are counted.
+    its series (Prometheus marks it stale); one that enters starts a new series. A total is kept per adapter name
+    ever requested (only names that were found are counted): an int each, for the life of the process.
     """
 
     def __init__(self, top: int):
