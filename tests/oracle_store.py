@@ -11,6 +11,7 @@ copies' adapter configs name the copy's base model, as the library would have wr
 """
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
@@ -20,6 +21,15 @@ from safetensors.torch import load_file, save_file
 
 ORACLE_DIR_ENV = "ADAPTERSERVE_ORACLE_DIR"
 INDEX, TENSORS = "oracle.json", "oracle.safetensors"
+
+
+def library_installed() -> bool:
+    """Whether the `adapters` library can write oracles here."""
+    try:  # importing it: its lazy module has no __spec__, so importlib.util.find_spec cannot tell
+        importlib.import_module("adapters")
+    except ImportError:
+        return False
+    return True
 
 
 def stored_oracle_dir(arch: str) -> Path | None:
