@@ -73,17 +73,18 @@ def scale_ia3(y, ia3, row_slots) -> torch.Tensor:
     return impl.scale_ia3(y, ia3, row_slots)
 
 
-def bottleneck(t, w_down, b_down, w_up, b_up, scaling, act_ids, ranks, row_slots) -> torch.Tensor:
-    """Gathered bottleneck adapter body (down-projection, activation, up-projection, scale).
+def bottleneck(y, t, w_down, b_down, w_up, b_up, scaling, act_ids, ranks, row_slots) -> torch.Tensor:
+    """Gathered bottleneck adapter body (down-projection, activation, up-projection, scale), added into y.
 
     Semantics: for s = row_slots[b] >= 0, r = ranks[s], act = Act(act_ids[s]):
-        out[b, t] = scaling[s] * (act(t[b, t] @ w_down[s, :r].T + b_down[s, :r]) @ w_up[s, :r] + b_up[s])
-    and out[b] = 0 for rows with s = -1; out is a new tensor. The residual and LayerNorm variants are
-    applied by the caller. Columns >= ranks[s] are never read by the Triton kernel (the reference
-    relies on them being zero).
+        y[b, t] += scaling[s] * (act(t[b, t] @ w_down[s, :r].T + b_down[s, :r]) @ w_up[s, :r] + b_up[s])
+    in place; rows with s = -1 are untouched. Returns y. Accumulating (like `add_lora`) lets the
+    junction add the adapter straight into h + x, with no [B, T, H] temporary written and read back.
+    The residual and LayerNorm variants are applied by the caller (from zeros or their residual).
+    Columns >= ranks[s] are never read by the Triton kernel (the reference relies on them being zero).
     """
     impl = _bottleneck_triton if use_triton(t) else reference
-    return impl.bottleneck(t, w_down, b_down, w_up, b_up, scaling, act_ids, ranks, row_slots)
+    return impl.bottleneck(y, t, w_down, b_down, w_up, b_up, scaling, act_ids, ranks, row_slots)
 
 
 def layer_norm_rows(t, weight, bias, eps, row_slots) -> torch.Tensor:

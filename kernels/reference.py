@@ -118,6 +118,7 @@ def scale_ia3(
 
 
 def bottleneck(
+    y: torch.Tensor,  # [B, T, H] accumulator (the junction's h + x, or zeros), updated in place
     t: torch.Tensor,  # [B, T, H] adapter input
     w_down: torch.Tensor,  # [S, R, H]
     b_down: torch.Tensor,  # [S, R]
@@ -127,13 +128,12 @@ def bottleneck(
     act_ids: torch.Tensor,  # [S] int32, values of kernels.activations.Act
     ranks: torch.Tensor,  # [S] int32
     row_slots: torch.Tensor,  # [B] int64
-) -> torch.Tensor:  # [B, T, H], zero for rows with slot -1
+) -> torch.Tensor:  # y, rows with slot -1 untouched
     rows, slots, slot_list = _plan(row_slots)
     if not slot_list:
-        return torch.zeros_like(t)
+        return y
     ts = t if rows is None else t.index_select(0, rows)
     rank_list, acts = ranks.tolist(), act_ids.tolist()
-    f = torch.empty_like(ts)
     for start, end, r in _rank_runs([rank_list[s] for s in slot_list], 4 * t.shape[1] * t.shape[2]):
         run = slots[start:end]
         w = _gather(w_down, run, 1, r)  # [n, r, H]
@@ -141,10 +141,11 @@ def bottleneck(
         _apply_act_runs(z, [acts[s] for s in slot_list[start:end]])
         scale = scaling.index_select(0, run)[:, None, :]  # folded into the up weights: [n, r, H], not [n, T, H]
         up, up_bias = _gather(w_up, run, 1, r).mul_(scale), b_up.index_select(0, run)[:, None, :].mul_(scale)
-        torch.baddbmm(up_bias, z.transpose(1, 2), up, out=f[start:end])
-    if rows is None:
-        return f
-    return torch.zeros_like(t).index_copy_(0, rows, f)
+        if rows is None:  # accumulate into y's rows in place: no [n, T, H] temporary to write, read and add
+            y[start:end].add_(up_bias).baddbmm_(z.transpose(1, 2), up)
+        else:
+            y.index_add_(0, rows[start:end], torch.baddbmm(up_bias, z.transpose(1, 2), up))
+    return y
 
 
 def _apply_act_runs(z: torch.Tensor, row_acts: list[int]) -> None:

@@ -53,18 +53,20 @@ def test_ops_equal_their_semantics(pattern, rank_set, merge, monkeypatch):
 
     lora_out = reference.add_lora(y.clone(), x, a, b, scaling, ranks, slots)
     ia3_out = reference.scale_ia3(y.clone(), ia3, slots)
-    bn_out = reference.bottleneck(y, w_down, b_down, w_up, b_up, scale_vec, acts, ranks, slots)
+    acc = torch.randn(n, t, H, generator=gen)  # what the bottleneck adds into
+    bn_out = reference.bottleneck(acc.clone(), y, w_down, b_down, w_up, b_up, scale_vec, acts, ranks, slots)
     for row, s in enumerate(slots.tolist()):
         if s < 0:
             assert torch.equal(lora_out[row], y[row]) and torch.equal(ia3_out[row], y[row])
-            assert torch.equal(bn_out[row], torch.zeros_like(y[row]))
+            assert torch.equal(bn_out[row], acc[row])
             continue
         r = int(ranks[s])
         want = y[row] + scaling[s] * (x[row] @ a[s, :r].T) @ b[s, :r]
         torch.testing.assert_close(lora_out[row], want, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(ia3_out[row], y[row] * ia3[s])
         hidden = apply_act(y[row] @ w_down[s, :r].T + b_down[s, :r], Act(int(acts[s])))
-        torch.testing.assert_close(bn_out[row], scale_vec[s] * (hidden @ w_up[s, :r] + b_up[s]), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(bn_out[row], acc[row] + scale_vec[s] * (hidden @ w_up[s, :r] + b_up[s]),
+                                   atol=1e-5, rtol=1e-5)
     active = slots[slots >= 0]
     if len(active):
         rows = (slots >= 0).nonzero().squeeze(1)

@@ -92,12 +92,11 @@ def _add_fused(hx: torch.Tensor, h: torch.Tensor, x: torch.Tensor, plain: torch.
     parts = [_plain_rows(plain, site.plain, rows) if src is Source.PLAIN else (h if src is Source.OUTPUT else x)[rows]
              for src, rows in fused.runs]
     t = parts[0] if len(parts) == 1 else torch.cat(parts)
-    f = kernels.bottleneck(t, tab.w_down, tab.b_down, tab.w_up, tab.b_up, tab.scaling, tab.act_ids, tab.ranks,
-                           fused.slots)
+    args = (tab.w_down, tab.b_down, tab.w_up, tab.b_up, tab.scaling, tab.act_ids, tab.ranks, fused.slots)
     if isinstance(fused.rows, slice):
-        hx[fused.rows] += f
+        kernels.bottleneck(hx[fused.rows], t, *args)  # a view: adds into hx itself
     else:
-        hx.index_add_(0, fused.rows, f)
+        hx.index_add_(0, fused.rows, kernels.bottleneck(torch.zeros_like(t), t, *args))
 
 
 def _apply_group(tab: BottleneckTables, group: BottleneckGroup, h, x, hx, plain, ln: Norm) -> torch.Tensor:
@@ -118,9 +117,9 @@ def _apply_group(tab: BottleneckTables, group: BottleneckGroup, h, x, hx, plain,
             residual = t
     if v.ln_before:
         t = kernels.layer_norm_rows(t, tab.ln_before_weight, tab.ln_before_bias, ADAPTER_LN_EPS, slots)
-    out = kernels.bottleneck(t, tab.w_down, tab.b_down, tab.w_up, tab.b_up, tab.scaling, tab.act_ids, tab.ranks, slots)
-    if residual is not None and v.adapter_residual_before_ln:
-        out = out + residual
+    add_residual = residual is not None and v.adapter_residual_before_ln  # f + residual, before ln_after
+    out = residual.clone() if add_residual else torch.zeros_like(t)
+    kernels.bottleneck(out, t, tab.w_down, tab.b_down, tab.w_up, tab.b_up, tab.scaling, tab.act_ids, tab.ranks, slots)
     if v.ln_after:
         out = kernels.layer_norm_rows(out, tab.ln_after_weight, tab.ln_after_bias, ADAPTER_LN_EPS, slots)
     if residual is None:

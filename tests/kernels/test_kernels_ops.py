@@ -53,10 +53,14 @@ def run_bottleneck(pattern, T, dtype, H, R, act_offset=0, device=DEVICE, num_row
     t, slots = _batch(pattern, T, H, dtype, gen, num_rows)
     acts = (torch.arange(S) + act_offset) % len(Act)  # every Act id over the cases, several per batch
     kern, ref = bottleneck_tables(S, H, R, mixed_ranks(S, R, gen), acts, dtype, gen)
-    out = bn.bottleneck(t.to(device), row_slots=slots.to(device), **to_device(kern, device), **knobs)
-    expected = reference.bottleneck(t.float(), row_slots=slots, **to_fp32(ref))
+    y = torch.randn(t.shape, generator=gen).to(dtype)  # what the adapter is added into (h + x at a junction)
+    y_dev = y.clone().to(device)  # .to() alone would alias y on CPU, and the op works in place
+    out = bn.bottleneck(y_dev, t.to(device), row_slots=slots.to(device), **to_device(kern, device), **knobs)
+    assert out is y_dev, "bottleneck works in place and returns y"
+    expected = reference.bottleneck(y.float().clone(), t.float(), row_slots=slots, **to_fp32(ref))
     _close(out, expected, dtype)
-    assert not out[slots.to(device) < 0].any(), "rows without adapter must be exactly zero"
+    untouched = slots < 0
+    assert torch.equal(out.cpu()[untouched], y[untouched]), "rows without adapter must be bit-identical"
 
 
 def run_lora(pattern, T, dtype, K, N, R, device=DEVICE, num_rows=12, **knobs):
@@ -124,9 +128,9 @@ def test_single_row_and_rank_zero():
     ranks = torch.tensor([0, 16, 4, 0, 8, 1, 16, 2], dtype=torch.int32)
     kern, ref = bottleneck_tables(S, H, R, ranks, torch.arange(S) % len(Act), torch.float32, gen)
     for slots in (torch.tensor([0]), torch.tensor([3, 0, 3, 1])):
-        t = torch.randn(len(slots), 5, H, generator=gen)
-        out = bn.bottleneck(t.to(DEVICE), row_slots=slots.to(DEVICE), **to_device(kern, DEVICE))
-        _close(out, reference.bottleneck(t, row_slots=slots, **ref), torch.float32)
+        t, y = torch.randn(len(slots), 5, H, generator=gen), torch.randn(len(slots), 5, H, generator=gen)
+        out = bn.bottleneck(y.clone().to(DEVICE), t.to(DEVICE), row_slots=slots.to(DEVICE), **to_device(kern, DEVICE))
+        _close(out, reference.bottleneck(y.clone(), t, row_slots=slots, **ref), torch.float32)
     lk, lr = lora_tables(S, H, 40, R, ranks, torch.float32, gen)
     x, y = torch.randn(4, 5, H, generator=gen), torch.randn(4, 5, 40, generator=gen)
     slots = torch.tensor([0, 3, 1, 0])
@@ -142,8 +146,12 @@ def test_strided_rows():
     t = base_t[:, 2:7]  # [6, 5, H], row stride 10 * H
     slots = torch.tensor([1, -1, 4, 1, 0, 7])
     kern, ref = bottleneck_tables(S, H, R, mixed_ranks(S, R, gen), torch.arange(S), torch.float32, gen)
-    out = bn.bottleneck(t.to(DEVICE), row_slots=slots.to(DEVICE), **to_device(kern, DEVICE))
-    _close(out, reference.bottleneck(t, row_slots=slots, **ref), torch.float32)
+    acc_full = torch.randn(6, 8, H, generator=gen)
+    acc_dev = acc_full.clone().to(DEVICE)
+    bn.bottleneck(acc_dev[:, 1:6], t.to(DEVICE), row_slots=slots.to(DEVICE), **to_device(kern, DEVICE))
+    expected = acc_full.clone()
+    reference.bottleneck(expected[:, 1:6], t, row_slots=slots, **ref)
+    _close(acc_dev, expected, torch.float32)  # includes the untouched tokens outside 1:6
 
     lk, lr = lora_tables(S, H, N, R, mixed_ranks(S, R, gen), torch.float32, gen)
     y_full = torch.randn(6, 9, N, generator=gen)
