@@ -5,10 +5,12 @@ are served by `adapterserve serve --threads 1` in a subprocess, called with one 
 `x-tenant-id`), or by a Scheduler + EngineLoop in this process (torch 1 thread, the server's defaults; a call does
 what the Classify servicer does); never both at once. One deterministic stream feeds both: 1-4 sentences of 5-30
 words per request, adapter ~ Zipf(1.1) over K, tenant uniform over T. Saturation: closed loop, 64 requests
-outstanding, alternating in-process, gRPC, in-process, gRPC. Open loop: Poisson arrivals at 0.5, 0.8, 1.0, 1.2x
-the first in-process saturation rate. Target: gRPC adds under 15% at saturation (1 - gRPC / in-process rows/s).
+outstanding, in each round in-process, then the server with its access log and without it (`serve
+--no-access-log`; the order of those two flips every round). Open loop: Poisson arrivals at 0.5, 0.8, 1.0, 1.2x
+the first in-process saturation rate. Target: gRPC adds under 15% at saturation (1 - gRPC / in-process rows/s, with
+the access log on, the default); the access log's own cost is reported beside it.
 
-    python bench/serve.py            # records bench/results/serve.md (about 6 minutes)
+    python bench/serve.py            # records bench/results/serve.md (about 8 minutes)
     python bench/serve.py --quick    # smoke test, records nothing
 """
 import argparse
@@ -48,6 +50,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "serve.md"
 METHODS = ("seq_bn", "double_seq_bn", "par_bn", "lora", "ia3")
 ZIPF_S, CONCURRENCY, TARGET_OVERHEAD = 1.1, 64, 0.15
+INPROC, GRPC, GRPC_NO_LOG = "in-process", "gRPC", "gRPC, no access log"
 WORDS = ("the a this our every new old small quick slow good bad service model request answer film book story team "
          "city market price customer order report user data day night is was seems looks runs works stays grows "
          "falls arrives really very never always often today here and but so because while after into happy").split()
@@ -148,9 +151,10 @@ class GrpcClients:
 class ServerProcess:
     """`adapterserve serve` on 127.0.0.1 (free port, no metrics, 1 torch thread); a thread drains its stderr."""
 
-    def __init__(self, folders: dict[str, Path]):
+    def __init__(self, folders: dict[str, Path], access_log: bool):
         cmd = [sys.executable, "-m", "engine.cli", "serve", "--host", "127.0.0.1", "--port", "0",
-               "--metrics-port", "-1", "--threads", "1", *(f"--adapter={n}={d}" for n, d in folders.items())]
+               "--metrics-port", "-1", "--threads", "1", *(f"--adapter={n}={d}" for n, d in folders.items()),
+               *([] if access_log else ["--no-access-log"])]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
                                      env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
         self.lines, self.odd = [], []  # start-up lines; then warnings, errors and non-OK RPC log lines
@@ -164,7 +168,7 @@ class ServerProcess:
         threading.Thread(target=self._drain, daemon=True).start()
 
     def _drain(self) -> None:
-        for line in self.proc.stderr:  # one JSON line per RPC at INFO
+        for line in self.proc.stderr:  # one JSON line per RPC at INFO, unless the access log is off
             self.lines.append(line.rstrip())
             if '"code": "OK"' not in line and any(w in line for w in ("ERROR", "Traceback", "WARNING", '"code"')):
                 self.odd.append(line.rstrip())
@@ -209,46 +213,52 @@ async def run_phase(make_backend, mode: str, stream: list[Req], specs, args) -> 
 
 
 def measure(args, folders: dict[str, Path], tenants: list[str]):
-    """in-process saturation #1 -> rates; in-process sweep; gRPC saturation #1 + sweep; then #2... alternating."""
+    """in-process saturation #1 -> rates; in-process sweep; gRPC saturation #1 + sweep; gRPC without access log
+    saturation #1; then per round in-process and both servers, the servers' order flipped each round."""
     stream = make_stream(20_000, list(folders), tenants)
     # what `adapterserve serve --threads 1` builds with its defaults
     engine = Engine(EngineConfig(device="cpu", num_threads=1, max_batch_rows=64, max_device_adapters=64))
     for name, folder in folders.items():
         engine.load_adapter(folder, name=name)
-    notes = []  # per server run: (exit code, stderr summary)
+    notes = []  # per server run: (mode, exit code, stderr summary)
 
     def inproc(specs):
-        return asyncio.run(run_phase(lambda: InProcess(engine), "in-process", stream, specs, args))
+        return asyncio.run(run_phase(lambda: InProcess(engine), INPROC, stream, specs, args))
 
-    def grpc(specs):
-        server = ServerProcess(folders)  # started only now: never runs beside the in-process engine loop
+    def grpc(specs, mode=GRPC):
+        # started only now: never runs beside the in-process engine loop or the other server
+        server = ServerProcess(folders, access_log=mode == GRPC)
         try:
-            return asyncio.run(run_phase(lambda: GrpcClients(server.target, tenants), "gRPC", stream, specs, args))
+            return asyncio.run(run_phase(lambda: GrpcClients(server.target, tenants), mode, stream, specs, args))
         finally:
-            notes.append((server.stop(), f"{len(server.lines)} stderr lines, {len(server.odd)} not an OK RPC log line"
-                          + "".join(f"\n  - `{line[:240]}`" for line in server.odd[:5])))
+            notes.append((mode, server.stop(), f"{len(server.lines)} stderr lines, {len(server.odd)} not an OK RPC "
+                          "log line" + "".join(f"\n  - `{line[:240]}`" for line in server.odd[:5])))
 
     print("\n".join(HEADER), flush=True)
     points = inproc([("saturation #1", None)])
     capacity = len(points[0].latencies) / points[0].wall
     specs = [(f"{f:.1f}x capacity", f * capacity) for f in args.fractions]
-    points += inproc(specs) + grpc([("saturation #1", None), *specs])
+    points += inproc(specs) + grpc([("saturation #1", None), *specs]) + grpc([("saturation #1", None)], GRPC_NO_LOG)
     for r in range(2, args.rounds + 1):
-        points += inproc([(f"saturation #{r}", None)]) + grpc([(f"saturation #{r}", None)])
+        sat = [(f"saturation #{r}", None)]
+        servers = (GRPC_NO_LOG, GRPC) if r % 2 == 0 else (GRPC, GRPC_NO_LOG)
+        points += inproc(sat) + grpc(sat, servers[0]) + grpc(sat, servers[1])
     return points, capacity, notes
 
 
-def report(args, points: list[Point], capacity: float, notes: list[tuple[int, str]], load0: float) -> list[str]:
+def report(args, points: list[Point], capacity: float, notes: list[tuple[str, int, str]], load0: float) -> list[str]:
     """Markdown: machine and set-up, the table, the saturation verdict."""
     versions = ", ".join(f"{p} {importlib.metadata.version(p)}"
                          for p in ("torch", "transformers", "grpcio", "adapters", "adapterserve"))
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
     env = "".join(f"{v}={os.environ[v]} " for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if v in os.environ)
-    sat = {m: [q.rows / q.wall for q in points if q.mode == m and q.offered is None] for m in ("in-process", "gRPC")}
+    sat = {m: [q.rows / q.wall for q in points if q.mode == m and q.offered is None]
+           for m in (INPROC, GRPC, GRPC_NO_LOG)}
     mean = {m: sum(v) / len(v) for m, v in sat.items()}
-    overhead = 1 - mean["gRPC"] / mean["in-process"]  # the means of each mode's saturation runs
-    verdict = "PASS" if overhead < TARGET_OVERHEAD and not any(code for code, _ in notes) else "FAIL"
+    overhead = 1 - mean[GRPC] / mean[INPROC]  # the means of each mode's saturation runs
+    log_cost = 1 - mean[GRPC] / mean[GRPC_NO_LOG]
+    verdict = "PASS" if overhead < TARGET_OVERHEAD and not any(code for _, code, _ in notes) else "FAIL"
     return ["# Serving: gRPC server vs. in-process engine (CPU, all-MiniLM-L6-v2)", "",
             f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
             f"- command: `{env}python {' '.join(sys.argv)}`",
@@ -260,17 +270,22 @@ def report(args, points: list[Point], capacity: float, notes: list[tuple[int, st
             f"load generator with torch {torch.get_num_threads()} thread. The two modes never run at the same time.",
             f"- workload: {args.adapters} adapters (Zipf s={ZIPF_S} by rank, methods cycle {', '.join(METHODS)}), "
             f"{args.tenants} tenants, 1-4 sentences of 5-30 words per request, {args.duration:g} s per point; "
-            "scheduler defaults (64 rows, 8192 padded tokens, 5 ms wait); the server logs one INFO line per RPC",
+            "scheduler defaults (64 rows, 8192 padded tokens, 5 ms wait); the server logs one INFO line per RPC, "
+            f"except in the `{GRPC_NO_LOG}` runs (`serve --no-access-log`)",
             "- latency: open loop from the scheduled Poisson arrival, closed loop from the send; req/s and rows/s: "
             "completed requests (rows) over the point's wall time, which ends at its last answer", "",
             *HEADER, *(q.row() for q in sorted(points, key=lambda q: (q.offered or 0, q.label, q.mode))), "",
             "## Saturation", "",
             *(f"- {m} rows/s per run: {', '.join(f'{x:.1f}' for x in v)} (mean {mean[m]:.1f})" for m, v in sat.items()),
-            "- overhead per round: " + ", ".join(f"{1 - g / i:+.1%}" for i, g in zip(*sat.values())),
+            "- overhead per round: " + ", ".join(f"{1 - g / i:+.1%}" for i, g in zip(sat[INPROC], sat[GRPC])),
             f"- **{verdict}: gRPC overhead at saturation = 1 - grpc_rows_per_s / inproc_rows_per_s = {overhead:.1%}**"
-            f" (target < {TARGET_OVERHEAD:.0%})",
+            f" (target < {TARGET_OVERHEAD:.0%}; access log on, the server's default)",
+            "- access log (one JSON line per RPC): 1 - grpc_rows_per_s / grpc_no_access_log_rows_per_s = "
+            f"{log_cost:+.1%} at saturation; per round: "
+            + ", ".join(f"{1 - g / n:+.1%}" for g, n in zip(sat[GRPC], sat[GRPC_NO_LOG])),
             f"- open-loop rates are fractions of in-process saturation #1: {capacity:.1f} req/s",
-            *(f"- server run {i + 1}: exit code {code} after SIGTERM, {n}" for i, (code, n) in enumerate(notes)), ""]
+            *(f"- server run {i + 1} ({mode}): exit code {code} after SIGTERM, {n}"
+              for i, (mode, code, n) in enumerate(notes)), ""]
 
 
 def main() -> None:
