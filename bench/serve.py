@@ -10,7 +10,7 @@ outstanding, in each round in-process, then the server with its access log and w
 the first in-process saturation rate. Target: gRPC adds under 15% at saturation (1 - gRPC / in-process rows/s, with
 the access log on, the default); the access log's own cost is reported beside it.
 
-    python bench/serve.py            # records bench/results/serve.md (about 8 minutes)
+    python bench/serve.py            # records bench/results/serve.md (about 6 minutes)
     python bench/serve.py --quick    # smoke test, records nothing
 """
 import argparse
@@ -267,7 +267,7 @@ def report(args, points: list[Point], capacity: float, notes: list[tuple[str, in
             f"{os.getloadavg()[0]:.2f}; python {platform.python_version()}, {versions}",
             "- threads: server `--threads 1`, OMP_NUM_THREADS=1 (plus its gRPC and engine-loop threads); the load "
             "generator imports torch but computes nothing in gRPC mode; in-process mode runs the engine loop in the "
-            f"load generator with torch {torch.get_num_threads()} thread. The two modes never run at the same time.",
+            f"load generator with torch {torch.get_num_threads()} thread. No two modes ever run at the same time.",
             f"- workload: {args.adapters} adapters (Zipf s={ZIPF_S} by rank, methods cycle {', '.join(METHODS)}), "
             f"{args.tenants} tenants, 1-4 sentences of 5-30 words per request, {args.duration:g} s per point; "
             "scheduler defaults (64 rows, 8192 padded tokens, 5 ms wait); the server logs one INFO line per RPC, "
