@@ -4,9 +4,13 @@ import sys
 import textwrap
 
 
+def _python(code: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args], capture_output=True, text=True,
+                          timeout=300, env={"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+
+
 def _run(code: str) -> str:
-    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                            timeout=300, env={"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    result = _python(code)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
 
@@ -32,3 +36,14 @@ def test_transformers_does_not_take_our_kernels_for_hub_kernels():
         print(kernels.__file__.endswith("kernels/__init__.py"), is_kernels_available())
     """)
     assert out.split() == ["True", "False"]
+
+
+def test_a_foreign_kernels_package_stops_the_engine_with_an_error_that_names_it(tmp_path):
+    # what transformers >= 5.25 installs: huggingface's `kernels`, first on sys.path in an installed console script
+    (tmp_path / "kernels").mkdir()
+    (tmp_path / "kernels" / "__init__.py").write_text("__version__ = '0.19.1'\n")
+    result = _python("import sys; sys.path.insert(0, sys.argv[1]); import engine", str(tmp_path))
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("ImportError: `import kernels` found " + str(tmp_path / "kernels" / "__init__.py")), last
+    assert "huggingface's `kernels`" in last and "pip uninstall kernels" in last, last
