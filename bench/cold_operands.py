@@ -13,6 +13,7 @@ of `--seq-len` tokens) is captured call by call (`kernels.add_lora`, `scale_ia3`
   MiniLM's 384x384 dense), as in the model (median of 7).
 
     OMP_NUM_THREADS=2 python bench/cold_operands.py --threads 2     # records bench/results/cold_operands.md
+    OMP_NUM_THREADS=1 python bench/cold_operands.py --threads 1 --out bench/results/cold_operands-1thread.md
 """
 import argparse
 import importlib.util
