@@ -4,7 +4,12 @@ Keys are ``base_model.model.<module path>.lora_A.weight`` / ``lora_B.weight`` / 
 ``alpha / r`` (``alpha / sqrt(r)`` with use_rslora), per module overridable by rank_pattern and
 alpha_pattern. IA3 scales a module's output, or its input for feed-forward modules (``ia3_l`` [1, in]).
 ``fan_in_fan_out`` only changes how PEFT merges Conv1D weights, not the unmerged math served here.
+
+PEFT applies a saved module only where its config targets it (``target_modules``, ``exclude_modules``,
+``layers_to_transform``/``layers_pattern``) and drops the other saved weights when loading, so we do too;
+a folder whose config targets none of its saved modules is refused (PEFT refuses one that targets nothing).
 """
+import logging
 import math
 import re
 from pathlib import Path
@@ -18,6 +23,8 @@ KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<param>lora_A\.we
 REFUSED = {"use_dora": "DoRA", "lora_bias": "LoRA bias", "layer_replication": "layer replication",
            "modules_to_save": "modules_to_save", "trainable_token_indices": "trainable tokens",
            "target_parameters": "target_parameters", "use_qalora": "QA-LoRA", "alora_invocation_tokens": "aLoRA"}
+ALL_LINEAR = "all-linear"  # PEFT's shorthand for every linear layer but the output layer: every saved site here
+log = logging.getLogger(__name__)
 
 
 def read_peft(folder: Path, target: TargetModel, name: str) -> AdapterSpec:
@@ -34,22 +41,69 @@ def read_peft(folder: Path, target: TargetModel, name: str) -> AdapterSpec:
     state = read_weights(folder, "adapter_model.safetensors", "adapter_model.bin")
     modules: dict[str, dict] = {}
     names: dict[str, str] = {}  # site path -> the module's name in the saved model: what PEFT's patterns match
+    untargeted = set()
     for key, tensor in state.items():
         match = KEY.match(key)
         if match is None:
             raise InvalidAdapter(source, "unexpected key", key)
+        if not _targeted(cfg, match["module"], source):
+            untargeted.add(match["module"])
+            continue
         module = _strip_prefix(match["module"], target)
         if module not in target.linear:
             raise UnsupportedAdapter(source, f"module {module!r} is not an adapter site of this base model ({key})")
         modules.setdefault(module, {})[match["param"]] = (key, tensor)
         names[module] = match["module"]
+    if not modules and untargeted:
+        fields = ", ".join(f"{f}={cfg.get(f)!r}" for f in ("target_modules", "layers_to_transform", "exclude_modules"))
+        raise InvalidAdapter(source, f"its config targets none of the saved modules ({fields}; saved: "
+                                     f"{sorted(untargeted)[0]}, ...)")
     if not modules:
         raise InvalidAdapter(source, "no LoRA or IA3 weights in the file")
+    if untargeted:  # what PEFT does with them too, with a warning of its own
+        log.warning("adapter %s: ignoring the saved weights of %d modules its config does not target, e.g. %s",
+                    source, len(untargeted), sorted(untargeted)[0])
     if peft_type == "LORA":
         lora = {m: _lora(p, cfg, m, names[m], target, source) for m, p in modules.items()}
         return AdapterSpec(name, Method.LORA, source, lora=lora, config=cfg)
     ia3 = {m: _ia3(p, cfg, m, names[m], target, source) for m, p in modules.items()}
     return AdapterSpec(name, Method.IA3, source, ia3=ia3, config=cfg)
+
+
+def _targeted(cfg: dict, module: str, source: str) -> bool:
+    """PEFT's `check_target_module_exists` for the module's name in the saved model.
+
+    No ``target_modules`` means PEFT's default targets for the model type, which the saved weights follow.
+    As in PEFT, ``layers_to_transform`` only narrows a list of target modules, not a regex.
+    """
+    if _matches(cfg.get("exclude_modules"), module, source, "exclude_modules"):
+        return False
+    targets = cfg.get("target_modules")
+    if targets is None or (isinstance(targets, str) and targets.lower() == ALL_LINEAR):
+        return True
+    if not _matches(targets, module, source, "target_modules"):
+        return False
+    if isinstance(targets, str):
+        return True
+    layers = cfg.get("layers_to_transform")
+    if layers is None or layers == []:
+        return True
+    if not (isinstance(layers, int) or (isinstance(layers, list) and all(isinstance(i, int) for i in layers))):
+        raise InvalidAdapter(source, f"layers_to_transform must be a layer index or a list of them, got {layers!r}")
+    patterns = cfg.get("layers_pattern")
+    # PEFT's regexes: the first numbered segment after any segment (no pattern) or after a pattern's
+    regexes = ([r".*?\.[^.]*\.(?P<idx>\d+)\."] if not patterns else
+               [rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\." for p in ([patterns] if isinstance(patterns, str) else patterns)])
+    for regex in regexes:
+        try:
+            match = re.match(regex, module)
+        except re.error as exc:
+            raise InvalidAdapter(source, f"layers_pattern holds an invalid regular expression {patterns!r}: {exc}"
+                                 ) from None
+        if match is not None:
+            index = int(match["idx"])
+            return index == layers if isinstance(layers, int) else index in layers
+    return False
 
 
 def _strip_prefix(module: str, target: TargetModel) -> str:
@@ -102,19 +156,19 @@ def _ia3(params: dict, cfg: dict, module: str, name: str, target: TargetModel, s
     if set(params) != {"ia3_l"}:
         raise InvalidAdapter(source, "IA3 adapters hold only ia3_l vectors", params[next(iter(params))][0])
     key, tensor = params["ia3_l"]
-    feedforward = _matches(cfg.get("feedforward_modules"), name, source)
+    feedforward = _matches(cfg.get("feedforward_modules"), name, source, "feedforward_modules")
     if feedforward:
         return IA3Weights(checked(tensor, source, key, (1, in_f))[0], on_input=True)
     return IA3Weights(checked(tensor, source, key, (out_f, 1))[:, 0], on_input=False)
 
 
-def _matches(targets, module: str, source: str) -> bool:
-    """PEFT's target matching (``feedforward_modules``): a regex string must match the whole path, list
-    entries its end."""
+def _matches(targets, module: str, source: str, field: str) -> bool:
+    """PEFT's module matching (``target_modules``, ``exclude_modules``, ``feedforward_modules``): a regex
+    string must match the whole path, list entries its end."""
     if not targets:
         return False
     if isinstance(targets, str):
-        return _search(targets, module, "feedforward_modules", source)
+        return _search(targets, module, field, source)
     if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
-        raise InvalidAdapter(source, f"feedforward_modules must be a regex or a list of module names, got {targets!r}")
+        raise InvalidAdapter(source, f"{field} must be a regex or a list of module names, got {targets!r}")
     return module in targets or any(module.endswith(f".{t}") for t in targets)

@@ -1,6 +1,7 @@
 """Library behaviours outside the oracle's grid, each against the `adapters` library or PEFT themselves:
 Qwen2's MLP sites (plugin interface, not Llama's swapped names), the token a decoder head reads when a row
-holds the pad id or is left-padded, PEFT patterns naming full module paths, legacy config forms."""
+holds the pad id or is left-padded, PEFT patterns naming full module paths, PEFT configs that target
+fewer modules than were saved, legacy config forms."""
 import json
 
 import adapters
@@ -9,7 +10,7 @@ import torch
 import transformers
 from adapters import AutoAdapterModel, IA3Config, LoRAConfig, ParBnConfig, SeqBnConfig
 from oracle import _base_spec, _randomise, _seed
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 
 from engine import Engine
 
@@ -88,6 +89,33 @@ def test_peft_patterns_match_the_saved_module_names(tmp_path, alpha_pattern):
                    lambda p: False)
         want = peft_model.base_model.model.model(IDS, attention_mask=MASK).last_hidden_state
     peft_model.save_pretrained(str(tmp_path / "peft"))
+    engine = Engine.from_pretrained(tmp_path / "base", device="cpu")
+    engine.load_adapter(tmp_path / "peft", name="peft")
+    got = engine.forward(IDS, MASK, ["peft"] * 3).last_hidden_state
+    torch.testing.assert_close(got[MASK.bool()], want[MASK.bool()], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("changes", [{"target_modules": r".*\.query"}, {"layers_to_transform": [1]},
+                                     {"layers_to_transform": 0, "layers_pattern": "layer"},
+                                     {"exclude_modules": ["value"]}])
+def test_peft_applies_only_the_saved_modules_its_config_targets(tmp_path, changes):
+    base_class, cfg = _base_spec("bert")
+    torch.manual_seed(0)
+    base_class._from_config(cfg, attn_implementation="eager").save_pretrained(tmp_path / "base")
+    peft_model = get_peft_model(base_class.from_pretrained(tmp_path / "base", attn_implementation="eager"),
+                                LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"])).eval()
+    with torch.no_grad():
+        _randomise(peft_model, lambda n: bool({"lora_A", "lora_B"} & set(n.split("."))), _seed("bert", "targets"),
+                   lambda p: False)
+        every_module = peft_model(IDS, attention_mask=MASK).last_hidden_state
+    peft_model.save_pretrained(str(tmp_path / "peft"))
+    config = tmp_path / "peft" / "adapter_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), **changes}))
+    narrowed = PeftModel.from_pretrained(base_class.from_pretrained(tmp_path / "base", attn_implementation="eager"),
+                                         str(tmp_path / "peft")).eval()
+    with torch.no_grad():
+        want = narrowed(IDS, attention_mask=MASK).last_hidden_state
+    assert not torch.allclose(want, every_module, atol=1e-3)  # PEFT itself dropped saved modules
     engine = Engine.from_pretrained(tmp_path / "base", device="cpu")
     engine.load_adapter(tmp_path / "peft", name="peft")
     got = engine.forward(IDS, MASK, ["peft"] * 3).last_hidden_state

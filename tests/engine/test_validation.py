@@ -211,6 +211,11 @@ def test_malformed_head_config(engine, bert, tmp_path, changes, error, fragment)
     ("peft_lora_rslora", {"lora_alpha": "8"}, "lora_alpha for encoder.layer.0.attention.self.query must be a finite"),
     ("peft_lora_rslora", {"rank_pattern": ["x"]}, "rank_pattern must map module patterns to values"),
     ("peft_lora_rslora", {"alpha_pattern": {"[": 2}}, "alpha_pattern holds an invalid regular expression"),
+    ("peft_lora_rslora", {"target_modules": ["nonexistent_mod"]}, "its config targets none of the saved modules"),
+    ("peft_lora_rslora", {"layers_to_transform": [99]}, "its config targets none of the saved modules"),
+    ("peft_lora_rslora", {"target_modules": 5}, "target_modules must be a regex or a list of module names"),
+    ("peft_lora_rslora", {"layers_to_transform": "0"}, "layers_to_transform must be a layer index or a list"),
+    ("peft_lora_rslora", {"layers_to_transform": [0], "layers_pattern": "("}, "layers_pattern holds an invalid"),
     ("peft_ia3", {"feedforward_modules": 5}, "feedforward_modules must be a regex or a list of module names"),
     ("peft_ia3", {"feedforward_modules": "("}, "feedforward_modules holds an invalid regular expression"),
 ])
@@ -273,7 +278,7 @@ def test_peft_refusals(engine, bert, tmp_path):
     _assert_refused(engine, folder, UnsupportedAdapter, "DoRA")
     (folder / "adapter_config.json").write_text(json.dumps({**cfg, "peft_type": "PREFIX_TUNING"}))
     _assert_refused(engine, folder, UnsupportedAdapter, "peft_type 'PREFIX_TUNING'")
-    (folder / "adapter_config.json").write_text(json.dumps(cfg))
+    (folder / "adapter_config.json").write_text(json.dumps({**cfg, "target_modules": ["pooler.dense"]}))
     save_file({"base_model.model.pooler.dense.lora_A.weight": torch.zeros(4, 64)}, folder / "adapter_model.safetensors")
     _assert_refused(engine, folder, UnsupportedAdapter, "'pooler.dense' is not an adapter site")
 
