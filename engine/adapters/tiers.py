@@ -72,6 +72,7 @@ class AdapterTiers:
         self._on_host: OrderedDict[int, Residency] = OrderedDict()  # the CPU tier, oldest first
         self._device_bytes = 0
         self._readers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="adapter-read")
+        self._retrim: tuple[float, threading.Timer] | None = None  # a trim due when a held copy's hold ends
 
     def add(self, entry: Residency, spec: AdapterSpec) -> None:
         """A freshly read version: onto the device if it fits without evicting anything, else the CPU tier.
@@ -79,7 +80,7 @@ class AdapterTiers:
         limit = self.budget.max_device_bytes
         if limit is not None and entry.nbytes > limit:
             raise AdapterCapacityExceeded(f"adapter {entry.record.info.name!r} needs {entry.nbytes / 2**20:.2f} MB, "
-                                          f"more than the whole device budget (adapter_memory_mb)")
+                                          f"more than the whole device budget of {limit / 2**20:.2f} MB")
         with self._lock:
             victims = self._victims(entry) if entry.pinned or self._fits(entry) else None
             entry.spec = spec
@@ -187,8 +188,9 @@ class AdapterTiers:
                 victims.append(other)
                 need_slots, need_bytes = need_slots - 1, need_bytes - other.nbytes
         if need_slots > 0 or need_bytes > 0:
+            budget = "" if limit is None else f" (and the {limit / 2**20:.2f} MB device budget)"
             raise AdapterCapacityExceeded(
-                f"all {self.pool.capacity} adapter slots (or adapter_memory_mb) hold adapters in use or pinned; "
+                f"all {self.pool.capacity} adapter slots{budget} hold adapters in use or pinned; "
                 f"cannot bring in {entry.record.info.name!r} now")
         return victims
 
@@ -208,14 +210,36 @@ class AdapterTiers:
         """Drops the oldest host copies over ``max_cpu_adapters``: those that can be read again, are idle and
         are not held for a queued request."""
         excess = len(self._on_host) - self.budget.max_cpu_adapters
-        now = time.monotonic()
+        now, held = time.monotonic(), []
         for entry in list(self._on_host.values()) if excess > 0 else ():
             if excess <= 0:
                 break
-            if entry.read is not None and entry.record.refs == 0 and entry.hold_until <= now:
+            if entry.read is not None and entry.record.refs == 0:
+                if entry.hold_until > now:
+                    held.append(entry.hold_until)
+                    continue
                 entry.spec = None
                 del self._on_host[entry.key]
                 excess -= 1
+        if excess > 0 and held:
+            self._trim_when_held_end(min(held))
+
+    def _trim_when_held_end(self, at: float) -> None:
+        """Trims again when a hold ends: otherwise an idle server keeps the copies over budget until some later
+        load, eviction or release. Copies in use are trimmed by `released` instead."""
+        if self._retrim is not None:
+            if self._retrim[0] <= at:
+                return
+            self._retrim[1].cancel()
+        timer = threading.Timer(at - time.monotonic() + 0.01, self._trim_now)
+        timer.daemon = True
+        self._retrim = (at, timer)
+        timer.start()
+
+    def _trim_now(self) -> None:
+        with self._lock:
+            self._retrim = None
+            self._trim_cpu()
 
     def _start_read(self, entry: Residency) -> Future:
         if entry.reading is None:

@@ -183,3 +183,22 @@ def test_a_host_copy_promised_to_a_queued_request_survives_other_reads(make_engi
     while not engine.adapters_ready([from_source]) and time.monotonic() < deadline:
         time.sleep(0.01)  # another read arrives and the CPU tier is over its budget of 1
     assert placement(engine)[on_host] == "cpu"  # not trimmed: the promised request finds it
+
+
+def test_host_copies_held_over_the_cpu_budget_are_trimmed_when_the_hold_ends(make_engine, bert, monkeypatch):
+    from engine.adapters import tiers
+    monkeypatch.setattr(tiers, "HOLD_S", 0.3)
+    engine = make_engine(max_device_adapters=1, max_cpu_adapters=1)
+    for name in ("lora", "ia3", "par_bn"):
+        engine.load_adapter(bert.cases[name].path)
+    run(engine, bert, ["par_bn"])
+    from_source = next(name for name, tier in placement(engine).items() if tier == "source")
+    assert engine.adapters_ready([next(n for n, t in placement(engine).items() if t == "cpu")]) is True  # held
+    deadline = time.monotonic() + 10
+    while not engine.adapters_ready([from_source]) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert sorted(placement(engine).values()) == ["cpu", "cpu", "device"]  # both held: over the budget of 1
+    deadline = time.monotonic() + 10
+    while list(placement(engine).values()).count("cpu") > 1 and time.monotonic() < deadline:
+        time.sleep(0.05)  # nothing else happens: no load, eviction or release
+    assert sorted(placement(engine).values()) == ["cpu", "device", "source"]
