@@ -4,6 +4,7 @@ import asyncio
 import json
 import logging
 import os
+import signal
 import sys
 
 from engine.config import DEFAULT_MODEL
@@ -118,6 +119,8 @@ def _start_and_serve(args) -> int:
 
     if args.no_access_log:
         access_log.setLevel(logging.WARNING)
+    for sig in (signal.SIGTERM, signal.SIGINT):  # until the server's own drain handler takes over
+        signal.signal(sig, _stop_before_serving)
     adapters = [spec.partition("=")[::2] for spec in args.adapter]
     bad = [spec for spec, (name, source) in zip(args.adapter, adapters) if not name or not source]
     if bad:
@@ -147,6 +150,12 @@ def _start_and_serve(args) -> int:
 
     asyncio.run(run())
     return 0
+
+
+def _stop_before_serving(signum, frame) -> None:
+    """A pod stopped while it still loads: nothing is in flight, so stop now and exit 0, as after a drain."""
+    print(f"adapterserve: {signal.Signals(signum).name} before serving; stopping", file=sys.stderr, flush=True)
+    raise SystemExit(0)
 
 
 def _hash_key(args) -> int:

@@ -25,12 +25,14 @@ def test_bad_flags_are_argparse_errors(flags, message, capsys):
     (["--adapter", "=/tmp/x"], "--adapter expects NAME=SOURCE, got '=/tmp/x'"),
     (["--api-keys", "/nonexistent/keys.json"], "cannot read API key file /nonexistent/keys.json"),
     (["--model", "/nonexistent/model"], "no model folder at '/nonexistent/model'"),
+    (["--device", "banana"], "device 'banana' is not a device: use auto, cpu, cuda or cuda:N"),
+    (["--device", "meta"], "device 'meta' is not supported"),
+    (["--adapter-store", "/nonexistent/store"], "adapter store '/nonexistent/store' is not a folder"),
 ])
 def test_start_up_failures_are_one_line_errors(flags, message, capsys):
     assert main(["serve", "--port", "0", "--metrics-port", "-1", *flags]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
-
 
 
 def test_no_access_log_quiets_only_the_access_logger(monkeypatch):

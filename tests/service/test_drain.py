@@ -86,3 +86,17 @@ def test_sigterm_loses_no_accepted_request(tmp_path):
     refused = [o for o in outcomes if o != "ok"]
     assert set(refused) <= {"UNAVAILABLE"}, outcomes  # nothing accepted was lost or failed
     assert outcomes.count("ok") >= 8
+
+
+@pytest.mark.slow
+def test_sigterm_while_the_model_loads_exits_0():
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--port", "0", "--host", "127.0.0.1",
+                             "--metrics-port", "-1", "--threads", "1"], stderr=subprocess.PIPE, text=True, env=env)
+    for line in proc.stderr:
+        if "loading base model" in line:  # printed after the handler is in place, before the model loads
+            break
+    proc.send_signal(signal.SIGTERM)
+    rest = proc.stderr.read()
+    assert proc.wait(60) == 0, rest
+    assert "SIGTERM before serving; stopping" in rest and "serving on" not in rest
