@@ -16,6 +16,7 @@ What blocks what:
 import functools
 import itertools
 import threading
+import unicodedata
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -183,7 +184,19 @@ class AdapterLifecycle:
         return replace(record.info, slot=slot, tier=tier, state=state, pinned=pinned)
 
 
+MAX_NAME_CHARS = 256
+
+
 def _check_name(name) -> None:
-    """A served name is a non-empty string: rows name their adapter by it, and an empty name means none."""
+    """A served name is a non-empty string: rows name their adapter by it, and an empty name means none.
+
+    It is also echoed in logs, metric labels and CLI tables, so no control characters and no surrounding
+    spaces (a name that looks like another), and a bounded length.
+    """
     if not isinstance(name, str) or not name.strip():
         raise InvalidRequest(f"an adapter name must be a non-empty string, got {name!r}", "name")
+    if len(name) > MAX_NAME_CHARS:
+        raise InvalidRequest(f"an adapter name holds at most {MAX_NAME_CHARS} characters, got {len(name)}", "name")
+    if name != name.strip() or any(unicodedata.category(c) == "Cc" for c in name):
+        raise InvalidRequest(f"an adapter name must not hold control characters or surrounding spaces, got {name!r}",
+                             "name")

@@ -262,6 +262,20 @@ def test_empty_adapter_names_are_refused(engine, bert):
     assert [a.name for a in engine.list_adapters()] == ["a"]
 
 
+@pytest.mark.parametrize("name,fragment", [
+    ("a\x00b", "must not hold control characters or surrounding spaces, got 'a\\x00b'"),
+    ("a\nb", "must not hold control characters"),
+    (" lead", "must not hold control characters or surrounding spaces"),
+    ("x" * 257, "holds at most 256 characters, got 257"),
+])
+def test_unprintable_or_overlong_adapter_names_are_refused(engine, bert, name, fragment):
+    with pytest.raises(InvalidRequest) as info:
+        engine.load_adapter(bert.cases["lora"].path, name=name)
+    assert fragment in str(info.value)
+    engine.load_adapter(bert.cases["lora"].path, name="sentiment v2/ünï")  # spaces inside, slashes, unicode: fine
+    assert [a.name for a in engine.list_adapters()] == ["sentiment v2/ünï"]
+
+
 def test_post_add_residual_on_a_decoder_is_refused(tmp_path):
     llama = build_oracle("llama", tmp_path / "llama", peft=False)
     engine = Engine.from_pretrained(llama.path, device="cpu")
