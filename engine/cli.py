@@ -215,10 +215,13 @@ def _positive(kind, zero: bool = False):
     return parse
 
 
+NOT_OVER_GRPC = {"slot"}  # AdapterInfo fields the API does not carry (server-internal): the client's -1 is no value
+
+
 def _plain(value):
     """Dataclasses and lists of them as JSON-ready data."""
     if hasattr(value, "__dataclass_fields__"):
-        return {k: _plain(v) for k, v in value.__dict__.items()}
+        return {k: _plain(v) for k, v in value.__dict__.items() if k not in NOT_OVER_GRPC}
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     if isinstance(value, dict):

@@ -51,3 +51,12 @@ def test_metrics_per_adapter_is_opt_in(flags, top):
     from engine.cli import _parser
 
     assert _parser().parse_args(["serve", *flags]).metrics_per_adapter == top
+
+
+def test_adapter_listings_leave_out_the_slot_the_api_does_not_carry():
+    from engine.cli import _plain
+    from engine.types import AdapterInfo
+
+    info = AdapterInfo(name="a", tenant=None, method="lora", source="/x", num_params=8, head_type=None, labels=(),
+                       slot=-1, tier="device")
+    assert "slot" not in _plain([info])[0] and _plain([info])[0]["tier"] == "device"
