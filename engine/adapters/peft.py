@@ -36,6 +36,13 @@ def read_peft(folder: Path, target: TargetModel, name: str) -> AdapterSpec:
     for field, what in REFUSED.items():
         if cfg.get(field):
             raise UnsupportedAdapter(source, f"{what} ({field}) is not supported")
+    if peft_type == "LORA":  # what LoraConfig refuses, so PeftModel.from_pretrained cannot load the folder
+        if isinstance(cfg.get("target_modules"), str) and (cfg.get("layers_to_transform") is not None
+                                                           or cfg.get("layers_pattern") is not None):
+            raise InvalidAdapter(source, "layers_to_transform and layers_pattern need a list of target_modules, "
+                                         "not a regex (PEFT refuses this config too)")
+        if cfg.get("layers_pattern") and cfg.get("layers_to_transform") is None:
+            raise InvalidAdapter(source, "layers_pattern needs layers_to_transform (PEFT refuses this config too)")
     if cfg.get("bias", "none") != "none":
         raise UnsupportedAdapter(source, f"bias={cfg['bias']!r} is not supported (only 'none')")
     state = read_weights(folder, "adapter_model.safetensors", "adapter_model.bin")
@@ -46,7 +53,7 @@ def read_peft(folder: Path, target: TargetModel, name: str) -> AdapterSpec:
         match = KEY.match(key)
         if match is None:
             raise InvalidAdapter(source, "unexpected key", key)
-        if not _targeted(cfg, match["module"], source):
+        if not _targeted(cfg, peft_type, match["module"], source):
             untargeted.add(match["module"])
             continue
         module = _strip_prefix(match["module"], target)
@@ -56,8 +63,9 @@ def read_peft(folder: Path, target: TargetModel, name: str) -> AdapterSpec:
         names[module] = match["module"]
     if not modules and untargeted:
         fields = ", ".join(f"{f}={cfg.get(f)!r}" for f in ("target_modules", "layers_to_transform", "exclude_modules"))
-        raise InvalidAdapter(source, f"its config targets none of the saved modules ({fields}; saved: "
-                                     f"{sorted(untargeted)[0]}, ...)")
+        saved = sorted(untargeted)
+        raise InvalidAdapter(source, f"its config targets none of the saved modules ({fields}; saved: {saved[0]}"
+                                     f"{', ...' if len(saved) > 1 else ''})")
     if not modules:
         raise InvalidAdapter(source, "no LoRA or IA3 weights in the file")
     if untargeted:  # what PEFT does with them too, with a warning of its own
@@ -70,11 +78,12 @@ def read_peft(folder: Path, target: TargetModel, name: str) -> AdapterSpec:
     return AdapterSpec(name, Method.IA3, source, ia3=ia3, config=cfg)
 
 
-def _targeted(cfg: dict, module: str, source: str) -> bool:
+def _targeted(cfg: dict, peft_type: str, module: str, source: str) -> bool:
     """PEFT's `check_target_module_exists` for the module's name in the saved model.
 
     No ``target_modules`` means PEFT's default targets for the model type, which the saved weights follow.
-    As in PEFT, ``layers_to_transform`` only narrows a list of target modules, not a regex.
+    As in PEFT, ``layers_to_transform`` narrows only the list entries that match the end of a module path (not a
+    regex, not an exact path), and only for LoRA: IA3's config has no such field, PEFT drops it.
     """
     if _matches(cfg.get("exclude_modules"), module, source, "exclude_modules"):
         return False
@@ -83,7 +92,7 @@ def _targeted(cfg: dict, module: str, source: str) -> bool:
         return True
     if not _matches(targets, module, source, "target_modules"):
         return False
-    if isinstance(targets, str):
+    if isinstance(targets, str) or module in targets or peft_type != "LORA":
         return True
     layers = cfg.get("layers_to_transform")
     if layers is None or layers == []:

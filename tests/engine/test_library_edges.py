@@ -97,7 +97,10 @@ def test_peft_patterns_match_the_saved_module_names(tmp_path, alpha_pattern):
 
 @pytest.mark.parametrize("changes", [{"target_modules": r".*\.query"}, {"layers_to_transform": [1]},
                                      {"layers_to_transform": 0, "layers_pattern": "layer"},
-                                     {"exclude_modules": ["value"]}])
+                                     {"exclude_modules": ["value"]},
+                                     # an exact path is not narrowed by layers_to_transform, an end of one is
+                                     {"target_modules": ["encoder.layer.0.attention.self.query", "value"],
+                                      "layers_to_transform": [1]}])
 def test_peft_applies_only_the_saved_modules_its_config_targets(tmp_path, changes):
     base_class, cfg = _base_spec("bert")
     torch.manual_seed(0)

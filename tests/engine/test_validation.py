@@ -216,6 +216,8 @@ def test_malformed_head_config(engine, bert, tmp_path, changes, error, fragment)
     ("peft_lora_rslora", {"target_modules": 5}, "target_modules must be a regex or a list of module names"),
     ("peft_lora_rslora", {"layers_to_transform": "0"}, "layers_to_transform must be a layer index or a list"),
     ("peft_lora_rslora", {"layers_to_transform": [0], "layers_pattern": "("}, "layers_pattern holds an invalid"),
+    ("peft_lora_rslora", {"target_modules": ".*query", "layers_to_transform": [0]}, "need a list of target_modules"),
+    ("peft_lora_rslora", {"layers_pattern": "layer"}, "layers_pattern needs layers_to_transform"),
     ("peft_ia3", {"feedforward_modules": 5}, "feedforward_modules must be a regex or a list of module names"),
     ("peft_ia3", {"feedforward_modules": "("}, "feedforward_modules holds an invalid regular expression"),
 ])
