@@ -109,6 +109,16 @@ def _serve(args) -> int:
 
 
 def _start_and_serve(args) -> int:
+    previous = {sig: signal.signal(sig, _stop_before_serving) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:  # until the event loop's handlers take over; restored for in-process callers (the tests)
+        return _load_and_serve(args)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _load_and_serve(args) -> int:
+    from engine.adapters.store import AdapterStore
     from engine.engine import Engine
     from engine.config import EngineConfig
     from engine.scheduler import SchedulerConfig
@@ -119,13 +129,13 @@ def _start_and_serve(args) -> int:
 
     if args.no_access_log:
         access_log.setLevel(logging.WARNING)
-    for sig in (signal.SIGTERM, signal.SIGINT):  # until the server's own drain handler takes over
-        signal.signal(sig, _stop_before_serving)
     adapters = [spec.partition("=")[::2] for spec in args.adapter]
     bad = [spec for spec, (name, source) in zip(args.adapter, adapters) if not name or not source]
     if bad:
         raise ValueError(f"--adapter expects NAME=SOURCE, got {bad[0]!r}")
-    Authenticator.from_file(args.api_keys)  # a bad key file fails now, not after the model has loaded
+    Authenticator.from_file(args.api_keys)  # a bad key file or store fails now, not after the model has loaded
+    if args.adapter_store:
+        AdapterStore(args.adapter_store)
     print(f"adapterserve: loading base model {args.model} on {args.device} ...", file=sys.stderr, flush=True)
     engine = Engine(EngineConfig(model=args.model, device=args.device, dtype=args.dtype, num_threads=args.threads,
                                  max_device_adapters=args.max_device_adapters, max_batch_rows=args.max_batch_rows,
@@ -142,11 +152,17 @@ def _start_and_serve(args) -> int:
                         max_batch_tokens=args.max_batch_tokens, max_wait_s=args.max_wait_ms / 1000))
 
     async def run():
+        signalled = asyncio.Event()  # during start-up (gRPC already listens while the model warms up)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            asyncio.get_running_loop().add_signal_handler(sig, signalled.set)
         port = await server.start()
         metrics = "metrics off" if server.metrics_port is None else f"metrics on :{server.metrics_port}/metrics"
         print(f"adapterserve: serving on {args.host}:{port} ({metrics})", file=sys.stderr,
               flush=True)
-        await server.serve_until_signal()
+        if signalled.is_set():
+            await server.drain()  # what serve_until_signal would have done with it
+        else:
+            await server.serve_until_signal()  # replaces the handlers above, with no await in between
 
     asyncio.run(run())
     return 0
@@ -154,8 +170,8 @@ def _start_and_serve(args) -> int:
 
 def _stop_before_serving(signum, frame) -> None:
     """A pod stopped while it still loads: nothing is in flight, so stop now and exit 0, as after a drain."""
-    print(f"adapterserve: {signal.Signals(signum).name} before serving; stopping", file=sys.stderr, flush=True)
-    raise SystemExit(0)
+    os.write(2, f"adapterserve: {signal.Signals(signum).name} before serving; stopping\n".encode())  # no print:
+    raise SystemExit(0)  # the interrupted code may be inside a write to sys.stderr, which is not reentrant
 
 
 def _hash_key(args) -> int:

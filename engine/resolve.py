@@ -28,6 +28,8 @@ def resolve_device(device: str) -> torch.device:
         raise ValueError(f"device {device!r} is not supported: use auto, cpu, cuda or cuda:N")
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} requested but CUDA is not available")
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r} requested but there are {torch.cuda.device_count()} CUDA devices")
     return resolved
 
 

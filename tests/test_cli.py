@@ -60,3 +60,11 @@ def test_adapter_listings_leave_out_the_slot_the_api_does_not_carry():
     info = AdapterInfo(name="a", tenant=None, method="lora", source="/x", num_params=8, head_type=None, labels=(),
                        slot=-1, tier="device")
     assert "slot" not in _plain([info])[0] and _plain([info])[0]["tier"] == "device"
+
+
+def test_serve_gives_the_signal_handlers_back_to_an_in_process_caller():
+    import signal
+
+    before = (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT))
+    assert main(["serve", "--port", "0", "--metrics-port", "-1", "--model", "/nonexistent/model"]) == 2
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before

@@ -222,23 +222,24 @@ class AdapterTiers:
                 del self._on_host[entry.key]
                 excess -= 1
         if excess > 0 and held:
-            self._trim_when_held_end(min(held))
+            self._trim_when_hold_ends(min(held))
 
-    def _trim_when_held_end(self, at: float) -> None:
+    def _trim_when_hold_ends(self, at: float) -> None:
         """Trims again when a hold ends: otherwise an idle server keeps the copies over budget until some later
         load, eviction or release. Copies in use are trimmed by `released` instead."""
         if self._retrim is not None:
             if self._retrim[0] <= at:
                 return
             self._retrim[1].cancel()
-        timer = threading.Timer(at - time.monotonic() + 0.01, self._trim_now)
+        timer = threading.Timer(at - time.monotonic() + 0.01, lambda: self._trim_now(timer))
         timer.daemon = True
         self._retrim = (at, timer)
         timer.start()
 
-    def _trim_now(self) -> None:
+    def _trim_now(self, timer: threading.Timer) -> None:
         with self._lock:
-            self._retrim = None
+            if self._retrim is not None and self._retrim[1] is timer:  # not a newer one, scheduled meanwhile
+                self._retrim = None
             self._trim_cpu()
 
     def _start_read(self, entry: Residency) -> Future:
