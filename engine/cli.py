@@ -118,7 +118,6 @@ def _start_and_serve(args) -> int:
 
 
 def _load_and_serve(args) -> int:
-    from engine.adapters.store import AdapterStore
     from engine.engine import Engine
     from engine.config import EngineConfig
     from engine.scheduler import SchedulerConfig
@@ -133,9 +132,7 @@ def _load_and_serve(args) -> int:
     bad = [spec for spec, (name, source) in zip(args.adapter, adapters) if not name or not source]
     if bad:
         raise ValueError(f"--adapter expects NAME=SOURCE, got {bad[0]!r}")
-    Authenticator.from_file(args.api_keys)  # a bad key file or store fails now, not after the model has loaded
-    if args.adapter_store:
-        AdapterStore(args.adapter_store)
+    Authenticator.from_file(args.api_keys)  # a bad key file fails now, not after the model has loaded
     print(f"adapterserve: loading base model {args.model} on {args.device} ...", file=sys.stderr, flush=True)
     engine = Engine(EngineConfig(model=args.model, device=args.device, dtype=args.dtype, num_threads=args.threads,
                                  max_device_adapters=args.max_device_adapters, max_batch_rows=args.max_batch_rows,

@@ -1,5 +1,6 @@
 """Engine configuration, checked once up front."""
 from dataclasses import dataclass
+from pathlib import Path
 
 from engine.types import Pooling
 
@@ -39,3 +40,6 @@ class EngineConfig:
             raise ValueError("adapter_memory_mb must be positive (or None for no byte budget)")
         if self.max_download_mb <= 0:
             raise ValueError("max_download_mb must be positive")
+        if self.adapter_store is not None and not Path(self.adapter_store).expanduser().is_dir():
+            # before the model loads: a typo in the flag should stop the start, not empty the catalog
+            raise ValueError(f"adapter store {self.adapter_store!r} is not a folder")

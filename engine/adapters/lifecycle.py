@@ -64,7 +64,8 @@ class AdapterLifecycle:
         try:
             stamp = fingerprint(folder.path)
             spec = read_adapter(folder.path, self.target, name, folder.default_name)
-            _check_name(spec.name)  # a name from the files, folder or repo follows the same rule
+            if name is None:  # a name from the files, folder or repo follows the rule a given name did above
+                _check_name(spec.name)
             read = functools.partial(self._read_again, folder, spec.name, stamp)
             return self._publish(spec, tenant, pin, read, folder)
         except BaseException:

@@ -18,8 +18,6 @@ CONFIG = "adapter_config.json"
 class AdapterStore:
     def __init__(self, root: Path):
         self.root = Path(root).expanduser().resolve()
-        if not self.root.is_dir():  # a typo in the flag should stop the start, not empty the catalog
-            raise ValueError(f"adapter store {str(root)!r} is not a folder")
 
     def folder(self, source: str) -> Path:
         """The store folder a ``store://`` source names."""
