@@ -145,8 +145,6 @@ class Engine:
     def _forward_texts(self, texts: list[str], adapter: str | None, tenant: str | None):
         """Tokenises, then runs chunks of at most max_batch_rows rows, all on the adapter version current at
         the start (a re-load meanwhile serves later calls): [(output, rows)] per chunk."""
-        if not isinstance(texts, (list, tuple)):
-            raise InvalidRequest("texts must be a non-empty list of strings")
         rows = encode_texts(self.tokenizer, texts, self.max_seq_len)
         step, results = self.config.max_batch_rows, []
         with self.adapters.acquired([adapter], [tenant]) as version:

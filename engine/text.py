@@ -12,6 +12,7 @@ from engine.types import Classification, RowHead, TokenTag
 
 CLASSIFY_HEADS = ("classification", "multilabel_classification")
 TAG_HEADS = ("tagging",)
+MAX_TEXT_CHARS = 100_000  # per input; the tokenizer truncates to the model's limit anyway
 
 
 @dataclass(frozen=True)
@@ -21,10 +22,20 @@ class EncodedRow:
     offsets: tuple[tuple[int, int], ...] | None  # character span per token; None for pre-tokenised input
 
 
+def check_text(text: object, field: str) -> None:
+    """One text input: a string of 1..MAX_TEXT_CHARS characters (an empty one has nothing to serve)."""
+    if not isinstance(text, str):
+        raise InvalidRequest(f"{field} must be a string, got {type(text).__name__}", field)
+    if not 0 < len(text) <= MAX_TEXT_CHARS:
+        raise InvalidRequest(f"{field} must hold 1..{MAX_TEXT_CHARS} characters, got {len(text)}", field)
+
+
 def encode_texts(tokenizer, texts: Sequence[str], max_len: int) -> list[EncodedRow]:
     """Tokenises with truncation to the model's limit; special tokens as the tokenizer adds them."""
-    if not texts or not all(isinstance(t, str) for t in texts):
-        raise InvalidRequest("texts must be a non-empty list of strings")
+    if not isinstance(texts, (list, tuple)) or not texts:
+        raise InvalidRequest("texts must be a non-empty list of strings", "texts")
+    for i, text in enumerate(texts):
+        check_text(text, f"texts[{i}]")
     enc = tokenizer(list(texts), truncation=True, max_length=max_len, return_offsets_mapping=tokenizer.is_fast)
     rows = []
     for i in range(len(texts)):

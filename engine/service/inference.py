@@ -13,11 +13,10 @@ from engine.service.auth import Authenticator, Role
 from engine.service.convert import classification_pb, token_tags_pb
 from engine.service.metrics import Metrics
 from engine.service.rpc import RpcContext, Servicer, check_caller, rpc
-from engine.text import (CLASSIFY_HEADS, TAG_HEADS, EncodedRow, classifications, encode_ids, encode_texts, require_head,
-                         token_tags)
+from engine.text import (CLASSIFY_HEADS, TAG_HEADS, EncodedRow, check_text, classifications, encode_ids, encode_texts,
+                         require_head, token_tags)
 from engine.types import AdapterInfo
 
-MAX_TEXT_CHARS = 100_000  # per input; the tokenizer truncates to the model's limit anyway
 
 
 class InferenceServicer(Servicer, pb_grpc.InferenceServiceServicer):
@@ -102,8 +101,7 @@ class InferenceServicer(Servicer, pb_grpc.InferenceServiceServicer):
         for i, item in enumerate(inputs):
             kind = item.WhichOneof("content")
             if kind == "text":
-                if not item.text or len(item.text) > MAX_TEXT_CHARS:
-                    raise InvalidRequest(f"inputs[{i}].text must hold 1..{MAX_TEXT_CHARS} characters", f"inputs[{i}].text")
+                check_text(item.text, f"inputs[{i}].text")
                 texts.append(item.text)
                 text_rows.append(len(rows))
                 rows.append(None)

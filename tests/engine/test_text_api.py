@@ -65,6 +65,18 @@ def test_task_needs_the_right_head(engine):
         engine.embed([])
 
 
+def test_texts_follow_the_service_rules(engine):
+    # the gRPC service refuses these too (tests/service/test_errors.py): an empty text has no content to serve
+    with pytest.raises(InvalidRequest, match=r"texts\[1\] must hold 1\.\.100000 characters, got 0"):
+        engine.classify(["fine", ""], "sentiment")
+    with pytest.raises(InvalidRequest, match=r"texts\[0\] must hold 1\.\.100000 characters, got 100001"):
+        engine.embed(["x" * 100_001])
+    with pytest.raises(InvalidRequest, match=r"texts\[0\] must be a string, got int"):
+        engine.tag([3], "ner")
+    with pytest.raises(InvalidRequest, match="non-empty list"):
+        engine.embed("a plain string")
+
+
 def test_reload_swaps_to_new_version(engine, library):
     folders = library.folders
     before = engine.classify(TEXTS, "sentiment")

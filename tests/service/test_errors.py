@@ -194,6 +194,12 @@ def test_error_details_name_the_resource_and_the_field(authed):
         with pytest.raises(grpc.RpcError) as too_many:
             stub.Embed(pb.EmbedRequest(inputs=[pb.Input(text="hi")] * 65), metadata=key)
         assert _details(too_many.value)["BadRequest"].field_violations[0].field == "inputs"
+        for text, length in (("", 0), ("x" * 100_001, 100_001)):
+            with pytest.raises(grpc.RpcError) as bad_text:
+                stub.Embed(pb.EmbedRequest(inputs=[pb.Input(text="hi"), pb.Input(text=text)]), metadata=key)
+            assert bad_text.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert f"inputs[1].text must hold 1..100000 characters, got {length}" in bad_text.value.details()
+            assert _details(bad_text.value)["BadRequest"].field_violations[0].field == "inputs[1].text"
         with pytest.raises(grpc.RpcError) as anonymous:  # the streaming RPC checks the caller like the others
             list(stub.GenerateStream(pb.GenerateStreamRequest(input=pb.Input(text="hi"))))
         assert anonymous.value.code() == grpc.StatusCode.UNAUTHENTICATED
