@@ -15,6 +15,7 @@ What blocks what:
 """
 import functools
 import itertools
+import logging
 import threading
 import unicodedata
 from contextlib import contextmanager
@@ -36,6 +37,8 @@ from engine.batcher import build_adapter_batch
 from engine.config import EngineConfig
 from engine.errors import AdapterNotFound, AdapterSourceError, InvalidRequest
 from engine.types import AdapterInfo, CatalogEntry
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,9 @@ class AdapterLifecycle:
             spec = read_adapter(folder.path, self.target, name, folder.default_name)
             if name is None:  # a name from the files, folder or repo follows the rule a given name did above
                 _check_name(spec.name)
+            if spec.ignored_modules:  # PEFT drops them too, with a warning of its own; said once, not at re-reads
+                log.warning("adapter %s: ignoring the saved weights of %d modules its config does not target, e.g. %s",
+                            folder.source, len(spec.ignored_modules), spec.ignored_modules[0])
             read = functools.partial(self._read_again, folder, spec.name, stamp)
             return self._publish(spec, tenant, pin, read, folder)
         except BaseException:

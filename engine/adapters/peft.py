@@ -9,7 +9,6 @@ PEFT applies a saved module only where its config targets it (``target_modules``
 ``layers_to_transform``/``layers_pattern``) and drops the other saved weights when loading, so we do too;
 a folder whose config targets none of its saved modules is refused (PEFT refuses one that targets nothing).
 """
-import logging
 import math
 import re
 from pathlib import Path
@@ -24,7 +23,6 @@ REFUSED = {"use_dora": "DoRA", "lora_bias": "LoRA bias", "layer_replication": "l
            "modules_to_save": "modules_to_save", "trainable_token_indices": "trainable tokens",
            "target_parameters": "target_parameters", "use_qalora": "QA-LoRA", "alora_invocation_tokens": "aLoRA"}
 ALL_LINEAR = "all-linear"  # PEFT's shorthand for every linear layer but the output layer: every saved site here
-log = logging.getLogger(__name__)
 
 
 def read_peft(folder: Path, target: TargetModel, name: str) -> AdapterSpec:
@@ -68,14 +66,12 @@ def read_peft(folder: Path, target: TargetModel, name: str) -> AdapterSpec:
                                      f"{', ...' if len(saved) > 1 else ''})")
     if not modules:
         raise InvalidAdapter(source, "no LoRA or IA3 weights in the file")
-    if untargeted:  # what PEFT does with them too, with a warning of its own
-        log.warning("adapter %s: ignoring the saved weights of %d modules its config does not target, e.g. %s",
-                    source, len(untargeted), sorted(untargeted)[0])
+    ignored = tuple(sorted(untargeted))  # the load warns of them (`AdapterLifecycle.load`), a re-read does not
     if peft_type == "LORA":
         lora = {m: _lora(p, cfg, m, names[m], target, source) for m, p in modules.items()}
-        return AdapterSpec(name, Method.LORA, source, lora=lora, config=cfg)
+        return AdapterSpec(name, Method.LORA, source, lora=lora, config=cfg, ignored_modules=ignored)
     ia3 = {m: _ia3(p, cfg, m, names[m], target, source) for m, p in modules.items()}
-    return AdapterSpec(name, Method.IA3, source, ia3=ia3, config=cfg)
+    return AdapterSpec(name, Method.IA3, source, ia3=ia3, config=cfg, ignored_modules=ignored)
 
 
 def _targeted(cfg: dict, peft_type: str, module: str, source: str) -> bool:

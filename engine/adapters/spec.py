@@ -72,6 +72,7 @@ class AdapterSpec:
     ia3: Mapping[str, IA3Weights] = field(default_factory=dict)
     head: HeadSpec | None = None
     config: Mapping = field(default_factory=dict)  # the saved config, for AdapterInfo
+    ignored_modules: tuple[str, ...] = ()  # saved modules its config does not target, dropped (as PEFT drops them)
 
     @property
     def num_params(self) -> int:

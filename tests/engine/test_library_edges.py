@@ -3,6 +3,7 @@ Qwen2's MLP sites (plugin interface, not Llama's swapped names), the token a dec
 holds the pad id or is left-padded, PEFT patterns naming full module paths, PEFT configs that target
 fewer modules than were saved, legacy config forms."""
 import json
+import logging
 
 import adapters
 import pytest
@@ -12,7 +13,7 @@ from adapters import AutoAdapterModel, IA3Config, LoRAConfig, ParBnConfig, SeqBn
 from oracle import _base_spec, _randomise, _seed
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from engine import Engine
+from engine import Engine, EngineConfig
 
 IDS = torch.tensor([[5, 7, 0, 9, 11, 13, 17], [23, 29, 31, 37, 41, 0, 0], [43, 47, 53, 0, 0, 0, 0]])
 MASK = torch.tensor([[1] * 7, [1] * 5 + [0] * 2, [1] * 3 + [0] * 4])  # row 0 holds the pad id 0 as a real token
@@ -101,7 +102,7 @@ def test_peft_patterns_match_the_saved_module_names(tmp_path, alpha_pattern):
                                      # an exact path is not narrowed by layers_to_transform, an end of one is
                                      {"target_modules": ["encoder.layer.0.attention.self.query", "value"],
                                       "layers_to_transform": [1]}])
-def test_peft_applies_only_the_saved_modules_its_config_targets(tmp_path, changes):
+def test_peft_applies_only_the_saved_modules_its_config_targets(tmp_path, changes, caplog):
     base_class, cfg = _base_spec("bert")
     torch.manual_seed(0)
     base_class._from_config(cfg, attn_implementation="eager").save_pretrained(tmp_path / "base")
@@ -119,10 +120,18 @@ def test_peft_applies_only_the_saved_modules_its_config_targets(tmp_path, change
     with torch.no_grad():
         want = narrowed(IDS, attention_mask=MASK).last_hidden_state
     assert not torch.allclose(want, every_module, atol=1e-3)  # PEFT itself dropped saved modules
-    engine = Engine.from_pretrained(tmp_path / "base", device="cpu")
-    engine.load_adapter(tmp_path / "peft", name="peft")
-    got = engine.forward(IDS, MASK, ["peft"] * 3).last_hidden_state
+    # one slot and no host copies: serving "peft" after "again" reads its folder a second time
+    engine = Engine.from_pretrained(tmp_path / "base", device="cpu",
+                                    config=EngineConfig(max_device_adapters=1, max_cpu_adapters=0))
+    with caplog.at_level(logging.WARNING, logger="engine.adapters.lifecycle"):
+        engine.load_adapter(tmp_path / "peft", name="peft")
+        engine.load_adapter(tmp_path / "peft", name="again")
+        engine.forward(IDS, MASK, ["again"] * 3)
+        got = engine.forward(IDS, MASK, ["peft"] * 3).last_hidden_state
     torch.testing.assert_close(got[MASK.bool()], want[MASK.bool()], atol=1e-5, rtol=1e-5)
+    assert engine.get_adapter("peft").tier == "device"  # it was read back from its folder
+    ignoring = [r.getMessage() for r in caplog.records if "ignoring the saved weights" in r.getMessage()]
+    assert len(ignoring) == 2, ignoring  # one per load, none for the re-read
 
 
 @pytest.mark.parametrize("edit", [
