@@ -18,6 +18,7 @@ from engine.service.auth import Authenticator, Role
 from engine.service.convert import adapter_pb, catalog_entry_pb
 from engine.service.metrics import Metrics
 from engine.service.rpc import RpcContext, Servicer, rpc
+from engine.types import AdapterInfo
 
 
 class AdapterServicer(Servicer, pb_grpc.AdapterServiceServicer):
@@ -27,6 +28,17 @@ class AdapterServicer(Servicer, pb_grpc.AdapterServiceServicer):
 
     @rpc(Role.ADMIN)
     async def LoadAdapter(self, request: pb.LoadAdapterRequest, ctx: RpcContext) -> pb.LoadAdapterResponse:
+        start = time.perf_counter()
+        try:  # every call that passed auth is counted, refused requests included
+            info = await self._load(request, ctx)
+        except Exception:
+            self.metrics.loads.labels("error").inc()
+            raise
+        self.metrics.loads.labels("ok").inc()
+        self.metrics.load_time.observe(time.perf_counter() - start)
+        return pb.LoadAdapterResponse(adapter=adapter_pb(info))
+
+    async def _load(self, request: pb.LoadAdapterRequest, ctx: RpcContext) -> AdapterInfo:
         if not request.source:
             raise InvalidRequest("source is required", "source")
         tenant = ctx.tenant(request.tenant)
@@ -37,15 +49,7 @@ class AdapterServicer(Servicer, pb_grpc.AdapterServiceServicer):
                                        "URLs, not from server paths")
             if "://" not in source:  # "org/name" is a hub id here, even where a server folder of that name exists
                 source = "hf://" + source
-        start = time.perf_counter()
-        try:
-            info = await asyncio.to_thread(self.engine.load_adapter, source, request.name or None, tenant, request.pin)
-        except Exception:
-            self.metrics.loads.labels("error").inc()
-            raise
-        self.metrics.loads.labels("ok").inc()
-        self.metrics.load_time.observe(time.perf_counter() - start)
-        return pb.LoadAdapterResponse(adapter=adapter_pb(info))
+        return await asyncio.to_thread(self.engine.load_adapter, source, request.name or None, tenant, request.pin)
 
     @rpc(Role.ADMIN)
     async def UnloadAdapter(self, request: pb.UnloadAdapterRequest, ctx: RpcContext) -> pb.UnloadAdapterResponse:

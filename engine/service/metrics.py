@@ -38,7 +38,8 @@ class Metrics:
         self.slots = Gauge(p + "adapter_slots_total", "Device adapter slots", registry=r)
         self.load_time = Histogram(p + "adapter_load_duration_seconds", "LoadAdapter time", buckets=LATENCY_BUCKETS,
                                    registry=r)
-        self.loads = Counter(p + "adapter_loads_total", "LoadAdapter calls by result", ["result"], registry=r)
+        self.loads = Counter(p + "adapter_loads_total", "LoadAdapter calls past auth, by result", ["result"],
+                             registry=r)
         self.build_info = Gauge(p + "build_info", "Build and model", ["version", "base_model"], registry=r)
         lora_labels = ["max_lora", "running_lora_adapters", "waiting_lora_adapters"]
         self.lora_info = [Gauge(p + "lora_requests_info", "Running/waiting adapters (vLLM gateway contract)",

@@ -143,6 +143,26 @@ def test_metrics_scrape_and_parse(server):
     assert lora.labels["max_lora"] == "64" and lora.value > 1.7e9
 
 
+def test_every_failed_load_is_counted(server, minilm_setup, tmp_path):
+    def loads() -> dict[str, float]:
+        return {s.labels["result"]: s.value for s in _scrape(server)["adapterserve_adapter_loads"].samples
+                if s.name == "adapterserve_adapter_loads_total"}
+
+    before = loads()
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "adapter_config.json").write_text("{broken")
+    with server.client() as admin:
+        for source, code in (("", grpc.StatusCode.INVALID_ARGUMENT),  # refused before any file is read
+                             (str(broken), grpc.StatusCode.FAILED_PRECONDITION)):
+            with pytest.raises(RpcError) as failed:
+                admin.load_adapter(source, name="x")
+            assert failed.value.code == code
+        admin.load_adapter(str(minilm_setup.folders["plain"]), name="again")
+    after = loads()
+    assert after["error"] - before.get("error", 0) == 2 and after["ok"] - before["ok"] == 1
+
+
 def test_per_adapter_counts_are_opt_in_and_keep_the_busiest(start_server, minilm_setup):
     running = start_server(metrics_per_adapter=1)
     with running.client() as client:
