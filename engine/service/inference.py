@@ -18,7 +18,6 @@ from engine.text import (CLASSIFY_HEADS, TAG_HEADS, EncodedRow, check_text, clas
 from engine.types import AdapterInfo
 
 
-
 class InferenceServicer(Servicer, pb_grpc.InferenceServiceServicer):
     def __init__(self, engine: Engine, scheduler: Scheduler, auth: Authenticator, metrics: Metrics):
         super().__init__(auth, metrics)
