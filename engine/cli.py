@@ -172,8 +172,18 @@ def _stop_before_serving(signum, frame) -> None:
 
 
 def _hash_key(args) -> int:
+    from engine.errors import InvalidRequest
+    from engine.names import check_name
     from engine.service.auth import hash_key
 
+    try:
+        if not args.key.strip():  # the server refuses an empty bearer token as a missing key: it could never match
+            raise InvalidRequest("the key must not be empty or blank")
+        if args.tenant is not None:  # the key file refuses what check_name refuses
+            check_name(args.tenant, "--tenant")
+    except InvalidRequest as exc:
+        print(f"adapterserve hash-key: error: {exc}", file=sys.stderr)
+        return 2
     print(json.dumps({"sha256": hash_key(args.key), "tenant": args.tenant, "role": args.role}))
     return 0
 

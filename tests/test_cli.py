@@ -1,4 +1,6 @@
 """`adapterserve serve` refuses bad flags with one line naming the flag, before it loads a model."""
+import hashlib
+import json
 import logging
 
 import pytest
@@ -68,3 +70,18 @@ def test_serve_gives_the_signal_handlers_back_to_an_in_process_caller():
     before = (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT))
     assert main(["serve", "--port", "0", "--metrics-port", "-1", "--model", "/nonexistent/model"]) == 2
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+
+
+@pytest.mark.parametrize("args, message", [(["k", "--tenant", ""], "--tenant must be a non-empty string"),
+                                           (["k", "--tenant", "acme\n"], "control characters"),
+                                           (["  "], "the key must not be empty")])
+def test_hash_key_refuses_entries_the_server_could_not_use(args, message, capsys):
+    assert main(["hash-key", *args]) == 2
+    err = capsys.readouterr()
+    assert message in err.err and err.out == ""
+
+
+def test_hash_key_prints_a_key_file_entry(capsys):
+    assert main(["hash-key", "secret", "--tenant", "acme", "--role", "admin"]) == 0
+    entry = json.loads(capsys.readouterr().out)
+    assert entry == {"sha256": hashlib.sha256(b"secret").hexdigest(), "tenant": "acme", "role": "admin"}

@@ -17,7 +17,6 @@ import functools
 import itertools
 import logging
 import threading
-import unicodedata
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -35,7 +34,8 @@ from engine.adapters.tiers import AdapterTiers, Residency, TierBudget, device_by
 from engine.batch import AdapterBatch
 from engine.batcher import build_adapter_batch
 from engine.config import EngineConfig
-from engine.errors import AdapterNotFound, AdapterSourceError, InvalidRequest
+from engine.errors import AdapterNotFound, AdapterSourceError
+from engine.names import check_name
 from engine.types import AdapterInfo, CatalogEntry
 
 log = logging.getLogger(__name__)
@@ -62,13 +62,15 @@ class AdapterLifecycle:
 
     def load(self, source: str | Path, name: str | None, tenant: str | None, pin: bool) -> AdapterInfo:
         if name is not None:
-            _check_name(name)
+            check_name(name)
+        if tenant is not None:  # "" would be a tenant that every listing shows as shared
+            check_name(tenant, "a tenant", "tenant")
         folder = self.sources.resolve(source)
         try:
             stamp = fingerprint(folder.path)
             spec = read_adapter(folder.path, self.target, name, folder.default_name)
             if name is None:  # a name from the files, folder or repo follows the rule a given name did above
-                _check_name(spec.name)
+                check_name(spec.name)
             if spec.ignored_modules:  # PEFT drops them too, with a warning of its own; said once, not at re-reads
                 log.warning("adapter %s: ignoring the saved weights of %d modules its config does not target, e.g. %s",
                             folder.source, len(spec.ignored_modules), spec.ignored_modules[0])
@@ -80,7 +82,9 @@ class AdapterLifecycle:
 
     def average(self, name: str, sources: list[str], weights: list[float], tenant: str | None,
                 combine_strategy: str, svd_rank: int | None) -> AdapterInfo:
-        _check_name(name)
+        check_name(name)
+        if tenant is not None:
+            check_name(tenant, "a tenant", "tenant")
         records = self.registry.acquire_rows(list(sources), [tenant] * len(sources))  # nothing frees them meanwhile
         try:
             specs = [self.tiers.host_spec(r.key) for r in records]
@@ -190,21 +194,3 @@ class AdapterLifecycle:
             return None
         tier, slot, state, pinned = placed
         return replace(record.info, slot=slot, tier=tier, state=state, pinned=pinned)
-
-
-MAX_NAME_CHARS = 256
-
-
-def _check_name(name) -> None:
-    """A served name is a non-empty string: rows name their adapter by it, and an empty name means none.
-
-    It is also echoed in logs, metric labels and CLI tables, so no control characters and no surrounding
-    spaces (a name that looks like another), and a bounded length.
-    """
-    if not isinstance(name, str) or not name.strip():
-        raise InvalidRequest(f"an adapter name must be a non-empty string, got {name!r}", "name")
-    if len(name) > MAX_NAME_CHARS:
-        raise InvalidRequest(f"an adapter name holds at most {MAX_NAME_CHARS} characters, got {len(name)}", "name")
-    if name != name.strip() or any(unicodedata.category(c) == "Cc" for c in name):
-        raise InvalidRequest(f"an adapter name must not hold control characters or surrounding spaces, got {name!r}",
-                             "name")

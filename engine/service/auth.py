@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
-from engine.errors import PermissionDenied, Unauthenticated
+from engine.errors import InvalidRequest, PermissionDenied, Unauthenticated
+from engine.names import check_name
 
 log = logging.getLogger("adapterserve.auth")
 RELOAD_CHECK_S = 1.0
@@ -107,10 +108,17 @@ class Authenticator:
 def _read_keys(path: Path) -> tuple[KeyEntry, ...]:
     try:
         data = json.loads(path.read_text())
-        return tuple(KeyEntry(bytes.fromhex(k["sha256"]), Principal(k.get("tenant"), Role(k["role"])))
+        return tuple(KeyEntry(bytes.fromhex(k["sha256"]), Principal(_tenant(k.get("tenant")), Role(k["role"])))
                      for k in data["keys"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, InvalidRequest) as exc:
         raise ValueError(f"cannot read API key file {path}: {exc}") from exc
+
+
+def _tenant(tenant: object) -> str | None:
+    """A key's tenant: null (an operator) or a tenant name; "" would bind a key to a tenant shown as shared."""
+    if tenant is not None:
+        check_name(tenant, "a key's tenant")
+    return tenant
 
 
 def _stamp(path: Path | None) -> tuple | None:

@@ -278,6 +278,17 @@ def test_unprintable_or_overlong_adapter_names_are_refused(engine, bert, name, f
     assert [a.name for a in engine.list_adapters()] == ["sentiment v2/ünï"]
 
 
+def test_tenants_follow_the_name_rule(engine, bert):
+    # "" is what proto3 sends for "no tenant": a record under it would list as shared and be unreachable
+    for tenant in ("", " acme", "a\x00"):
+        with pytest.raises(InvalidRequest, match="a tenant must"):
+            engine.load_adapter(bert.cases["lora"].path, name="a", tenant=tenant)
+    engine.load_adapter(bert.cases["lora"].path, name="a", tenant="acme")
+    with pytest.raises(InvalidRequest, match="a tenant must be a non-empty string, got ''"):
+        engine.average_adapters("b", ["a"], [1.0], tenant="")
+    assert [(a.name, a.tenant) for a in engine.list_adapters()] == [("a", "acme")]
+
+
 def test_post_add_residual_on_a_decoder_is_refused(tmp_path):
     llama = build_oracle("llama", tmp_path / "llama", peft=False)
     engine = Engine.from_pretrained(llama.path, device="cpu")

@@ -27,3 +27,13 @@ def test_rotated_keys_take_effect_and_a_broken_file_keeps_the_old_ones(tmp_path,
     path.write_text("{half a file")
     assert authenticator.authenticate(bearer("second-key")).tenant == "acme"  # still the last good keys
     assert "keeping the 2 keys in use" in caplog.text
+
+
+@pytest.mark.parametrize("tenant, message", [("", "must be a non-empty string"), (" acme", "surrounding spaces"),
+                                             (7, "must be a non-empty string, got 7")])
+def test_a_key_file_binding_a_key_to_no_real_tenant_is_refused(tmp_path, tenant, message):
+    # an empty tenant would scope a key to a tenant that every listing shows as shared (null over the wire)
+    path = tmp_path / "keys.json"
+    path.write_text(json.dumps({"keys": [{"sha256": hash_key("k"), "tenant": tenant, "role": "admin"}]}))
+    with pytest.raises(ValueError, match=f"cannot read API key file .*a key's tenant .*{message}"):
+        Authenticator.from_file(path)

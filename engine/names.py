@@ -1,0 +1,22 @@
+"""The rule for names people choose: adapter names and tenants.
+
+Rows name their adapter by it and keys bind to a tenant by it, and an empty one means none (proto3 cannot
+tell an empty string from an unset field), so it must not be empty. Both are echoed in logs, metric labels
+and CLI tables, so no control characters and no surrounding spaces (a name that looks like another), and
+a bounded length.
+"""
+import unicodedata
+
+from engine.errors import InvalidRequest
+
+MAX_NAME_CHARS = 256
+
+
+def check_name(name: object, what: str = "an adapter name", field: str = "name") -> None:
+    """Raises InvalidRequest (naming ``field``) unless ``name`` is a string that follows the rule."""
+    if not isinstance(name, str) or not name.strip():
+        raise InvalidRequest(f"{what} must be a non-empty string, got {name!r}", field)
+    if len(name) > MAX_NAME_CHARS:
+        raise InvalidRequest(f"{what} holds at most {MAX_NAME_CHARS} characters, got {len(name)}", field)
+    if name != name.strip() or any(unicodedata.category(c) == "Cc" for c in name):
+        raise InvalidRequest(f"{what} must not hold control characters or surrounding spaces, got {name!r}", field)
