@@ -34,10 +34,16 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
     serve.add_argument("--api-keys", help='key file, {"keys": [<hash-key output>, ...]}; without it auth is off')
     serve.add_argument("--threads", type=_positive(int), help="torch CPU threads (default: torch's choice)")
-    serve.add_argument("--max-batch-rows", type=_positive(int), default=64)
-    serve.add_argument("--max-batch-tokens", type=_positive(int), default=8192)
-    serve.add_argument("--max-wait-ms", type=_positive(float, zero=True), default=5.0)
-    serve.add_argument("--max-queue", type=_positive(int), default=1024)
+    serve.add_argument("--max-batch-rows", type=_positive(int), default=64,
+                       help="rows of one forward, and inputs of one request (default: %(default)s)")
+    serve.add_argument("--max-batch-tokens", type=_positive(int), default=8192,
+                       help="rows x padded length of one forward; a larger request runs as several (default 8192)")
+    serve.add_argument("--max-wait-ms", type=_positive(float, zero=True), default=5.0,
+                       help="how long a batch that is not full waits for more requests (default: %(default)s)")
+    serve.add_argument("--max-queue", type=_positive(int), default=1024,
+                       help="waiting requests before RESOURCE_EXHAUSTED (default: %(default)s)")
+    serve.add_argument("--max-message-mb", type=_positive(int), default=16,
+                       help="largest gRPC request or reply (default: %(default)s)")
     serve.add_argument("--max-device-adapters", type=_positive(int), default=64, help="adapter slots on the device")
     serve.add_argument("--max-cpu-adapters", type=_positive(int, zero=True), default=256,
                        help="adapters kept in host memory")
@@ -144,7 +150,7 @@ def _load_and_serve(args) -> int:
     server = AdapterServer(engine, ServerConfig(
         host=args.host, port=args.port, metrics_port=None if args.metrics_port < 0 else args.metrics_port,
         api_keys=args.api_keys, grace_s=args.grace_seconds, vllm_compat_metrics=args.vllm_compat_metrics,
-        metrics_per_adapter=args.metrics_per_adapter),
+        metrics_per_adapter=args.metrics_per_adapter, max_message_mb=args.max_message_mb),
         SchedulerConfig(max_queue=args.max_queue, max_batch_rows=args.max_batch_rows,
                         max_batch_tokens=args.max_batch_tokens, max_wait_s=args.max_wait_ms / 1000))
 

@@ -27,6 +27,14 @@ class RequestOutput:
     embeddings: torch.Tensor  # [n, H]
     heads: tuple[RowHead | None, ...]  # per row: the head its logits came from (`ForwardOutput.heads`)
 
+    @staticmethod
+    def concat(parts: "list[RequestOutput]") -> "RequestOutput":
+        """The outputs of a request's parts (`split_rows`), in order, as one."""
+        if len(parts) == 1:
+            return parts[0]
+        return RequestOutput(tuple(x for p in parts for x in p.logits), torch.cat([p.embeddings for p in parts]),
+                             tuple(h for p in parts for h in p.heads))
+
 
 class EngineLoop:
     def __init__(self, engine: Engine, scheduler: Scheduler, metrics: Metrics):

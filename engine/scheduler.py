@@ -58,6 +58,23 @@ class Request:
         return max(len(r.ids) for r in self.rows)
 
 
+def split_rows(rows: list[EncodedRow], max_rows: int, max_tokens: int) -> list[list[EncodedRow]]:
+    """A request's rows, in order, cut into parts that each fit one forward (rows x padded length within
+    the budget), so a request within the input limits is never refused for its total size (as TEI splits
+    a request's inputs). A row longer than the whole budget stays alone and `Scheduler.add` refuses it."""
+    parts: list[list[EncodedRow]] = []
+    longest = 0
+    for row in rows:
+        n = len(row.ids)
+        if parts and len(parts[-1]) < max_rows and (len(parts[-1]) + 1) * max(longest, n) <= max_tokens:
+            parts[-1].append(row)
+            longest = max(longest, n)
+        else:
+            parts.append([row])
+            longest = n
+    return parts
+
+
 class Scheduler:
     def __init__(self, config: SchedulerConfig, ready: Callable[[Request], bool] = lambda request: True):
         """``ready(request)`` says whether a request's adapter can be used without waiting for a read;

@@ -14,6 +14,7 @@ from engine.cli import main
     (["--threads", "0"], "argument --threads: must be > 0, got 0"),
     (["--max-device-adapters", "0"], "argument --max-device-adapters: must be > 0, got 0"),
     (["--grace-seconds", "-1"], "argument --grace-seconds: must be >= 0, got -1"),
+    (["--max-message-mb", "0"], "argument --max-message-mb: must be > 0, got 0"),
 ])
 def test_bad_flags_are_argparse_errors(flags, message, capsys):
     with pytest.raises(SystemExit) as exit_info:

@@ -4,7 +4,7 @@ import time
 import pytest
 
 from engine.errors import AdapterSourceError, InvalidRequest, ShuttingDown
-from engine.scheduler import DeadlineExpired, QueueFull, Request, Scheduler, SchedulerConfig, Task
+from engine.scheduler import DeadlineExpired, QueueFull, Request, Scheduler, SchedulerConfig, Task, split_rows
 from engine.text import EncodedRow
 
 
@@ -101,3 +101,24 @@ def test_a_request_whose_adapter_cannot_be_read_fails_at_once():
     with pytest.raises(AdapterSourceError, match="changed since it was loaded"):
         broken.future.result(timeout=0)
     assert sched.num_waiting == 0
+
+
+def _rows(*lengths):
+    return [EncodedRow(tuple(range(n)), None, None) for n in lengths]
+
+
+def test_split_rows_keeps_order_and_fits_every_part_in_one_forward():
+    rows = _rows(10, 10, 30, 5, 5, 5, 40, 2)
+    parts = split_rows(rows, max_rows=3, max_tokens=60)
+    assert [r for part in parts for r in part] == rows  # nothing lost, nothing reordered
+    assert [[len(r.ids) for r in part] for part in parts] == [[10, 10], [30, 5], [5, 5], [40], [2]]
+    assert all(len(p) <= 3 and len(p) * max(len(r.ids) for r in p) <= 60 for p in parts)
+    assert split_rows(_rows(4, 4), max_rows=8, max_tokens=100) == [_rows(4, 4)]  # one part when it fits
+
+
+def test_a_row_longer_than_the_whole_budget_stays_alone_and_is_refused():
+    parts = split_rows(_rows(3, 50, 3), max_rows=8, max_tokens=20)
+    assert [[len(r.ids) for r in part] for part in parts] == [[3], [50], [3]]
+    sched = Scheduler(SchedulerConfig(max_batch_tokens=20))
+    with pytest.raises(InvalidRequest, match="needs 50 padded tokens, over the batch budget of 20"):
+        sched.add(Request(Task.EMBED, None, None, parts[1]))

@@ -8,7 +8,7 @@ from adapterserve.v1 import inference_service_pb2_grpc as pb_grpc
 from engine.engine import Engine
 from engine.errors import InvalidRequest, ShuttingDown
 from engine.loop import RequestOutput
-from engine.scheduler import Request, Scheduler, Task
+from engine.scheduler import Request, Scheduler, Task, split_rows
 from engine.service.auth import Authenticator, Role
 from engine.service.convert import classification_pb, token_tags_pb
 from engine.service.metrics import Metrics
@@ -75,17 +75,23 @@ class InferenceServicer(Servicer, pb_grpc.InferenceServiceServicer):
         return info
 
     async def _submit(self, task: Task, inputs, adapter, tenant, ctx: RpcContext) -> tuple[list[EncodedRow], RequestOutput]:
+        """Queues the request, in parts when it exceeds one forward's token budget, and waits for all of them."""
         if self.draining:
             raise ShuttingDown("the server is draining; retry on another replica")
         rows = self._encode(inputs)
-        request = Request(task, tenant, adapter, rows, ctx.deadline(), ctx.request_id)
-        self.scheduler.add(request)
-        self.metrics.waiting.set(self.scheduler.num_waiting)
+        limits = self.scheduler.config
+        parts = [Request(task, tenant, adapter, part, ctx.deadline(), ctx.request_id)
+                 for part in split_rows(rows, limits.max_batch_rows, limits.max_batch_tokens)]
         self.in_flight += 1
         try:
-            return rows, await asyncio.wrap_future(request.future)
-        except asyncio.CancelledError:
-            request.future.cancel()  # still queued: the scheduler drops it before compute
+            for part in parts:
+                self.scheduler.add(part)  # a refused part (queue full) cancels those queued before it, below
+            self.metrics.waiting.set(self.scheduler.num_waiting)
+            outputs = await asyncio.gather(*(asyncio.wrap_future(part.future) for part in parts))
+            return rows, RequestOutput.concat(list(outputs))
+        except BaseException:
+            for part in parts:
+                part.future.cancel()  # still queued: the scheduler drops it before compute
             raise
         finally:
             self.in_flight -= 1
@@ -94,6 +100,9 @@ class InferenceServicer(Servicer, pb_grpc.InferenceServiceServicer):
         """Checks every input, then tokenises all texts of the request in one tokenizer call."""
         if not inputs:
             raise InvalidRequest("inputs must not be empty", "inputs")
+        most = self.scheduler.config.max_batch_rows  # the advertised max_inputs_per_request; over the token budget
+        if len(inputs) > most:  # a request is split, over this count it is refused (TEI's max client batch size)
+            raise InvalidRequest(f"{len(inputs)} inputs exceed the limit of {most} per request", "inputs")
         limit, vocab = self.engine.max_seq_len, self.engine.model_config.vocab_size
         rows: list[EncodedRow | None] = []
         texts, text_rows = [], []

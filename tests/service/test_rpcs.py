@@ -12,6 +12,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from engine.client import RpcError
+from engine.scheduler import SchedulerConfig
 from minilm import TEXTS
 
 
@@ -141,6 +142,24 @@ def test_metrics_scrape_and_parse(server):
     assert "adapterserve_adapter_requests" not in families  # per-adapter series only when asked for
     lora = families["adapterserve_lora_requests_info"].samples[0]
     assert lora.labels["max_lora"] == "64" and lora.value > 1.7e9
+
+
+def test_a_request_over_the_token_budget_runs_in_parts(start_server, minilm_setup):
+    running = start_server(scheduler=SchedulerConfig(max_batch_tokens=40))
+    engine = minilm_setup.engine
+    with running.client() as admin:
+        admin.load_adapter(str(minilm_setup.folders["sentiment"]), name="sentiment")
+    texts = TEXTS * 3  # 9 rows: at most 2 of them per forward
+    with running.client() as client:
+        embeddings = torch.tensor(client.embed(texts))
+        results = client.classify(texts, "sentiment")
+    assert torch.allclose(embeddings, engine.embed(texts), atol=1e-5)
+    want = engine.classify(texts, "sentiment")
+    assert [r.label for r in results] == [w.label for w in want]
+    assert all(abs(r.scores[k] - w.scores[k]) < 1e-5 for r, w in zip(results, want) for k in w.scores)
+    assert min(len(ids) for ids in engine.tokenizer(texts)["input_ids"]) * len(texts) > 40  # over one forward's budget
+    batches = _scrape(running)["adapterserve_batch_rows"].samples
+    assert max(s.value for s in batches if s.name == "adapterserve_batch_rows_count") >= 4  # 2 forwards each, at least
 
 
 def test_every_failed_load_is_counted(server, minilm_setup, tmp_path):
