@@ -6,6 +6,8 @@ server, a connection that dropped) are retried by gRPC itself, up to 3 attempts 
 Kubernetes Service the channel reconnects to another replica. Calls the server refuses as overloaded
 (RESOURCE_EXHAUSTED with a RetryInfo: its queue is full, every adapter slot is busy) are tried again after the
 delay it asks for, up to 3 attempts; RESOURCE_EXHAUSTED without RetryInfo (a message over the size limit) is not.
+``timeout`` bounds a whole call, its tries included: a retry whose wait would end past it is not made, and the
+refusal is raised at once.
 """
 import asyncio
 import json
@@ -64,6 +66,23 @@ def _overload_wait(exc: grpc.RpcError) -> float | None:
         return None
     retry = _detail(exc, error_details_pb2.RetryInfo)
     return None if retry is None else min(retry.retry_delay.ToTimedelta().total_seconds(), MAX_OVERLOAD_WAIT_S)
+
+
+def _deadline(timeout: float | None) -> float | None:
+    return None if timeout is None else time.monotonic() + timeout
+
+
+def _left(deadline: float | None) -> float | None:
+    """The timeout for the next try: what is left of the call's deadline."""
+    return None if deadline is None else max(deadline - time.monotonic(), 0.0)
+
+
+def _retry_wait(exc: grpc.RpcError, attempt: int, deadline: float | None) -> float | None:
+    """How long to wait before trying an overloaded call again; None: raise it now."""
+    wait = _overload_wait(exc)
+    if wait is None or attempt == OVERLOAD_ATTEMPTS or (deadline is not None and time.monotonic() + wait >= deadline):
+        return None
+    return wait
 
 
 def _inputs(items: Inputs) -> list[pb.Input]:
@@ -170,12 +189,13 @@ class Client(_Base):
         super().__init__(grpc.insecure_channel(target, options=CHANNEL_OPTIONS), api_key, tenant, timeout)
 
     def _invoke(self, call: _Call):
+        deadline = _deadline(self.timeout)
         for attempt in range(1, OVERLOAD_ATTEMPTS + 1):
             try:
-                return call.convert(self._method(call)(call.request, metadata=self.metadata, timeout=self.timeout))
+                return call.convert(self._method(call)(call.request, metadata=self.metadata, timeout=_left(deadline)))
             except grpc.RpcError as exc:
-                wait = _overload_wait(exc)
-                if wait is None or attempt == OVERLOAD_ATTEMPTS:
+                wait = _retry_wait(exc, attempt, deadline)
+                if wait is None:
                     raise _error(exc) from None
             time.sleep(wait)
 
@@ -236,13 +256,14 @@ class AsyncClient(_Base):
         super().__init__(grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS), api_key, tenant, timeout)
 
     async def _invoke(self, call: _Call):
+        deadline = _deadline(self.timeout)
         for attempt in range(1, OVERLOAD_ATTEMPTS + 1):
             try:
                 return call.convert(await self._method(call)(call.request, metadata=self.metadata,
-                                                             timeout=self.timeout))
+                                                             timeout=_left(deadline)))
             except grpc.RpcError as exc:
-                wait = _overload_wait(exc)
-                if wait is None or attempt == OVERLOAD_ATTEMPTS:
+                wait = _retry_wait(exc, attempt, deadline)
+                if wait is None:
                     raise _error(exc) from None
             await asyncio.sleep(wait)
 

@@ -80,15 +80,32 @@ def test_overloads_with_retry_info_are_retried_after_its_delay(failures, error, 
         server.stop(None)
 
 
-def _embed(client_kind: str, target: str):
+@pytest.mark.parametrize("client_kind", ["sync", "async"])
+def test_the_timeout_bounds_the_whole_call_retries_included(client_kind):
+    servicer = Flaky(5, error=AdapterCapacityExceeded("all 2 adapter slots are in use"))  # RetryInfo 1 s
+    server, target = _serve(servicer)
+    try:
+        start = time.monotonic()
+        outcome = _embed(client_kind, target, timeout=0.5)
+        elapsed = time.monotonic() - start
+        # the refusal itself, at once: waiting 1 s for a retry would end past the caller's deadline
+        assert isinstance(outcome, RpcError) and outcome.reason == "ADAPTER_SLOTS_EXHAUSTED"
+        assert len(servicer.calls) == 1 and elapsed < 0.5
+        outcome = _embed(client_kind, target, timeout=1.5)  # room for one retry, not for a second
+        assert isinstance(outcome, RpcError) and len(servicer.calls) == 3
+    finally:
+        server.stop(None)
+
+
+def _embed(client_kind: str, target: str, timeout: float = 10):
     """Embed through the sync or the async client: the vectors, or the RpcError raised."""
     try:
         if client_kind == "sync":
-            with Client(target, timeout=10) as client:
+            with Client(target, timeout=timeout) as client:
                 return client.embed(["hi"])
 
         async def run():
-            async with AsyncClient(target, timeout=10) as client:
+            async with AsyncClient(target, timeout=timeout) as client:
                 return await client.embed(["hi"])
         return asyncio.run(run())
     except RpcError as exc:
