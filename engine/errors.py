@@ -82,3 +82,7 @@ class PermissionDenied(AdapterServeError):
 
 class ShuttingDown(AdapterServeError):
     """The server is draining after SIGTERM and takes no new work."""
+
+
+class NotImplementedYet(AdapterServeError):
+    """A call the API declares that this server does not provide yet (gRPC UNIMPLEMENTED)."""

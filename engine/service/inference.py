@@ -1,18 +1,17 @@
 """InferenceService: admission (adapter lookup, tokenising, limits), then wait for the engine loop."""
 import asyncio
 
-import grpc
 from adapterserve.v1 import inference_service_pb2 as pb
 from adapterserve.v1 import inference_service_pb2_grpc as pb_grpc
 
 from engine.engine import Engine
-from engine.errors import InvalidRequest, ShuttingDown
+from engine.errors import InvalidRequest, NotImplementedYet, ShuttingDown
 from engine.loop import RequestOutput
 from engine.scheduler import Request, Scheduler, Task, split_rows
 from engine.service.auth import Authenticator, Role
 from engine.service.convert import classification_pb, token_tags_pb
 from engine.service.metrics import Metrics
-from engine.service.rpc import RpcContext, Servicer, check_caller, rpc
+from engine.service.rpc import RpcContext, Servicer, rpc
 from engine.text import (CLASSIFY_HEADS, TAG_HEADS, EncodedRow, check_text, classifications, encode_ids, encode_texts,
                          require_head, token_tags)
 from engine.types import AdapterInfo
@@ -50,12 +49,11 @@ class InferenceServicer(Servicer, pb_grpc.InferenceServiceServicer):
         tags = token_tags(output.logits, output.heads, rows, self.engine.tokenizer, adapter, "Tag")
         return pb.TagResponse(results=[token_tags_pb(t) for t in tags], request_id=ctx.request_id)
 
-    async def GenerateStream(self, request: pb.GenerateStreamRequest, context: grpc.aio.ServicerContext):
-        await check_caller(self, context, Role.INFERENCE)
+    @rpc(Role.INFERENCE)
+    async def GenerateStream(self, request: pb.GenerateStreamRequest, ctx: RpcContext):
         kind = "a decoder" if self.engine.info.is_decoder else f"an encoder ({self.engine.info.model_type})"
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED,
-                            f"text generation is not implemented yet; the base model is {kind}")
-        yield pb.GenerateStreamResponse()  # unreachable: abort raises; makes this an async generator
+        raise NotImplementedYet(f"text generation is not implemented yet; the base model is {kind}")
+        yield pb.GenerateStreamResponse()  # unreachable: makes this an async generator (a server-streaming RPC)
 
     def _adapter(self, body: str, ctx: RpcContext, required: bool) -> tuple[str | None, str | None]:
         """The adapter from the body or `x-adapter-id` metadata (equal if both), and the caller's tenant."""

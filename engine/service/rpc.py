@@ -4,6 +4,7 @@ Health and reflection are separate servicers and never pass through here, so pro
 """
 import asyncio
 import functools
+import inspect
 import json
 import logging
 import time
@@ -47,52 +48,79 @@ def metadata_of(context: grpc.aio.ServicerContext) -> dict[str, str]:
     return {k.lower(): v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
 
 
-async def check_caller(servicer: Servicer, context: grpc.aio.ServicerContext, role: Role) -> None:
-    """Auth for a streaming handler, which `rpc` does not wrap: aborts with the mapped status when refused."""
-    try:
-        servicer.auth.authenticate(metadata_of(context)).check_role(role)
-    except Exception as exc:
-        await context.abort_with_status(to_status(exc, uuid.uuid4().hex))
+class _Call:
+    """One call's request id, timing and outcome: every call is counted and logged once, however it ends."""
+
+    def __init__(self, servicer: Servicer, name: str, request, context: grpc.aio.ServicerContext):
+        self.servicer, self.name, self.context = servicer, name, context
+        self.start = time.perf_counter()
+        self.metadata = metadata_of(context)
+        self.request_id = getattr(request, "request_id", "") or self.metadata.get("x-request-id") or uuid.uuid4().hex
+
+    def rpc_context(self, role: Role) -> RpcContext:
+        principal = self.servicer.auth.authenticate(self.metadata)
+        principal.check_role(role)
+        return RpcContext(principal, self.metadata, self.request_id, self.context)
+
+    def record(self, code: grpc.StatusCode) -> None:
+        elapsed = time.perf_counter() - self.start
+        self.servicer.metrics.requests.labels(self.name, code.name).inc()
+        self.servicer.metrics.latency.labels(self.name).observe(elapsed)
+        if access_log.isEnabledFor(logging.INFO):  # skip building the line when it is off
+            access_log.info(json.dumps({"rpc": self.name, "request_id": self.request_id, "code": code.name,
+                                        "ms": round(elapsed * 1000, 2), "peer": self.context.peer()}))
+
+    def cancelled(self) -> None:
+        """The client cancelled, or its deadline passed: counted all the same."""
+        remaining = self.context.time_remaining()
+        expired = remaining is not None and remaining <= 0
+        self.record(grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED)
+
+    async def fail(self, exc: Exception) -> None:
+        """Every error leaves through the one mapping; aborting raises, ending the handler."""
+        status = to_status(exc, self.request_id)
+        if status.code == grpc.StatusCode.INTERNAL:
+            log.exception("rpc %s request %s failed", self.name, self.request_id)
+        # recorded before the abort: it sends the status at once, and a client that scrapes
+        # /metrics right after its error must find it counted
+        self.record(status.code)
+        await self.context.abort_with_status(status)
 
 
 def rpc(role: Role):
-    """Decorates ``async def Method(self, request, ctx: RpcContext)`` into a gRPC handler."""
+    """Decorates ``async def Method(self, request, ctx: RpcContext)`` into a gRPC handler; an async generator
+    method becomes a server-streaming handler, counted and logged the same way."""
 
     def wrap(method):
         name = method.__name__
 
+        if inspect.isasyncgenfunction(method):
+            @functools.wraps(method)
+            async def stream_handler(self: Servicer, request, context: grpc.aio.ServicerContext):
+                call = _Call(self, name, request, context)
+                try:
+                    async for response in method(self, request, call.rpc_context(role)):
+                        yield response
+                except asyncio.CancelledError:
+                    call.cancelled()
+                    raise
+                except Exception as exc:
+                    await call.fail(exc)
+                call.record(grpc.StatusCode.OK)
+
+            return stream_handler
+
         @functools.wraps(method)
         async def handler(self: Servicer, request, context: grpc.aio.ServicerContext):
-            start = time.perf_counter()
-            metadata = metadata_of(context)
-            request_id = getattr(request, "request_id", "") or metadata.get("x-request-id") or uuid.uuid4().hex
-
-            def record(code: grpc.StatusCode) -> None:
-                elapsed = time.perf_counter() - start
-                self.metrics.requests.labels(name, code.name).inc()
-                self.metrics.latency.labels(name).observe(elapsed)
-                if access_log.isEnabledFor(logging.INFO):  # skip building the line when it is off
-                    access_log.info(json.dumps({"rpc": name, "request_id": request_id, "code": code.name,
-                                                "ms": round(elapsed * 1000, 2), "peer": context.peer()}))
-
+            call = _Call(self, name, request, context)
             try:
-                principal = self.auth.authenticate(metadata)
-                principal.check_role(role)
-                response = await method(self, request, RpcContext(principal, metadata, request_id, context))
-            except asyncio.CancelledError:  # the client cancelled, or its deadline passed: count it all the same
-                remaining = context.time_remaining()
-                expired = remaining is not None and remaining <= 0
-                record(grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED)
+                response = await method(self, request, call.rpc_context(role))
+            except asyncio.CancelledError:
+                call.cancelled()
                 raise
-            except Exception as exc:  # every error leaves through the one mapping
-                status = to_status(exc, request_id)
-                if status.code == grpc.StatusCode.INTERNAL:
-                    log.exception("rpc %s request %s failed", name, request_id)
-                # recorded before the abort: it sends the status at once, and a client that scrapes
-                # /metrics right after its error must find it counted
-                record(status.code)
-                await context.abort_with_status(status)
-            record(grpc.StatusCode.OK)
+            except Exception as exc:
+                await call.fail(exc)
+            call.record(grpc.StatusCode.OK)
             return response
 
         return handler

@@ -12,8 +12,8 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from engine.errors import (AdapterCapacityExceeded, AdapterNotFound, AdapterServeError, AdapterSourceError,
-                           AdapterSourceRefused, InvalidAdapter, InvalidRequest, ModelLoadError, PermissionDenied,
-                           ShuttingDown, Unauthenticated, UnsupportedAdapter)
+                           AdapterSourceRefused, InvalidAdapter, InvalidRequest, ModelLoadError, NotImplementedYet,
+                           PermissionDenied, ShuttingDown, Unauthenticated, UnsupportedAdapter)
 from engine.scheduler import DeadlineExpired, QueueFull
 
 DOMAIN = "adapterserve.dev"
@@ -42,6 +42,7 @@ MAPPINGS: tuple[tuple[type[Exception], Mapping], ...] = (
     (PermissionDenied, Mapping(grpc.StatusCode.PERMISSION_DENIED, "PERMISSION_DENIED")),
     (ShuttingDown, Mapping(grpc.StatusCode.UNAVAILABLE, "SERVER_SHUTTING_DOWN", 1.0)),
     (ModelLoadError, Mapping(grpc.StatusCode.FAILED_PRECONDITION, "MODEL_LOAD_FAILED")),
+    (NotImplementedYet, Mapping(grpc.StatusCode.UNIMPLEMENTED, "NOT_IMPLEMENTED")),
     (AdapterServeError, Mapping(grpc.StatusCode.FAILED_PRECONDITION, "ENGINE_REFUSED")),
 )
 INTERNAL = Mapping(grpc.StatusCode.INTERNAL, "ENGINE_ERROR")

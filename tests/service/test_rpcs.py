@@ -57,11 +57,16 @@ def test_one_access_log_line_per_call_which_can_be_turned_off(server, caplog):
     assert not [r for r in caplog.records if r.name == "adapterserve.access"]
 
 
-def test_generate_is_unimplemented_with_a_clear_message(server):
-    with server.client() as client, pytest.raises(RpcError) as info:
-        list(client.generate("hello"))
-    assert info.value.code == grpc.StatusCode.UNIMPLEMENTED
+def test_generate_is_unimplemented_with_a_clear_message(server, caplog):
+    with caplog.at_level(logging.INFO, logger="adapterserve.access"):
+        with server.client() as client, pytest.raises(RpcError) as info:
+            list(client.generate("hello"))
+    assert (info.value.code, info.value.reason) == (grpc.StatusCode.UNIMPLEMENTED, "NOT_IMPLEMENTED")
     assert "encoder (bert)" in info.value.message
+    # counted and logged like every other call
+    assert _requests_total(_scrape(server))[("GenerateStream", "UNIMPLEMENTED")] == 1
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "adapterserve.access"]
+    assert [(line["rpc"], line["code"]) for line in lines] == [("GenerateStream", "UNIMPLEMENTED")]
 
 
 def test_admin_rpcs(server, minilm_setup):
