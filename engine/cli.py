@@ -60,24 +60,26 @@ def _parser() -> argparse.ArgumentParser:
     keys = sub.add_parser("hash-key", help="print the key-file entry for an API key",
                           description='Prints one entry of the --api-keys file, {"keys": [entry, ...]}.')
     keys.add_argument("key", help="the secret clients will send as 'authorization: Bearer KEY'")
-    keys.add_argument("--tenant", help="bind the key to this tenant (default: an operator key, no tenant)")
+    keys.add_argument("--tenant", type=_name("a tenant"),
+                      help="bind the key to this tenant (default: an operator key, no tenant)")
     keys.add_argument("--role", choices=["inference", "admin"], default="inference")
     keys.set_defaults(run=_hash_key)
 
     client = argparse.ArgumentParser(add_help=False)
-    client.add_argument("--server", default=os.environ.get("ADAPTERSERVE_SERVER", "localhost:50051"),
+    client.add_argument("--server", type=_address, default=os.environ.get("ADAPTERSERVE_SERVER") or "localhost:50051",
                         help="host:port (default: $ADAPTERSERVE_SERVER or %(default)s)")
     client.add_argument("--api-key", default=os.environ.get("ADAPTERSERVE_API_KEY"),
                         help="API key (default: $ADAPTERSERVE_API_KEY)")
-    client.add_argument("--tenant", help="act for this tenant (operators and auth-off servers)")
-    client.add_argument("--timeout", type=float, default=60.0,
-                        help="seconds to wait for the answer (a hub download may need more)")
+    client.add_argument("--tenant", type=_name("a tenant"), help="act for this tenant (operators and auth-off servers)")
+    client.add_argument("--timeout", type=_positive(float), default=60.0,
+                        help="seconds to wait for the answer, retries included (a hub download may need more)")
 
     adapters = sub.add_parser("adapters", help="manage adapters on a running server")
     verbs = adapters.add_subparsers(required=True, metavar="VERB")
     load = verbs.add_parser("load", parents=[client], help="load (or hot-swap) an adapter")
     load.add_argument("source", help="folder, store://PATH, hub id org/name[@rev] or fsspec URL")
-    load.add_argument("--name", help="default: the name saved in an AdapterHub folder, else the folder's name")
+    load.add_argument("--name", type=_name("an adapter name"),
+                      help="default: the name saved in an AdapterHub folder, else the folder's name")
     load.add_argument("--pin", action="store_true", help="never evict it (load again without --pin to unpin)")
     load.set_defaults(run=lambda a: _call(a, lambda c: c.load_adapter(a.source, a.name, a.tenant, a.pin)))
     unload = verbs.add_parser("unload", parents=[client], help="unload an adapter")
@@ -138,6 +140,9 @@ def _load_and_serve(args) -> int:
     bad = [spec for spec, (name, source) in zip(args.adapter, adapters) if not name or not source]
     if bad:
         raise ValueError(f"--adapter expects NAME=SOURCE, got {bad[0]!r}")
+    twice = sorted({name for name, _ in adapters if [n for n, _ in adapters].count(name) > 1})
+    if twice:  # the second would silently replace the first
+        raise ValueError(f"--adapter names {twice[0]!r} more than once")
     Authenticator.from_file(args.api_keys)  # a bad key file fails now, not after the model has loaded
     print(f"adapterserve: loading base model {args.model} on {args.device} ...", file=sys.stderr, flush=True)
     engine = Engine(EngineConfig(model=args.model, device=args.device, dtype=args.dtype, num_threads=args.threads,
@@ -178,17 +183,10 @@ def _stop_before_serving(signum, frame) -> None:
 
 
 def _hash_key(args) -> int:
-    from engine.errors import InvalidRequest
-    from engine.names import check_name
     from engine.service.auth import hash_key
 
-    try:
-        if not args.key.strip():  # the server refuses an empty bearer token as a missing key: it could never match
-            raise InvalidRequest("the key must not be empty or blank")
-        if args.tenant is not None:  # the key file refuses what check_name refuses
-            check_name(args.tenant, "--tenant")
-    except InvalidRequest as exc:
-        print(f"adapterserve hash-key: error: {exc}", file=sys.stderr)
+    if not args.key.strip():  # the server refuses an empty bearer token as a missing key: it could never match
+        print("adapterserve hash-key: error: the key must not be empty or blank", file=sys.stderr)
         return 2
     print(json.dumps({"sha256": hash_key(args.key), "tenant": args.tenant, "role": args.role}))
     return 0
@@ -231,6 +229,28 @@ def _port(text: str) -> int:
 
 def _port_or_off(text: str) -> int:
     return -1 if text.strip() == "-1" else _port(text)
+
+
+def _name(what: str):
+    """argparse type: a name that follows the server's rule (`engine.names`); "" would mean none over gRPC."""
+    def parse(text: str) -> str:
+        from engine.errors import InvalidRequest
+        from engine.names import check_name
+
+        try:
+            check_name(text, what)
+        except InvalidRequest as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return text
+    parse.__name__ = "name"
+    return parse
+
+
+def _address(text: str) -> str:
+    """argparse type: the server's host:port; gRPC would only fail on an empty one after logging internals."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("the server address must be host:port, got ''")
+    return text
 
 
 def _positive(kind, zero: bool = False):

@@ -5,7 +5,7 @@ import logging
 
 import pytest
 
-from engine.cli import main
+from engine.cli import _parser, main
 
 
 @pytest.mark.parametrize("flags,message", [
@@ -26,6 +26,7 @@ def test_bad_flags_are_argparse_errors(flags, message, capsys):
 @pytest.mark.parametrize("flags,message", [
     (["--adapter", "sentiment"], "--adapter expects NAME=SOURCE, got 'sentiment'"),
     (["--adapter", "=/tmp/x"], "--adapter expects NAME=SOURCE, got '=/tmp/x'"),
+    (["--adapter", "a=/tmp/x", "--adapter", "a=/tmp/y"], "--adapter names 'a' more than once"),
     (["--api-keys", "/nonexistent/keys.json"], "cannot read API key file /nonexistent/keys.json"),
     (["--model", "/nonexistent/model"], "no model folder at '/nonexistent/model'"),
     (["--device", "banana"], "device 'banana' is not a device: use auto, cpu, cuda or cuda:N"),
@@ -73,13 +74,31 @@ def test_serve_gives_the_signal_handlers_back_to_an_in_process_caller():
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
 
 
-@pytest.mark.parametrize("args, message", [(["k", "--tenant", ""], "--tenant must be a non-empty string"),
-                                           (["k", "--tenant", "acme\n"], "control characters"),
-                                           (["  "], "the key must not be empty")])
-def test_hash_key_refuses_entries_the_server_could_not_use(args, message, capsys):
-    assert main(["hash-key", *args]) == 2
+@pytest.mark.parametrize("argv, message", [
+    (["hash-key", "k", "--tenant", ""], "argument --tenant: a tenant must be a non-empty string"),
+    (["hash-key", "k", "--tenant", "acme\n"], "argument --tenant: a tenant must not hold control characters"),
+    (["embed", "hi", "--server", ""], "argument --server: the server address must be host:port"),
+    (["embed", "hi", "--timeout", "0"], "argument --timeout: must be > 0, got 0"),
+    (["embed", "hi", "--tenant", " acme"], "argument --tenant: a tenant must not hold control characters or"),
+    (["adapters", "load", "/tmp/x", "--name", ""], "argument --name: an adapter name must be a non-empty string"),
+])
+def test_values_the_server_would_take_for_none_are_refused(argv, message, capsys):
+    # over gRPC "" means unset: an empty --name or --tenant would silently act on the default instead
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_hash_key_refuses_a_blank_key(capsys):
+    assert main(["hash-key", "  "]) == 2
     err = capsys.readouterr()
-    assert message in err.err and err.out == ""
+    assert "the key must not be empty or blank" in err.err and err.out == ""
+
+
+def test_an_empty_server_variable_falls_back_to_the_default(monkeypatch):
+    monkeypatch.setenv("ADAPTERSERVE_SERVER", "")
+    parser = _parser()  # the default is read from the environment when the parser is built
+    assert parser.parse_args(["embed", "hi"]).server == "localhost:50051"
 
 
 def test_hash_key_prints_a_key_file_entry(capsys):
