@@ -100,10 +100,13 @@ class Engine:
         return self.adapters.catalog(base_model, method)
 
     def average_adapters(self, name: str, sources: list[str], weights: list[float], tenant: str | None = None,
-                         combine_strategy: str = "linear", *, svd_rank: int | None = None) -> AdapterInfo:
+                         combine_strategy: str = "linear", *, svd_rank: int | None = None,
+                         overwrite_ok: bool = False) -> AdapterInfo:
         """A new adapter, the weighted average of loaded ones (the `adapters` library's `average_adapter`):
-        combine_strategy "linear", "lora_linear_only_negate_b" or "lora_delta_w_svd" (needs svd_rank)."""
-        return self.adapters.average(name, sources, weights, tenant, combine_strategy, svd_rank)
+        combine_strategy "linear", "lora_linear_only_negate_b" or "lora_delta_w_svd" (needs svd_rank).
+        Like the library, it refuses a name already loaded (for this tenant) unless ``overwrite_ok``, which
+        hot-swaps it as a re-load does."""
+        return self.adapters.average(name, sources, weights, tenant, combine_strategy, svd_rank, overwrite_ok)
 
     def adapters_ready(self, adapters: list[str | None], tenant: str | None | list[str | None] = None) -> bool:
         """True when every named adapter can be served without reading files; otherwise starts bringing the

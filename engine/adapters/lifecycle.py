@@ -34,7 +34,7 @@ from engine.adapters.tiers import AdapterTiers, Residency, TierBudget, device_by
 from engine.batch import AdapterBatch
 from engine.batcher import build_adapter_batch
 from engine.config import EngineConfig
-from engine.errors import AdapterNotFound, AdapterSourceError
+from engine.errors import AdapterNotFound, AdapterSourceError, InvalidRequest
 from engine.names import check_name
 from engine.types import AdapterInfo, CatalogEntry
 
@@ -81,10 +81,14 @@ class AdapterLifecycle:
             raise
 
     def average(self, name: str, sources: list[str], weights: list[float], tenant: str | None,
-                combine_strategy: str, svd_rank: int | None) -> AdapterInfo:
+                combine_strategy: str, svd_rank: int | None, overwrite_ok: bool) -> AdapterInfo:
         check_name(name)
         if tenant is not None:
             check_name(tenant, "a tenant", "tenant")
+        if not overwrite_ok and self.registry.holds(name, tenant):  # the library's overwrite_ok=False
+            owner = "shared" if tenant is None else f"for tenant {tenant!r}"
+            raise InvalidRequest(f"adapter {name!r} is already loaded ({owner}); pass overwrite_ok=True to replace "
+                                 "it with the average", "name")
         records = self.registry.acquire_rows(list(sources), [tenant] * len(sources))  # nothing frees them meanwhile
         try:
             specs = [self.tiers.host_spec(r.key) for r in records]

@@ -71,6 +71,11 @@ class AdapterRegistry:
         with self._lock:
             return self._find(name, tenant)
 
+    def holds(self, name: str, tenant: str | None) -> bool:
+        """Whether ``tenant`` (None: shared) has an adapter of that name of its own."""
+        with self._lock:
+            return (tenant, name) in self._records
+
     def lookup(self, name: str, tenant: str | None) -> AdapterInfo:
         return self.find(name, tenant).info
 

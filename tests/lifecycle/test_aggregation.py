@@ -92,6 +92,18 @@ def test_an_average_has_no_source_and_stays_on_the_host(bert, engine):
     engine.forward(bert.input_ids, bert.attention_mask, ["kept"] * 4, bert.token_type_ids)
 
 
+def test_an_average_replaces_a_loaded_name_only_when_told(bert, engine):
+    # the library's average_adapter refuses too (overwrite_ok=False); a silent swap lost lora0's own weights
+    before = engine.list_adapters()
+    with pytest.raises(InvalidRequest, match="adapter 'lora0' is already loaded .shared.; pass overwrite_ok=True"):
+        engine.average_adapters("lora0", ["lora0", "lora1"], [1.0, 1.0])
+    assert engine.list_adapters() == before
+    info = engine.average_adapters("lora0", ["lora0", "lora1"], [1.0, 1.0], overwrite_ok=True)
+    assert info.name == "lora0" and info.source.startswith("average[linear]")
+    # a tenant's own adapter may take a shared one's name (it shadows it for that tenant, as a load does)
+    assert engine.average_adapters("lora1", ["lora0"], [1.0], tenant="acme").tenant == "acme"
+
+
 @pytest.mark.parametrize("sources,weights,options,fragment", [
     (["lora0", "bn0"], [1, 1], {}, "different configurations"),
     (["lora0", "lora1"], [1], {}, "1 weights for 2 source adapters"),
