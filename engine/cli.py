@@ -89,6 +89,15 @@ def _parser() -> argparse.ArgumentParser:
     listing.set_defaults(run=lambda a: _call(a, lambda c: c.list_adapters(a.tenant)))
     catalog = verbs.add_parser("catalog", parents=[client], help="the adapter store's folders (--adapter-store)")
     catalog.set_defaults(run=lambda a: _call(a, lambda c: c.catalog()))
+    average = verbs.add_parser("average", parents=[client], help="a new adapter, the weighted average of loaded ones")
+    average.add_argument("name", type=_name("an adapter name"))
+    average.add_argument("sources", nargs="+", type=_weighted, metavar="ADAPTER=WEIGHT")
+    average.add_argument("--combine-strategy", default="linear",
+                         choices=["linear", "lora_linear_only_negate_b", "lora_delta_w_svd"])
+    average.add_argument("--svd-rank", type=_positive(int), help="the rank of a lora_delta_w_svd average")
+    average.add_argument("--overwrite", action="store_true", help="replace an adapter already loaded under NAME")
+    average.set_defaults(run=lambda a: _call(a, lambda c: c.average_adapters(
+        a.name, a.sources, a.tenant, a.combine_strategy, a.svd_rank, a.overwrite)))
     show = verbs.add_parser("show", parents=[client], help="one loaded adapter")
     show.add_argument("name")
     show.set_defaults(run=lambda a: _call(a, lambda c: c.get_adapter(a.name, a.tenant)))
@@ -244,6 +253,17 @@ def _name(what: str):
         return text
     parse.__name__ = "name"
     return parse
+
+
+def _weighted(text: str) -> tuple[str, float]:
+    """argparse type: ADAPTER=WEIGHT (the last '=' splits, so a name may hold one)."""
+    name, _, weight = text.rpartition("=")
+    try:
+        if name:
+            return name, float(weight)
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"expects ADAPTER=WEIGHT, got {text!r}")
 
 
 def _address(text: str) -> str:

@@ -145,6 +145,14 @@ class _Calls:
         return _Call("admin", "LoadAdapter", request, lambda r: _info(r.adapter))
 
     @staticmethod
+    def average_adapters(name: str, sources: Sequence[tuple[str, float]], tenant: str | None, combine_strategy: str,
+                         svd_rank: int | None, overwrite_ok: bool) -> _Call:
+        request = admin_pb.AverageAdaptersRequest(
+            name=name, sources=[admin_pb.WeightedAdapter(name=n, weight=w) for n, w in sources], tenant=tenant or "",
+            combine_strategy=combine_strategy, svd_rank=svd_rank or 0, overwrite_ok=overwrite_ok)
+        return _Call("admin", "AverageAdapters", request, lambda r: _info(r.adapter))
+
+    @staticmethod
     def unload_adapter(name: str, tenant: str | None) -> _Call:
         return _Call("admin", "UnloadAdapter", admin_pb.UnloadAdapterRequest(name=name, tenant=tenant or ""),
                      lambda r: None)
@@ -211,6 +219,12 @@ class Client(_Base):
     def load_adapter(self, source: str, name: str | None = None, tenant: str | None = None,
                      pin: bool = False) -> AdapterInfo:
         return self._invoke(_Calls.load_adapter(source, name, tenant, pin))
+
+    def average_adapters(self, name: str, sources: Sequence[tuple[str, float]], tenant: str | None = None,
+                         combine_strategy: str = "linear", svd_rank: int | None = None,
+                         overwrite_ok: bool = False) -> AdapterInfo:
+        """A new adapter, the weighted average of loaded ones: ``sources`` is [(name, weight), ...]."""
+        return self._invoke(_Calls.average_adapters(name, sources, tenant, combine_strategy, svd_rank, overwrite_ok))
 
     def unload_adapter(self, name: str, tenant: str | None = None) -> None:
         return self._invoke(_Calls.unload_adapter(name, tenant))
@@ -279,6 +293,12 @@ class AsyncClient(_Base):
     async def load_adapter(self, source: str, name: str | None = None, tenant: str | None = None,
                            pin: bool = False) -> AdapterInfo:
         return await self._invoke(_Calls.load_adapter(source, name, tenant, pin))
+
+    async def average_adapters(self, name: str, sources: Sequence[tuple[str, float]], tenant: str | None = None,
+                               combine_strategy: str = "linear", svd_rank: int | None = None,
+                               overwrite_ok: bool = False) -> AdapterInfo:
+        return await self._invoke(_Calls.average_adapters(name, sources, tenant, combine_strategy, svd_rank,
+                                                          overwrite_ok))
 
     async def unload_adapter(self, name: str, tenant: str | None = None) -> None:
         return await self._invoke(_Calls.unload_adapter(name, tenant))

@@ -81,6 +81,8 @@ def test_serve_gives_the_signal_handlers_back_to_an_in_process_caller():
     (["embed", "hi", "--timeout", "0"], "argument --timeout: must be > 0, got 0"),
     (["embed", "hi", "--tenant", " acme"], "argument --tenant: a tenant must not hold control characters or"),
     (["adapters", "load", "/tmp/x", "--name", ""], "argument --name: an adapter name must be a non-empty string"),
+    (["adapters", "average", "x", "a=b"], "argument ADAPTER=WEIGHT: expects ADAPTER=WEIGHT, got 'a=b'"),
+    (["adapters", "average", "x", "=1"], "expects ADAPTER=WEIGHT, got '=1'"),
 ])
 def test_values_the_server_would_take_for_none_are_refused(argv, message, capsys):
     # over gRPC "" means unset: an empty --name or --tenant would silently act on the default instead

@@ -52,6 +52,17 @@ class AdapterServicer(Servicer, pb_grpc.AdapterServiceServicer):
         return await asyncio.to_thread(self.engine.load_adapter, source, request.name or None, tenant, request.pin)
 
     @rpc(Role.ADMIN)
+    async def AverageAdapters(self, request: pb.AverageAdaptersRequest, ctx: RpcContext) -> pb.AverageAdaptersResponse:
+        if not request.name:
+            raise InvalidRequest("name is required", "name")
+        tenant = ctx.tenant(request.tenant)  # a tenant key reads and writes its own tenant's adapters only
+        names, weights = [s.name for s in request.sources], [s.weight for s in request.sources]
+        info = await asyncio.to_thread(self.engine.average_adapters, request.name, names, weights, tenant,
+                                       request.combine_strategy or "linear", svd_rank=request.svd_rank or None,
+                                       overwrite_ok=request.overwrite_ok)
+        return pb.AverageAdaptersResponse(adapter=adapter_pb(info))
+
+    @rpc(Role.ADMIN)
     async def UnloadAdapter(self, request: pb.UnloadAdapterRequest, ctx: RpcContext) -> pb.UnloadAdapterResponse:
         if not request.name:
             raise InvalidRequest("name is required", "name")

@@ -52,6 +52,18 @@ def test_authentication_and_permissions(authed):
                           lambda: acme_admin.load_adapter(server_path))
             assert "not from server paths" in err.message
         assert {a.name for a in acme_admin.list_adapters()} == {"acme-secret", "acme-ner", "shared-sentiment"}
+        # averages: a tenant admin reads what its tenant sees and writes into its own tenant only
+        _expect(grpc.StatusCode.PERMISSION_DENIED, "PERMISSION_DENIED",
+                lambda: acme_admin.average_adapters("mix", [("shared-sentiment", 1.0)], tenant="globex"))
+        mix = acme_admin.average_adapters("mix", [("shared-sentiment", 1.0)])
+        assert (mix.name, mix.tenant) == ("mix", "acme")
+        acme_admin.unload_adapter("mix")
+    with authed.client("acme-key") as acme:
+        _expect(grpc.StatusCode.PERMISSION_DENIED, "PERMISSION_DENIED",
+                lambda: acme.average_adapters("mix", [("shared-sentiment", 1.0)]))  # an inference key
+    with authed.client("globex-key") as globex:
+        _expect(grpc.StatusCode.PERMISSION_DENIED, "PERMISSION_DENIED",
+                lambda: globex.average_adapters("mix", [("acme-secret", 1.0)]))
 
 
 def test_health_needs_no_key(authed):

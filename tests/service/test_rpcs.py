@@ -11,6 +11,7 @@ import torch
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
+from engine.cli import main
 from engine.client import RpcError
 from engine.scheduler import SchedulerConfig
 from minilm import TEXTS
@@ -82,6 +83,29 @@ def test_admin_rpcs(server, minilm_setup):
         server_info = admin.server_info()
         assert (server_info.model_type, server_info.hidden_size, server_info.pooling) == ("bert", 384, "mean")
         assert "torch" in server_info.versions and not server_info.auth_enabled
+
+
+def test_average_adapters_over_grpc_and_the_cli(server, minilm_setup, capsys):
+    with server.client() as admin:
+        info = admin.average_adapters("avg", [("plain", 1.0), ("plain", 3.0)])
+        assert (info.name, info.method, info.source) == ("avg", "bottleneck", "average[linear](plain*1, plain*3)")
+        # an adapter averaged with itself is itself (the weights are normalised)
+        got = torch.tensor(admin.embed(TEXTS, "avg"))
+        assert torch.allclose(got, minilm_setup.engine.embed(TEXTS, "plain"), atol=1e-5)
+        bad, replace = grpc.StatusCode.INVALID_ARGUMENT, {"overwrite_ok": True}
+        for sources, options, code, fragment in (
+                ([("plain", 1.0)], {}, bad, "'avg' is already loaded"),
+                ([("plain", 1.0), ("plain", -1.0)], replace, bad, "sum to 0"),
+                ([("nope", 1.0)], replace, grpc.StatusCode.NOT_FOUND, "'nope'"),
+                ([("topics", 1.0)], {**replace, "combine_strategy": "lora_delta_w_svd"}, bad, "positive svd_rank")):
+            with pytest.raises(RpcError) as refused:
+                admin.average_adapters("avg", sources, **options)
+            assert refused.value.code == code and fragment in refused.value.message, refused.value
+        svd = admin.average_adapters("avg", [("topics", 1.0)], combine_strategy="lora_delta_w_svd", svd_rank=2,
+                                     overwrite_ok=True)
+        assert (svd.method, svd.source) == ("lora", "average[lora_delta_w_svd](topics*1)")
+    assert main(["adapters", "average", "from-cli", "plain=0.5", "plain=0.5", "--server", server.target]) == 0
+    assert json.loads(capsys.readouterr().out)["source"] == "average[linear](plain*0.5, plain*0.5)"
 
 
 def test_concurrent_clients_get_the_engines_per_row_results(server, minilm_setup):
