@@ -102,6 +102,8 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("name")
     show.set_defaults(run=lambda a: _call(a, lambda c: c.get_adapter(a.name, a.tenant)))
 
+    info = sub.add_parser("info", parents=[client], help="what a running server serves: base model, limits, versions")
+    info.set_defaults(run=lambda a: _call(a, lambda c: c.server_info()))
     for task in ("classify", "embed", "tag"):
         cmd = sub.add_parser(task, parents=[client], help=f"{task} texts on a running server")
         cmd.add_argument("texts", nargs="+")

@@ -23,7 +23,7 @@ from adapterserve.v1 import inference_service_pb2_grpc as pb_grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from engine.types import AdapterInfo, CatalogEntry, Classification, TokenTag
+from engine.types import AdapterInfo, CatalogEntry, Classification, ServerInfo, TokenTag
 
 Inputs = Sequence[str | Sequence[int]]
 # gRPC's own retries (service config); every method: inference is stateless, a repeated load swaps versions
@@ -88,7 +88,16 @@ def _retry_wait(exc: grpc.RpcError, attempt: int, deadline: float | None) -> flo
 def _inputs(items: Inputs) -> list[pb.Input]:
     if isinstance(items, str):
         items = [items]
-    return [pb.Input(text=i) if isinstance(i, str) else pb.Input(token_ids=pb.TokenIds(ids=list(i))) for i in items]
+    return [_input(i, n) for n, i in enumerate(items)]
+
+
+def _input(item: str | Sequence[int], n: int) -> pb.Input:
+    """A text, or token ids as a list or tuple (bytes would pass as ids and a set has no order)."""
+    if isinstance(item, str):
+        return pb.Input(text=item)
+    if not isinstance(item, (list, tuple)):
+        raise TypeError(f"inputs[{n}] must be a str or a list of token ids, got {type(item).__name__}")
+    return pb.Input(token_ids=pb.TokenIds(ids=list(item)))
 
 
 def _classification(c: pb.Classification) -> Classification:
@@ -109,6 +118,14 @@ def _catalog_entry(e: admin_pb.CatalogEntry) -> CatalogEntry:
     return CatalogEntry(name=e.name, source=e.source, format=e.format, method=e.method,
                         base_model=e.base_model or None, model_type=e.model_type or None,
                         head_type=e.head_type or None, size_bytes=e.size_bytes)
+
+
+def _server_info(r: admin_pb.GetServerInfoResponse) -> ServerInfo:
+    return ServerInfo(base_model=r.base_model, model_type=r.model_type, dtype=r.dtype, device=r.device,
+                      hidden_size=r.hidden_size, max_seq_len=r.max_seq_len, max_batch_rows=r.max_batch_rows,
+                      max_batch_tokens=r.max_batch_tokens, max_inputs_per_request=r.max_inputs_per_request,
+                      max_device_adapters=r.max_device_adapters, auth_enabled=r.auth_enabled, pooling=r.pooling,
+                      versions=dict(r.versions))
 
 
 @dataclass(frozen=True)
@@ -174,7 +191,7 @@ class _Calls:
 
     @staticmethod
     def server_info() -> _Call:
-        return _Call("server", "GetServerInfo", admin_pb.GetServerInfoRequest(), lambda r: r)
+        return _Call("server", "GetServerInfo", admin_pb.GetServerInfoRequest(), _server_info)
 
 
 class _Base:
@@ -239,7 +256,7 @@ class Client(_Base):
     def get_adapter(self, name: str, tenant: str | None = None) -> AdapterInfo:
         return self._invoke(_Calls.get_adapter(name, tenant))
 
-    def server_info(self) -> admin_pb.GetServerInfoResponse:
+    def server_info(self) -> ServerInfo:
         return self._invoke(_Calls.server_info())
 
     def generate(self, prompt: str, adapter: str | None = None, max_new_tokens: int = 64) -> Iterator[str]:
@@ -313,7 +330,7 @@ class AsyncClient(_Base):
     async def get_adapter(self, name: str, tenant: str | None = None) -> AdapterInfo:
         return await self._invoke(_Calls.get_adapter(name, tenant))
 
-    async def server_info(self) -> admin_pb.GetServerInfoResponse:
+    async def server_info(self) -> ServerInfo:
         return await self._invoke(_Calls.server_info())
 
     async def generate(self, prompt: str, adapter: str | None = None, max_new_tokens: int = 64) -> AsyncIterator[str]:

@@ -41,6 +41,25 @@ class CatalogEntry:
 
 
 @dataclass(frozen=True)
+class ServerInfo:
+    """What a running server serves, and its limits (`Client.server_info`, `adapterserve info`)."""
+
+    base_model: str
+    model_type: str  # e.g. "bert"
+    dtype: str  # "float32", ...
+    device: str
+    hidden_size: int
+    max_seq_len: int  # tokens of one input
+    max_batch_rows: int  # rows of one forward
+    max_batch_tokens: int  # rows x padded length of one forward; a larger request runs as several
+    max_inputs_per_request: int
+    max_device_adapters: int
+    auth_enabled: bool
+    pooling: str  # "mean", "cls" or "last"
+    versions: dict[str, str]  # package -> version
+
+
+@dataclass(frozen=True)
 class RowHead:
     """The head of the adapter version that ran a row: a re-load may land between a caller's lookup of
     the adapter and its forward, so labels are read from here, never from an earlier lookup."""

@@ -97,6 +97,7 @@ class ServerServicer(Servicer, pb_grpc.ServerServiceServicer):
             base_model=e.config.model, model_type=e.info.model_type, dtype=str(e.dtype).removeprefix("torch."),
             device=str(e.device), hidden_size=e.info.hidden_size, max_seq_len=e.max_seq_len,
             max_batch_rows=self.scheduler_config.max_batch_rows,
+            max_batch_tokens=self.scheduler_config.max_batch_tokens,
             max_inputs_per_request=self.scheduler_config.max_batch_rows,
             max_device_adapters=e.config.max_device_adapters, auth_enabled=self.auth.enabled,
             versions=versions(), pooling=e.pooling.value)

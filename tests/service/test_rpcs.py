@@ -14,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from engine.cli import main
 from engine.client import RpcError
 from engine.scheduler import SchedulerConfig
+from engine.types import ServerInfo
 from minilm import TEXTS
 
 
@@ -81,8 +82,21 @@ def test_admin_rpcs(server, minilm_setup):
             admin.get_adapter("plain")
         assert (missing.value.code, missing.value.reason) == (grpc.StatusCode.NOT_FOUND, "ADAPTER_NOT_FOUND")
         server_info = admin.server_info()
+        assert isinstance(server_info, ServerInfo)  # typed like every other reply, not the raw protobuf
         assert (server_info.model_type, server_info.hidden_size, server_info.pooling) == ("bert", 384, "mean")
+        assert (server_info.max_batch_rows, server_info.max_batch_tokens, server_info.max_seq_len) == (64, 8192, 512)
         assert "torch" in server_info.versions and not server_info.auth_enabled
+
+
+def test_info_and_input_types_in_the_client_and_the_cli(server, capsys):
+    assert main(["info", "--server", server.target]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["model_type"], info["max_inputs_per_request"], info["max_batch_tokens"]) == ("bert", 64, 8192)
+    with server.client() as client:
+        for wrong, kind in ((b"abc", "bytes"), ({101, 102}, "set"), (7, "int")):
+            with pytest.raises(TypeError, match=f"inputs.1. must be a str or a list of token ids, got {kind}"):
+                client.embed(["fine", wrong])  # bytes used to pass as the ids [97, 98, 99]
+        assert len(client.embed(["text", (101, 102)])) == 2
 
 
 def test_average_adapters_over_grpc_and_the_cli(server, minilm_setup, capsys):
