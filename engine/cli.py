@@ -155,10 +155,11 @@ def _load_and_serve(args) -> int:
     if twice:  # the second would silently replace the first
         raise ValueError(f"--adapter names {twice[0]!r} more than once")
     Authenticator.from_file(args.api_keys)  # a bad key file fails now, not after the model has loaded
+    config = EngineConfig(model=args.model, device=args.device, dtype=args.dtype, num_threads=args.threads,
+                          max_device_adapters=args.max_device_adapters, max_batch_rows=args.max_batch_rows,
+                          max_cpu_adapters=args.max_cpu_adapters, adapter_store=args.adapter_store)  # checks them
     print(f"adapterserve: loading base model {args.model} on {args.device} ...", file=sys.stderr, flush=True)
-    engine = Engine(EngineConfig(model=args.model, device=args.device, dtype=args.dtype, num_threads=args.threads,
-                                 max_device_adapters=args.max_device_adapters, max_batch_rows=args.max_batch_rows,
-                                 max_cpu_adapters=args.max_cpu_adapters, adapter_store=args.adapter_store))
+    engine = Engine(config)
     print(f"adapterserve: {engine.info.model_type} ready ({engine.dtype}, {engine.device}); loading "
           f"{len(args.adapter)} adapter(s)", file=sys.stderr, flush=True)
     for name, source in adapters:
