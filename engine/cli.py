@@ -3,6 +3,7 @@ import argparse
 import asyncio
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -42,7 +43,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="how long a batch that is not full waits for more requests (default: %(default)s)")
     serve.add_argument("--max-queue", type=_positive(int), default=1024,
                        help="waiting requests before RESOURCE_EXHAUSTED (default: %(default)s)")
-    serve.add_argument("--max-message-mb", type=_positive(int), default=16,
+    serve.add_argument("--max-message-mb", type=_message_mb, default=16,
                        help="largest gRPC request or reply (default: %(default)s)")
     serve.add_argument("--max-device-adapters", type=_positive(int), default=64, help="adapter slots on the device")
     serve.add_argument("--max-cpu-adapters", type=_positive(int, zero=True), default=256,
@@ -107,7 +108,7 @@ def _parser() -> argparse.ArgumentParser:
     for task in ("classify", "embed", "tag"):
         cmd = sub.add_parser(task, parents=[client], help=f"{task} texts on a running server")
         cmd.add_argument("texts", nargs="+")
-        cmd.add_argument("--adapter", required=task != "embed")
+        cmd.add_argument("--adapter", type=_name("an adapter name"), required=task != "embed")
         cmd.set_defaults(run=lambda a, task=task: _call(a, lambda c: getattr(c, task)(a.texts, a.adapter)))
     generate = sub.add_parser("generate", parents=[client],
                               help="stream generated text (not implemented yet: the server answers UNIMPLEMENTED)")
@@ -160,6 +161,9 @@ def _load_and_serve(args) -> int:
                           max_cpu_adapters=args.max_cpu_adapters, adapter_store=args.adapter_store)  # checks them
     print(f"adapterserve: loading base model {args.model} on {args.device} ...", file=sys.stderr, flush=True)
     engine = Engine(config)
+    if args.max_batch_tokens < engine.max_seq_len:  # as TEI refuses: one full-length input would never fit
+        raise ValueError(f"--max-batch-tokens {args.max_batch_tokens} is below the model's {engine.max_seq_len} "
+                         "tokens per input")
     print(f"adapterserve: {engine.info.model_type} ready ({engine.dtype}, {engine.device}); loading "
           f"{len(args.adapter)} adapter(s)", file=sys.stderr, flush=True)
     for name, source in adapters:
@@ -272,14 +276,24 @@ def _weighted(text: str) -> tuple[str, float]:
 def _address(text: str) -> str:
     """argparse type: the server's host:port; gRPC would only fail on an empty one after logging internals."""
     if not text.strip():
-        raise argparse.ArgumentTypeError("the server address must be host:port, got ''")
+        raise argparse.ArgumentTypeError(f"the server address must be host:port, got {text!r}")
     return text
+
+
+def _message_mb(text: str) -> int:
+    """argparse type: 1-2047 MB (gRPC takes the byte count as a 32-bit int)."""
+    value = int(text)
+    if not 0 < value < 2048:
+        raise argparse.ArgumentTypeError(f"must be 1-2047 (gRPC's limit is a 32-bit byte count), got {text}")
+    return value
 
 
 def _positive(kind, zero: bool = False):
     """argparse type: a number of ``kind`` above 0 (or at least 0)."""
     def parse(text: str):
         value = kind(text)
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
         if value < 0 or (value == 0 and not zero):
             raise argparse.ArgumentTypeError(f"must be {'>= 0' if zero else '> 0'}, got {text}")
         return value

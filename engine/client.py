@@ -86,8 +86,11 @@ def _retry_wait(exc: grpc.RpcError, attempt: int, deadline: float | None) -> flo
 
 
 def _inputs(items: Inputs) -> list[pb.Input]:
+    """A str, or a list or tuple of inputs: a set or dict has no order that results could follow."""
     if isinstance(items, str):
         items = [items]
+    if not isinstance(items, (list, tuple)):
+        raise TypeError(f"inputs must be a str or a list of inputs, got {type(items).__name__}")
     return [_input(i, n) for n, i in enumerate(items)]
 
 
@@ -164,6 +167,8 @@ class _Calls:
     @staticmethod
     def average_adapters(name: str, sources: Sequence[tuple[str, float]], tenant: str | None, combine_strategy: str,
                          svd_rank: int | None, overwrite_ok: bool) -> _Call:
+        if isinstance(sources, str) or not all(isinstance(s, (list, tuple)) and len(s) == 2 for s in sources):
+            raise TypeError(f"sources must be a list of (adapter, weight) pairs, got {sources!r}")
         request = admin_pb.AverageAdaptersRequest(
             name=name, sources=[admin_pb.WeightedAdapter(name=n, weight=w) for n, w in sources], tenant=tenant or "",
             combine_strategy=combine_strategy, svd_rank=svd_rank or 0, overwrite_ok=overwrite_ok)

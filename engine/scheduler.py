@@ -87,12 +87,19 @@ class Scheduler:
         self._closed = False
 
     def add(self, request: Request) -> None:
-        if len(request.rows) > self.config.max_batch_rows:
-            raise InvalidRequest(f"{len(request.rows)} inputs exceed the limit of {self.config.max_batch_rows} per request",
-                                 "inputs")
-        if request.longest * len(request.rows) > self.config.max_batch_tokens:
-            raise InvalidRequest(f"request needs {request.longest * len(request.rows)} padded tokens, "
-                                 f"over the batch budget of {self.config.max_batch_tokens}", "inputs")
+        self.add_parts([request])
+
+    def add_parts(self, parts: list[Request]) -> None:
+        """Queues the parts of one request (`split_rows`) together, or none of them: one admission decision
+        against ``max_queue`` (which counts requests), so a request cut into many parts is not refused as
+        a full queue when the queue is empty."""
+        for request in parts:
+            if len(request.rows) > self.config.max_batch_rows:
+                raise InvalidRequest(f"{len(request.rows)} inputs exceed the limit of {self.config.max_batch_rows} "
+                                     "per request", "inputs")
+            if request.longest * len(request.rows) > self.config.max_batch_tokens:
+                raise InvalidRequest(f"request needs {request.longest * len(request.rows)} padded tokens, "
+                                     f"over the batch budget of {self.config.max_batch_tokens}", "inputs")
         with self._cond:
             if self._closed:
                 raise ShuttingDown("the server is draining; retry on another replica")
@@ -100,8 +107,9 @@ class Scheduler:
                 self._purge_dead()
             if self._size >= self.config.max_queue:
                 raise QueueFull(f"queue is full ({self.config.max_queue} requests waiting)")
-            self._queues.setdefault(request.tenant, deque()).append(request)
-            self._size += 1
+            for request in parts:
+                self._queues.setdefault(request.tenant, deque()).append(request)
+            self._size += len(parts)
             self._cond.notify()
 
     @property

@@ -14,7 +14,9 @@ from engine.cli import _parser, main
     (["--threads", "0"], "argument --threads: must be > 0, got 0"),
     (["--max-device-adapters", "0"], "argument --max-device-adapters: must be > 0, got 0"),
     (["--grace-seconds", "-1"], "argument --grace-seconds: must be >= 0, got -1"),
-    (["--max-message-mb", "0"], "argument --max-message-mb: must be > 0, got 0"),
+    (["--max-message-mb", "0"], "argument --max-message-mb: must be 1-2047"),
+    (["--max-message-mb", "2048"], "argument --max-message-mb: must be 1-2047 (gRPC's limit is a 32-bit byte count)"),
+    (["--grace-seconds", "inf"], "argument --grace-seconds: must be a finite number, got inf"),
 ])
 def test_bad_flags_are_argparse_errors(flags, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -32,6 +34,7 @@ def test_bad_flags_are_argparse_errors(flags, message, capsys):
     (["--device", "banana"], "device 'banana' is not a device: use auto, cpu, cuda or cuda:N"),
     (["--device", "meta"], "device 'meta' is not supported"),
     (["--adapter-store", "/nonexistent/store"], "adapter store '/nonexistent/store' is not a folder"),
+    (["--max-batch-tokens", "100"], "--max-batch-tokens 100 is below the model's 512 tokens per input"),
 ])
 def test_start_up_failures_are_one_line_errors(flags, message, capsys):
     assert main(["serve", "--port", "0", "--metrics-port", "-1", *flags]) == 2
@@ -79,6 +82,9 @@ def test_serve_gives_the_signal_handlers_back_to_an_in_process_caller():
     (["hash-key", "k", "--tenant", "acme\n"], "argument --tenant: a tenant must not hold control characters"),
     (["embed", "hi", "--server", ""], "argument --server: the server address must be host:port"),
     (["embed", "hi", "--timeout", "0"], "argument --timeout: must be > 0, got 0"),
+    (["embed", "hi", "--timeout", "nan"], "argument --timeout: must be a finite number, got nan"),
+    (["embed", "hi", "--adapter", ""], "argument --adapter: an adapter name must be a non-empty string"),
+    (["embed", "hi", "--server", " "], "argument --server: the server address must be host:port, got ' '"),
     (["embed", "hi", "--tenant", " acme"], "argument --tenant: a tenant must not hold control characters or"),
     (["adapters", "load", "/tmp/x", "--name", ""], "argument --name: an adapter name must be a non-empty string"),
     (["adapters", "average", "x", "a=b"], "argument ADAPTER=WEIGHT: expects ADAPTER=WEIGHT, got 'a=b'"),

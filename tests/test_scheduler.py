@@ -122,3 +122,13 @@ def test_a_row_longer_than_the_whole_budget_stays_alone_and_is_refused():
     sched = Scheduler(SchedulerConfig(max_batch_tokens=20))
     with pytest.raises(InvalidRequest, match="needs 50 padded tokens, over the batch budget of 20"):
         sched.add(Request(Task.EMBED, None, None, parts[1]))
+
+
+def test_the_parts_of_one_request_are_admitted_together():
+    sched = Scheduler(SchedulerConfig(max_queue=2, max_wait_s=0))
+    parts = [_req("a") for _ in range(5)]
+    sched.add_parts(parts)  # more parts than max_queue: one request, and the queue had room
+    assert sched.num_waiting == 5
+    with pytest.raises(QueueFull):
+        sched.add_parts([_req("b"), _req("b")])  # all or none
+    assert sched.num_waiting == 5

@@ -85,10 +85,12 @@ class AdapterLifecycle:
         check_name(name)
         if tenant is not None:
             check_name(tenant, "a tenant", "tenant")
+        for source in sources:  # an empty name would be a row without adapter in the lookup below
+            check_name(source, "a source adapter name", "sources")
         if not overwrite_ok and self.registry.holds(name, tenant):  # the library's overwrite_ok=False
             owner = "shared" if tenant is None else f"for tenant {tenant!r}"
-            raise InvalidRequest(f"adapter {name!r} is already loaded ({owner}); pass overwrite_ok=True to replace "
-                                 "it with the average", "name")
+            raise InvalidRequest(f"adapter {name!r} is already loaded ({owner}); replacing it with the average needs "
+                                 "overwrite_ok (CLI: --overwrite)", "name")
         records = self.registry.acquire_rows(list(sources), [tenant] * len(sources))  # nothing frees them meanwhile
         try:
             specs = [self.tiers.host_spec(r.key) for r in records]

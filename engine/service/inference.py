@@ -72,18 +72,22 @@ class InferenceServicer(Servicer, pb_grpc.InferenceServiceServicer):
         self.metrics.count_adapter(adapter)
         return info
 
-    async def _submit(self, task: Task, inputs, adapter, tenant, ctx: RpcContext) -> tuple[list[EncodedRow], RequestOutput]:
+    async def _submit(self, task: Task, inputs, adapter, tenant,
+                      ctx: RpcContext) -> tuple[list[EncodedRow], RequestOutput]:
         """Queues the request, in parts when it exceeds one forward's token budget, and waits for all of them."""
         if self.draining:
             raise ShuttingDown("the server is draining; retry on another replica")
         rows = self._encode(inputs)
-        limits = self.scheduler.config
+        budget = self.scheduler.config.max_batch_tokens
+        for i, row in enumerate(rows):
+            if len(row.ids) > budget:  # a part of its own would not fit one forward either
+                raise InvalidRequest(f"inputs[{i}] has {len(row.ids)} tokens, over the {budget} of one forward "
+                                     "(the server's --max-batch-tokens)", f"inputs[{i}]")
         parts = [Request(task, tenant, adapter, part, ctx.deadline(), ctx.request_id)
-                 for part in split_rows(rows, limits.max_batch_rows, limits.max_batch_tokens)]
+                 for part in split_rows(rows, self.scheduler.config.max_batch_rows, budget)]
         self.in_flight += 1
         try:
-            for part in parts:
-                self.scheduler.add(part)  # a refused part (queue full) cancels those queued before it, below
+            self.scheduler.add_parts(parts)
             self.metrics.waiting.set(self.scheduler.num_waiting)
             outputs = await asyncio.gather(*(asyncio.wrap_future(part.future) for part in parts))
             return rows, RequestOutput.concat(list(outputs))

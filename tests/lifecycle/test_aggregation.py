@@ -95,7 +95,8 @@ def test_an_average_has_no_source_and_stays_on_the_host(bert, engine):
 def test_an_average_replaces_a_loaded_name_only_when_told(bert, engine):
     # the library's average_adapter refuses too (overwrite_ok=False); a silent swap lost lora0's own weights
     before = engine.list_adapters()
-    with pytest.raises(InvalidRequest, match="adapter 'lora0' is already loaded .shared.; pass overwrite_ok=True"):
+    with pytest.raises(InvalidRequest, match="adapter 'lora0' is already loaded .shared.; replacing it with the "
+                                             "average needs overwrite_ok"):
         engine.average_adapters("lora0", ["lora0", "lora1"], [1.0, 1.0])
     assert engine.list_adapters() == before
     info = engine.average_adapters("lora0", ["lora0", "lora1"], [1.0, 1.0], overwrite_ok=True)
@@ -117,6 +118,8 @@ def test_an_average_replaces_a_loaded_name_only_when_told(bert, engine):
     (["lora0", "lora1"], [1, 1], {"svd_rank": 2}, "svd_rank applies only"),
     (["lora0", "lora1"], [1, 1], {"combine_strategy": "ties"}, "is not one of"),
     ([], [], {}, "at least one"),
+    (["lora0", ""], [1, 1], {}, "a source adapter name must be a non-empty string"),  # was an AttributeError
+    (["lora0", None], [1, 1], {}, "a source adapter name must be a non-empty string"),
 ])
 def test_refused_averages_change_nothing(engine, sources, weights, options, fragment):
     before = engine.list_adapters()

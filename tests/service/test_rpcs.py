@@ -96,7 +96,13 @@ def test_info_and_input_types_in_the_client_and_the_cli(server, capsys):
         for wrong, kind in ((b"abc", "bytes"), ({101, 102}, "set"), (7, "int")):
             with pytest.raises(TypeError, match=f"inputs.1. must be a str or a list of token ids, got {kind}"):
                 client.embed(["fine", wrong])  # bytes used to pass as the ids [97, 98, 99]
+        for wrong, kind in (({"a", "b"}, "set"), (b"hello", "bytes"), (5, "int"), ({"a": 1}, "dict")):
+            with pytest.raises(TypeError, match=f"inputs must be a str or a list of inputs, got {kind}"):
+                client.embed(wrong)  # a set's results came back in hash order
         assert len(client.embed(["text", (101, 102)])) == 2
+        for wrong in ("plain", [("plain",)], [("plain", 1.0, 2.0)]):
+            with pytest.raises(TypeError, match="sources must be a list of .adapter, weight. pairs"):
+                client.average_adapters("x", wrong)
 
 
 def test_average_adapters_over_grpc_and_the_cli(server, minilm_setup, capsys):
@@ -185,6 +191,14 @@ def test_metrics_scrape_and_parse(server):
     assert "adapterserve_adapter_requests" not in families  # per-adapter series only when asked for
     lora = families["adapterserve_lora_requests_info"].samples[0]
     assert lora.labels["max_lora"] == "64" and lora.value > 1.7e9
+
+
+def test_a_row_over_the_token_budget_is_named(start_server):
+    running = start_server(scheduler=SchedulerConfig(max_batch_tokens=8))
+    with running.client() as client, pytest.raises(RpcError) as refused:
+        client.embed(["hi", TEXTS[0]])
+    assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "inputs[1] has" in refused.value.message and "over the 8 of one forward" in refused.value.message
 
 
 def test_a_request_over_the_token_budget_runs_in_parts(start_server, minilm_setup):
