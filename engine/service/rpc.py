@@ -3,6 +3,7 @@
 Health and reflection are separate servicers and never pass through here, so probes need no key.
 """
 import asyncio
+import contextlib
 import functools
 import inspect
 import json
@@ -76,6 +77,19 @@ class _Call:
         expired = remaining is not None and remaining <= 0
         self.record(grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED)
 
+    @contextlib.asynccontextmanager
+    async def outcome(self):
+        """Around the method: counts and logs how the call ended, errors through the one mapping."""
+        try:
+            yield
+        except asyncio.CancelledError:
+            self.cancelled()
+            raise
+        except Exception as exc:
+            await self.fail(exc)
+        else:
+            self.record(grpc.StatusCode.OK)
+
     async def fail(self, exc: Exception) -> None:
         """Every error leaves through the one mapping; aborting raises, ending the handler."""
         status = to_status(exc, self.request_id)
@@ -98,30 +112,17 @@ def rpc(role: Role):
             @functools.wraps(method)
             async def stream_handler(self: Servicer, request, context: grpc.aio.ServicerContext):
                 call = _Call(self, name, request, context)
-                try:
+                async with call.outcome():
                     async for response in method(self, request, call.rpc_context(role)):
                         yield response
-                except asyncio.CancelledError:
-                    call.cancelled()
-                    raise
-                except Exception as exc:
-                    await call.fail(exc)
-                call.record(grpc.StatusCode.OK)
 
             return stream_handler
 
         @functools.wraps(method)
         async def handler(self: Servicer, request, context: grpc.aio.ServicerContext):
             call = _Call(self, name, request, context)
-            try:
-                response = await method(self, request, call.rpc_context(role))
-            except asyncio.CancelledError:
-                call.cancelled()
-                raise
-            except Exception as exc:
-                await call.fail(exc)
-            call.record(grpc.StatusCode.OK)
-            return response
+            async with call.outcome():
+                return await method(self, request, call.rpc_context(role))
 
         return handler
 
