@@ -34,7 +34,6 @@ def test_bad_flags_are_argparse_errors(flags, message, capsys):
     (["--device", "banana"], "device 'banana' is not a device: use auto, cpu, cuda or cuda:N"),
     (["--device", "meta"], "device 'meta' is not supported"),
     (["--adapter-store", "/nonexistent/store"], "adapter store '/nonexistent/store' is not a folder"),
-    (["--max-batch-tokens", "100"], "--max-batch-tokens 100 is below the model's 512 tokens per input"),
 ])
 def test_start_up_failures_are_one_line_errors(flags, message, capsys):
     assert main(["serve", "--port", "0", "--metrics-port", "-1", *flags]) == 2
