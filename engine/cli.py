@@ -1,6 +1,7 @@
 """`adapterserve` command line: the server, and client commands against a running one."""
 import argparse
 import asyncio
+import collections
 import json
 import logging
 import math
@@ -9,6 +10,8 @@ import signal
 import sys
 
 from engine.config import DEFAULT_MODEL
+from engine.errors import InvalidRequest
+from engine.names import check_name
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -152,7 +155,7 @@ def _load_and_serve(args) -> int:
     bad = [spec for spec, (name, source) in zip(args.adapter, adapters) if not name or not source]
     if bad:
         raise ValueError(f"--adapter expects NAME=SOURCE, got {bad[0]!r}")
-    twice = sorted({name for name, _ in adapters if [n for n, _ in adapters].count(name) > 1})
+    twice = sorted(name for name, count in collections.Counter(name for name, _ in adapters).items() if count > 1)
     if twice:  # the second would silently replace the first
         raise ValueError(f"--adapter names {twice[0]!r} more than once")
     Authenticator.from_file(args.api_keys)  # a bad key file fails now, not after the model has loaded
@@ -250,9 +253,6 @@ def _port_or_off(text: str) -> int:
 def _name(what: str):
     """argparse type: a name that follows the server's rule (`engine.names`); "" would mean none over gRPC."""
     def parse(text: str) -> str:
-        from engine.errors import InvalidRequest
-        from engine.names import check_name
-
         try:
             check_name(text, what)
         except InvalidRequest as exc:

@@ -20,3 +20,9 @@ def check_name(name: object, what: str = "an adapter name", field: str = "name")
         raise InvalidRequest(f"{what} holds at most {MAX_NAME_CHARS} characters, got {len(name)}", field)
     if name != name.strip() or any(unicodedata.category(c) == "Cc" for c in name):
         raise InvalidRequest(f"{what} must not hold control characters or surrounding spaces, got {name!r}", field)
+
+
+def check_tenant(tenant: object, what: str = "a tenant") -> None:
+    """A tenant is None (shared adapters, an operator's key) or a name; "" would be one that lists as shared."""
+    if tenant is not None:
+        check_name(tenant, what, "tenant")

@@ -35,7 +35,7 @@ from engine.batch import AdapterBatch
 from engine.batcher import build_adapter_batch
 from engine.config import EngineConfig
 from engine.errors import AdapterNotFound, AdapterSourceError, InvalidRequest
-from engine.names import check_name
+from engine.names import check_name, check_tenant
 from engine.types import AdapterInfo, CatalogEntry
 
 log = logging.getLogger(__name__)
@@ -63,8 +63,7 @@ class AdapterLifecycle:
     def load(self, source: str | Path, name: str | None, tenant: str | None, pin: bool) -> AdapterInfo:
         if name is not None:
             check_name(name)
-        if tenant is not None:  # "" would be a tenant that every listing shows as shared
-            check_name(tenant, "a tenant", "tenant")
+        check_tenant(tenant)
         folder = self.sources.resolve(source)
         try:
             stamp = fingerprint(folder.path)
@@ -83,8 +82,7 @@ class AdapterLifecycle:
     def average(self, name: str, sources: list[str], weights: list[float], tenant: str | None,
                 combine_strategy: str, svd_rank: int | None, overwrite_ok: bool) -> AdapterInfo:
         check_name(name)
-        if tenant is not None:
-            check_name(tenant, "a tenant", "tenant")
+        check_tenant(tenant)
         for source in sources:  # an empty name would be a row without adapter in the lookup below
             check_name(source, "a source adapter name", "sources")
         if not overwrite_ok and self.registry.holds(name, tenant):  # the library's overwrite_ok=False

@@ -23,7 +23,7 @@ from enum import Enum
 from pathlib import Path
 
 from engine.errors import InvalidRequest, PermissionDenied, Unauthenticated
-from engine.names import check_name
+from engine.names import check_tenant
 
 log = logging.getLogger("adapterserve.auth")
 RELOAD_CHECK_S = 1.0
@@ -108,17 +108,13 @@ class Authenticator:
 def _read_keys(path: Path) -> tuple[KeyEntry, ...]:
     try:
         data = json.loads(path.read_text())
-        return tuple(KeyEntry(bytes.fromhex(k["sha256"]), Principal(_tenant(k.get("tenant")), Role(k["role"])))
-                     for k in data["keys"])
+        entries = tuple(KeyEntry(bytes.fromhex(k["sha256"]), Principal(k.get("tenant"), Role(k["role"])))
+                        for k in data["keys"])
+        for entry in entries:
+            check_tenant(entry.principal.tenant, "a key's tenant")
+        return entries
     except (OSError, ValueError, KeyError, TypeError, InvalidRequest) as exc:
         raise ValueError(f"cannot read API key file {path}: {exc}") from exc
-
-
-def _tenant(tenant: object) -> str | None:
-    """A key's tenant: null (an operator) or a tenant name; "" would bind a key to a tenant shown as shared."""
-    if tenant is not None:
-        check_name(tenant, "a key's tenant")
-    return tenant
 
 
 def _stamp(path: Path | None) -> tuple | None:
