@@ -2,14 +2,17 @@
 
 Rows name their adapter by it and keys bind to a tenant by it, and an empty one means none (proto3 cannot
 tell an empty string from an unset field), so it must not be empty. Both are echoed in logs, metric labels
-and CLI tables, so no control characters and no surrounding spaces (a name that looks like another), and
-a bounded length.
+and CLI tables, so no control characters, no invisible ones (zero-width spaces and joiners, bidi overrides:
+Unicode's "format" category, and line separators) and no surrounding spaces, since each would let one name
+look like another; and a bounded length.
 """
 import unicodedata
 
 from engine.errors import InvalidRequest
 
 MAX_NAME_CHARS = 256
+# control, format (U+200B zero-width space, U+202E right-to-left override, ...), surrogate; line, paragraph separator
+UNSEEN_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
 
 
 def check_name(name: object, what: str = "an adapter name", field: str = "name") -> None:
@@ -18,8 +21,9 @@ def check_name(name: object, what: str = "an adapter name", field: str = "name")
         raise InvalidRequest(f"{what} must be a non-empty string, got {name!r}", field)
     if len(name) > MAX_NAME_CHARS:
         raise InvalidRequest(f"{what} holds at most {MAX_NAME_CHARS} characters, got {len(name)}", field)
-    if name != name.strip() or any(unicodedata.category(c) == "Cc" for c in name):
-        raise InvalidRequest(f"{what} must not hold control characters or surrounding spaces, got {name!r}", field)
+    if name != name.strip() or any(unicodedata.category(c) in UNSEEN_CATEGORIES for c in name):
+        raise InvalidRequest(f"{what} must not hold control characters, invisible ones or surrounding spaces, "
+                             f"got {name!r}", field)
 
 
 def check_tenant(tenant: object, what: str = "a tenant") -> None:

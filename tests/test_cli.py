@@ -84,7 +84,7 @@ def test_serve_gives_the_signal_handlers_back_to_an_in_process_caller():
     (["embed", "hi", "--timeout", "nan"], "argument --timeout: must be a finite number, got nan"),
     (["embed", "hi", "--adapter", ""], "argument --adapter: an adapter name must be a non-empty string"),
     (["embed", "hi", "--server", " "], "argument --server: the server address must be host:port, got ' '"),
-    (["embed", "hi", "--tenant", " acme"], "argument --tenant: a tenant must not hold control characters or"),
+    (["embed", "hi", "--tenant", " acme"], "argument --tenant: a tenant must not hold control characters, invisible"),
     (["adapters", "load", "/tmp/x", "--name", ""], "argument --name: an adapter name must be a non-empty string"),
     (["adapters", "average", "x", "a=b"], "argument ADAPTER=WEIGHT: expects ADAPTER=WEIGHT, got 'a=b'"),
     (["adapters", "average", "x", "=1"], "expects ADAPTER=WEIGHT, got '=1'"),

@@ -99,17 +99,20 @@ class AdapterLifecycle:
         return self._publish(replace(spec, source=f"average[{combine_strategy}]({label})"), tenant, False, None, None)
 
     def unload(self, name: str, tenant: str | None) -> None:
+        check_tenant(tenant)
         record, unused = self.registry.retire(name, tenant)
         if unused:
             self._free(record)
 
     def get(self, name: str, tenant: str | None) -> AdapterInfo:
+        check_tenant(tenant)
         info = self._describe(self.registry.find(name, tenant))
         if info is None:  # unloaded and freed since the lookup
             raise AdapterNotFound(name, tenant)
         return info
 
     def infos(self, tenant: str | None) -> list[AdapterInfo]:
+        check_tenant(tenant)
         infos = [self._describe(r) for r in self.registry.records(tenant)]
         return [info for info in infos if info is not None]  # None: unloaded and freed since the listing
 
@@ -119,6 +122,7 @@ class AdapterLifecycle:
     def ready(self, names: list[str | None], tenants: list[str | None]) -> bool:
         """True when every named adapter can be served without reading files; otherwise starts reading the
         missing ones in the background (a scheduler can hold those requests and run others meanwhile)."""
+        _check_tenants(tenants)
         records = [self.registry.find(n, t) for n, t in zip(names, tenants, strict=True) if n]
         return all([self.tiers.prefetch(r.key) for r in records])  # a list: start every read, not just the first
 
@@ -133,6 +137,7 @@ class AdapterLifecycle:
     def acquired(self, names: list[str | None], tenants: list[str | None]) -> Iterator[list[AdapterRecord | None]]:
         """Each row's current version, held until exit: batches placed from these records all use the same
         versions even if a name is re-loaded meanwhile (one request split into several batches)."""
+        _check_tenants(tenants)
         records = self.registry.acquire_rows(names, tenants)
         try:
             yield records
@@ -198,3 +203,9 @@ class AdapterLifecycle:
             return None
         tier, slot, state, pinned = placed
         return replace(record.info, slot=slot, tier=tier, state=state, pinned=pinned)
+
+
+def _check_tenants(tenants: list[str | None]) -> None:
+    """Each row's tenant follows the name rule: "" would find only shared adapters, as no tenant does."""
+    for tenant in tenants:
+        check_tenant(tenant)

@@ -265,9 +265,12 @@ def test_empty_adapter_names_are_refused(engine, bert):
 
 
 @pytest.mark.parametrize("name,fragment", [
-    ("a\x00b", "must not hold control characters or surrounding spaces, got 'a\\x00b'"),
+    ("a\x00b", "must not hold control characters, invisible ones or surrounding spaces, got 'a\\x00b'"),
     ("a\nb", "must not hold control characters"),
-    (" lead", "must not hold control characters or surrounding spaces"),
+    (" lead", "must not hold control characters, invisible ones or surrounding spaces"),
+    ("imdb\u200b", "invisible ones or surrounding spaces, got 'imdb\\u200b'"),  # zero-width space: looks like imdb
+    ("\u202eimdb", "got '\\u202eimdb'"),  # right-to-left override
+    ("a\u2028b", "got 'a\\u2028b'"),  # line separator
     ("x" * 257, "holds at most 256 characters, got 257"),
 ])
 def test_unprintable_or_overlong_adapter_names_are_refused(engine, bert, name, fragment):
@@ -286,6 +289,19 @@ def test_tenants_follow_the_name_rule(engine, bert):
     engine.load_adapter(bert.cases["lora"].path, name="a", tenant="acme")
     with pytest.raises(InvalidRequest, match="a tenant must be a non-empty string, got ''"):
         engine.average_adapters("b", ["a"], [1.0], tenant="")
+    assert [(a.name, a.tenant) for a in engine.list_adapters()] == [("a", "acme")]
+    # every other call refuses them too, rather than acting for "no tenant" (which would see shared adapters only)
+    ids, mask = torch.tensor([[1, 5, 2]]), torch.ones(1, 3, dtype=torch.long)
+    calls = {"forward": lambda t: engine.forward(ids, mask, [None], tenant=t),
+             "forward per row": lambda t: engine.forward(ids, mask, [None], tenant=[t]),
+             "list": lambda t: engine.list_adapters(t),
+             "get": lambda t: engine.get_adapter("a", t), "unload": lambda t: engine.unload_adapter("a", t),
+             "ready": lambda t: engine.adapters_ready(["a"], t)}
+    for what, call in calls.items():
+        for tenant in ("", "acme\u200b"):
+            with pytest.raises(InvalidRequest, match="a tenant must"):
+                call(tenant)
+    assert engine.forward(ids, mask, ["a"], tenant="acme").embeddings.shape[0] == 1
     assert [(a.name, a.tenant) for a in engine.list_adapters()] == [("a", "acme")]
 
 
