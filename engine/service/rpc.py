@@ -54,6 +54,7 @@ class _Call:
 
     def __init__(self, servicer: Servicer, name: str, request, context: grpc.aio.ServicerContext):
         self.servicer, self.name, self.context = servicer, name, context
+        self.peer = context.peer()  # now: once the call is cancelled or past its deadline, gRPC reports ""
         self.start = time.perf_counter()
         self.metadata = metadata_of(context)
         self.request_id = getattr(request, "request_id", "") or self.metadata.get("x-request-id") or uuid.uuid4().hex
@@ -69,7 +70,7 @@ class _Call:
         self.servicer.metrics.latency.labels(self.name).observe(elapsed)
         if access_log.isEnabledFor(logging.INFO):  # skip building the line when it is off
             access_log.info(json.dumps({"rpc": self.name, "request_id": self.request_id, "code": code.name,
-                                        "ms": round(elapsed * 1000, 2), "peer": self.context.peer()}))
+                                        "ms": round(elapsed * 1000, 2), "peer": self.peer}))
 
     def cancelled(self) -> None:
         """The client cancelled, or its deadline passed: counted all the same."""

@@ -1,4 +1,5 @@
 """Every RPC round-trips through a real server, and results equal the in-process engine's."""
+import asyncio
 import json
 import logging
 import threading
@@ -259,7 +260,6 @@ def _adapter_requests(running) -> dict[str, float]:
 
 
 def test_async_client_round_trip(server, minilm_setup):
-    import asyncio
 
     from engine.client import AsyncClient
 
@@ -278,10 +278,11 @@ def test_async_client_round_trip(server, minilm_setup):
     assert missing.code == grpc.StatusCode.NOT_FOUND
 
 
-def test_calls_that_outlive_their_deadline_are_counted(server):
+def test_calls_that_outlive_their_deadline_are_counted_and_logged(server, caplog):
     from adapterserve.v1 import inference_service_pb2 as pb
     from adapterserve.v1 import inference_service_pb2_grpc as pb_grpc
 
+    caplog.set_level(logging.INFO, logger="adapterserve.access")
     request = pb.EmbedRequest(inputs=[pb.Input(text="word " * 200)] * 32)  # ~6,500 tokens: a second of CPU work
     with grpc.insecure_channel(server.target) as channel:
         with pytest.raises(grpc.RpcError) as info:
@@ -292,6 +293,33 @@ def test_calls_that_outlive_their_deadline_are_counted(server):
         time.sleep(0.05)  # the server notices the expiry just after the client
         counted = _requests_total(_scrape(server))
     assert counted.get(("Embed", "DEADLINE_EXCEEDED")) == 1, counted
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "adapterserve.access"]
+    late = [line for line in lines if line["code"] == "DEADLINE_EXCEEDED"]
+    assert len(late) == 1 and late[0]["peer"].startswith("ipv4:127.0.0.1:"), lines  # gRPC's peer() is "" by then
+
+
+def test_client_timeouts_and_closed_clients(server):
+    from engine.client import MAX_TIMEOUT_S, AsyncClient, Client, ClientClosed
+
+    for wrong in (0, -1, float("nan"), "5", True):
+        with pytest.raises(ValueError, match="timeout must be None or a number of seconds > 0"):
+            Client(server.target, timeout=wrong)
+    with Client(server.target, timeout=1e308) as client:  # gRPC's own deadline overflows: the call expired at once
+        assert client.timeout == MAX_TIMEOUT_S and client.server_info().model_type == "bert"
+    with Client(server.target, timeout=float("inf")) as client:
+        assert client.server_info().model_type == "bert"
+    with pytest.raises(ClientClosed, match="this Client is closed"):
+        client.server_info()
+    with pytest.raises(ClientClosed, match="this Client is closed"):
+        list(client.generate("hi"))
+
+    async def closed_async():
+        client = AsyncClient(server.target)
+        await client.close()
+        with pytest.raises(ClientClosed, match="this AsyncClient is closed"):  # was grpc.aio's UsageError
+            await client.embed(["hi"])
+
+    asyncio.run(closed_async())
 
 
 def test_residency_gauge_is_read_at_scrape_time(server, minilm_setup):
@@ -318,7 +346,6 @@ def test_auth_off_operators_load_server_folders_for_a_tenant(server, minilm_setu
 
 
 def test_catalog_from_the_client_and_the_cli(start_server, minilm_setup, tmp_path, capsys):
-    import asyncio
     import shutil
 
     from engine import Engine, EngineConfig

@@ -1,0 +1,124 @@
+"""What each RPC sends and how its reply reads, built once for `Client` and `AsyncClient` (engine.client)."""
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+from adapterserve.v1 import adapter_service_pb2 as admin_pb
+from adapterserve.v1 import inference_service_pb2 as pb
+
+from engine.types import AdapterInfo, CatalogEntry, Classification, ServerInfo, TokenTag
+
+Inputs = Sequence[str | Sequence[int]]
+
+
+def _inputs(items: Inputs) -> list[pb.Input]:
+    """A str, or a list or tuple of inputs: a set or dict has no order that results could follow."""
+    if isinstance(items, str):
+        items = [items]
+    if not isinstance(items, (list, tuple)):
+        raise TypeError(f"inputs must be a str or a list of inputs, got {type(items).__name__}")
+    return [_input(i, n) for n, i in enumerate(items)]
+
+
+def _input(item: str | Sequence[int], n: int) -> pb.Input:
+    """A text, or token ids as a list or tuple (bytes would pass as ids and a set has no order)."""
+    if isinstance(item, str):
+        return pb.Input(text=item)
+    if not isinstance(item, (list, tuple)):
+        raise TypeError(f"inputs[{n}] must be a str or a list of token ids, got {type(item).__name__}")
+    return pb.Input(token_ids=pb.TokenIds(ids=list(item)))
+
+
+def _classification(c: pb.Classification) -> Classification:
+    return Classification(c.label, {s.label: s.score for s in c.scores}, tuple(c.labels))
+
+
+def _tags(t: pb.TokenTags) -> list[TokenTag]:
+    return [TokenTag(x.token, x.start, x.end, x.label, x.score) for x in t.tags]
+
+
+def _info(a: admin_pb.Adapter) -> AdapterInfo:
+    return AdapterInfo(name=a.name, tenant=a.tenant or None, method=a.method, source=a.source,
+                       num_params=a.num_params, head_type=a.head_type or None, labels=tuple(a.labels),
+                       slot=-1, tier=a.tier, state=a.state, pinned=a.pinned)  # slots are server-internal
+
+
+def _catalog_entry(e: admin_pb.CatalogEntry) -> CatalogEntry:
+    return CatalogEntry(name=e.name, source=e.source, format=e.format, method=e.method,
+                        base_model=e.base_model or None, model_type=e.model_type or None,
+                        head_type=e.head_type or None, size_bytes=e.size_bytes)
+
+
+def _server_info(r: admin_pb.GetServerInfoResponse) -> ServerInfo:
+    return ServerInfo(base_model=r.base_model, model_type=r.model_type, dtype=r.dtype, device=r.device,
+                      hidden_size=r.hidden_size, max_seq_len=r.max_seq_len, max_batch_rows=r.max_batch_rows,
+                      max_batch_tokens=r.max_batch_tokens, max_inputs_per_request=r.max_inputs_per_request,
+                      max_device_adapters=r.max_device_adapters, auth_enabled=r.auth_enabled, pooling=r.pooling,
+                      versions=dict(r.versions))
+
+
+@dataclass(frozen=True)
+class Call:
+    """One RPC, built once for both clients: which stub and method, the request, how to read the reply."""
+
+    stub: str
+    method: str
+    request: object
+    convert: Callable
+
+
+class Calls:
+    """Request construction shared by `Client` and `AsyncClient`."""
+
+    @staticmethod
+    def classify(items: Inputs, adapter: str) -> Call:
+        return Call("inference", "Classify", pb.ClassifyRequest(adapter_id=adapter, inputs=_inputs(items)),
+                     lambda r: [_classification(c) for c in r.results])
+
+    @staticmethod
+    def embed(items: Inputs, adapter: str | None) -> Call:
+        return Call("inference", "Embed", pb.EmbedRequest(adapter_id=adapter or "", inputs=_inputs(items)),
+                     lambda r: [list(e.values) for e in r.embeddings])
+
+    @staticmethod
+    def tag(items: Inputs, adapter: str) -> Call:
+        return Call("inference", "Tag", pb.TagRequest(adapter_id=adapter, inputs=_inputs(items)),
+                     lambda r: [_tags(t) for t in r.results])
+
+    @staticmethod
+    def load_adapter(source: str, name: str | None, tenant: str | None, pin: bool) -> Call:
+        request = admin_pb.LoadAdapterRequest(source=str(source), name=name or "", tenant=tenant or "", pin=pin)
+        return Call("admin", "LoadAdapter", request, lambda r: _info(r.adapter))
+
+    @staticmethod
+    def average_adapters(name: str, sources: Sequence[tuple[str, float]], tenant: str | None, combine_strategy: str,
+                         svd_rank: int | None, overwrite_ok: bool) -> Call:
+        if isinstance(sources, str) or not all(isinstance(s, (list, tuple)) and len(s) == 2 for s in sources):
+            raise TypeError(f"sources must be a list of (adapter, weight) pairs, got {sources!r}")
+        request = admin_pb.AverageAdaptersRequest(
+            name=name, sources=[admin_pb.WeightedAdapter(name=n, weight=w) for n, w in sources], tenant=tenant or "",
+            combine_strategy=combine_strategy, svd_rank=svd_rank or 0, overwrite_ok=overwrite_ok)
+        return Call("admin", "AverageAdapters", request, lambda r: _info(r.adapter))
+
+    @staticmethod
+    def unload_adapter(name: str, tenant: str | None) -> Call:
+        return Call("admin", "UnloadAdapter", admin_pb.UnloadAdapterRequest(name=name, tenant=tenant or ""),
+                     lambda r: None)
+
+    @staticmethod
+    def list_adapters(tenant: str | None) -> Call:
+        return Call("admin", "ListAdapters", admin_pb.ListAdaptersRequest(tenant=tenant or ""),
+                     lambda r: [_info(a) for a in r.adapters])
+
+    @staticmethod
+    def catalog() -> Call:
+        return Call("admin", "ListAdapters", admin_pb.ListAdaptersRequest(include_catalog=True),
+                     lambda r: [_catalog_entry(e) for e in r.catalog])
+
+    @staticmethod
+    def get_adapter(name: str, tenant: str | None) -> Call:
+        return Call("admin", "GetAdapter", admin_pb.GetAdapterRequest(name=name, tenant=tenant or ""),
+                     lambda r: _info(r.adapter))
+
+    @staticmethod
+    def server_info() -> Call:
+        return Call("server", "GetServerInfo", admin_pb.GetServerInfoRequest(), _server_info)
