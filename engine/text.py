@@ -36,6 +36,11 @@ def encode_texts(tokenizer, texts: Sequence[str], max_len: int) -> list[EncodedR
         raise InvalidRequest("texts must be a non-empty list of strings", "texts")
     for i, text in enumerate(texts):
         check_text(text, f"texts[{i}]")
+    return tokenize(tokenizer, texts, max_len)
+
+
+def tokenize(tokenizer, texts: Sequence[str], max_len: int) -> list[EncodedRow]:
+    """`encode_texts` for texts the caller has checked (the service names them by their place in the request)."""
     enc = tokenizer(list(texts), truncation=True, max_length=max_len, return_offsets_mapping=tokenizer.is_fast)
     rows = []
     for i in range(len(texts)):

@@ -12,8 +12,8 @@ from engine.service.auth import Authenticator, Role
 from engine.service.convert import classification_pb, token_tags_pb
 from engine.service.metrics import Metrics
 from engine.service.rpc import RpcContext, Servicer, rpc
-from engine.text import (CLASSIFY_HEADS, TAG_HEADS, EncodedRow, check_text, classifications, encode_ids, encode_texts,
-                         require_head, token_tags)
+from engine.text import (CLASSIFY_HEADS, TAG_HEADS, EncodedRow, check_text, classifications, encode_ids, require_head,
+                         token_tags, tokenize)
 from engine.types import AdapterInfo
 
 
@@ -123,6 +123,6 @@ class InferenceServicer(Servicer, pb_grpc.InferenceServiceServicer):
             else:
                 raise InvalidRequest(f"inputs[{i}] has neither text nor token_ids", f"inputs[{i}]")
         if texts:
-            for position, row in zip(text_rows, encode_texts(self.engine.tokenizer, texts, limit)):
+            for position, row in zip(text_rows, tokenize(self.engine.tokenizer, texts, limit)):
                 rows[position] = row
         return rows
