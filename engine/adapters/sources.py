@@ -62,7 +62,7 @@ class AdapterSources:
             if self.store is None:
                 raise AdapterSourceError(source, "no adapter_store is configured")
             path = self.store.folder(source)
-            return AdapterFolder(path, source, path.name, owned=False)
+            return AdapterFolder(path, self.store.source_of(path), path.name, owned=False)
         if source.startswith("hf://"):
             return self._from_hub(source)
         if match:

@@ -19,6 +19,11 @@ class AdapterStore:
     def __init__(self, root: Path):
         self.root = Path(root).expanduser().resolve()
 
+    def source_of(self, folder: Path) -> str:
+        """The canonical source of a store folder (``store://bert/./lora`` and ``store://bert//lora`` name
+        ``store://bert/lora``), as the catalog lists it: one adapter, one source in listings and logs."""
+        return SCHEME + folder.relative_to(self.root).as_posix()
+
     def folder(self, source: str) -> Path:
         """The store folder a ``store://`` source names."""
         relative = source.removeprefix(SCHEME)
@@ -59,7 +64,7 @@ def _describe(folder: Path, root: Path) -> CatalogEntry | None:
         return None
     if not isinstance(meta, dict):
         return None
-    name = folder.relative_to(root).as_posix()
+    name = folder.relative_to(root).as_posix()  # the source is SCHEME + name, as `AdapterStore.source_of` gives
     if "peft_type" in meta:
         method = str(meta["peft_type"]).lower()
         return CatalogEntry(name, SCHEME + name, "peft", method, _text(meta.get("base_model_name_or_path")), None,

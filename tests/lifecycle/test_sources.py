@@ -51,6 +51,9 @@ def test_store_sources_load_and_escapes_are_refused(make_engine, bert, store):
     assert (info.name, info.source) == ("rslora", "store://peft/rslora")  # PEFT saves no name: the folder's
     engine.load_adapter("store://bert/sentiment", name="s")
     assert_rows(bert, run(engine, bert, ["rslora", "s"]), ["peft_lora_rslora", "seq_bn"])
+    for spelling in ("store://bert/./sentiment", "store://bert//sentiment", "store://peft/../bert/sentiment"):
+        # one folder, one source in listings and logs: the catalog's spelling
+        assert engine.load_adapter(spelling, name="s2").source == "store://bert/sentiment"
     before = engine.list_adapters()
     for source in ("store://../outside", "store://escape", "store://bert/../../outside", f"store://{store}/bert/lora"):
         with pytest.raises(AdapterSourceRefused):
