@@ -38,6 +38,8 @@ def read_json(path: Path) -> dict:
         raise InvalidAdapter(str(path.parent), f"missing {path.name}") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InvalidAdapter(str(path.parent), f"cannot read {path.name}: {exc}") from None
+    except RecursionError:  # json's decoder recurses once per nesting level: "[[[[..." a few thousand deep
+        raise InvalidAdapter(str(path.parent), f"cannot read {path.name}: nested too deeply") from None
     except OSError as exc:
         if exc.errno in MEDIUM_ERRNOS:
             raise AdapterSourceError(str(path.parent), f"I/O error reading {path.name}: {exc}") from None
@@ -61,6 +63,10 @@ def read_weights(folder: Path, safetensors_name: str, bin_name: str) -> dict[str
             state = torch.load(binary, map_location="cpu", weights_only=True)
             if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
                 raise InvalidAdapter(str(folder), f"{bin_name} is not a state dict of tensors")
+            for key, value in state.items():  # weights_only also unpickles sparse, meta and quantized tensors
+                if value.layout != torch.strided or value.is_meta or value.is_quantized:
+                    kind = "a meta" if value.is_meta else "a quantized" if value.is_quantized else f"a {value.layout}"
+                    raise InvalidAdapter(str(folder), f"{kind} tensor, not dense weights ({bin_name})", str(key))
             return state
     except InvalidAdapter:
         raise

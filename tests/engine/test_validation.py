@@ -94,6 +94,29 @@ def test_non_finite_values(engine, bert, tmp_path):
     _assert_refused(engine, folder, InvalidAdapter, "NaN", "query.loras.lora_leave1.lora_A")
 
 
+@pytest.mark.parametrize("kind, make", [
+    ("a torch.sparse_coo", lambda t: t.to_sparse()),
+    ("a meta", lambda t: torch.empty(t.shape, device="meta")),
+    ("a quantized", lambda t: torch.quantize_per_tensor(t, 0.1, 0, torch.qint8)),
+])
+def test_tensors_that_are_not_dense_weights(engine, bert, tmp_path, kind, make):
+    # weights_only unpickles them all; they used to reach the checks and fail there as INTERNAL errors
+    folder = _copy(bert, "lora_leave1", tmp_path)
+    key = "bert.encoder.layer.0.attention.self.query.loras.lora_leave1.lora_A"
+    _edit_weights(folder, lambda s: s.__setitem__(key, make(s[key])))
+    _assert_refused(engine, folder, InvalidAdapter, f"{kind} tensor, not dense weights", "query.loras.lora_leave1.lora_A")
+
+
+def test_config_values_beyond_float32_and_deep_nesting(engine, bert, tmp_path):
+    folder = _copy(bert, "seq_bn", tmp_path)
+    _edit_config(folder, **{"config.scaling": -1e300})  # was an INTERNAL error while filling the scaling table
+    _assert_refused(engine, folder, InvalidAdapter, "scaling -1e+300 overflows float32 (at most 3.403e+38")
+    for name in ("adapter_config.json", "head_config.json"):
+        folder = _copy(bert, "seq_bn", tmp_path / name)
+        (folder / name).write_text("[" * 100_000 + "]" * 100_000)
+        _assert_refused(engine, folder, InvalidAdapter, f"cannot read {name}: nested too deeply")
+
+
 def test_truncated_weights_file(engine, bert, tmp_path):
     folder = _copy(bert, "par_bn", tmp_path)
     data = (folder / "pytorch_adapter.bin").read_bytes()

@@ -14,6 +14,8 @@ from engine.batch import BottleneckVariant, ResidualBeforeLN
 from engine.errors import InvalidAdapter, UnsupportedAdapter
 from kernels import act_from_name
 
+FLOAT32_MAX = torch.finfo(torch.float32).max
+
 DEFAULTS = {  # BnConfig field defaults, for configs saved by older versions that lack a field
     "original_ln_before": False, "original_ln_after": True, "ln_before": False, "ln_after": False,
     "is_parallel": False, "scaling": 1.0, "use_gating": False, "residual_before_ln": True,
@@ -80,6 +82,8 @@ def _variant(cfg: dict, source: str, pre_ln: bool) -> BottleneckVariant:
 
 def _scaling_kind(scaling, source: str):
     # the library tests isinstance(float): a JSON integer such as 4 is refused there too
+    if isinstance(scaling, float) and math.isfinite(scaling) and abs(scaling) > FLOAT32_MAX:  # 1e300 overflowed a table
+        raise InvalidAdapter(source, f"scaling {scaling!r} overflows float32 (at most {FLOAT32_MAX:.4g} in magnitude)")
     if isinstance(scaling, float) and math.isfinite(scaling) or scaling in ("learned", "channel"):
         return scaling
     raise InvalidAdapter(source, f"unknown scaling {scaling!r} (a finite float, 'learned' or 'channel')")
