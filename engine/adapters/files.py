@@ -6,6 +6,7 @@ pickle, JSON or OS error; a failing medium (EIO and the like) becomes `AdapterSo
 import errno
 import json
 import math
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -33,6 +34,7 @@ class TargetModel:
 
 def read_json(path: Path) -> dict:
     try:
+        _regular_file(path)
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise InvalidAdapter(str(path.parent), f"missing {path.name}") from None
@@ -50,32 +52,56 @@ def read_json(path: Path) -> dict:
 
 
 def read_weights(folder: Path, safetensors_name: str, bin_name: str) -> dict[str, torch.Tensor]:
-    """The first of the two files that exists; .bin files are unpickled with weights_only only.
+    """The weights file that exists. When both do, they must hold the same tensors: the `adapters` library
+    reads the .bin by default, PEFT and `use_safetensors=True` the safetensors, so either choice of ours would
+    serve one of them wrongly."""
+    found = [name for name in (safetensors_name, bin_name) if (folder / name).exists()]
+    if not found:
+        raise InvalidAdapter(str(folder), f"no weights file ({safetensors_name} or {bin_name})")
+    states = [_read_weights_file(folder, name) for name in found]
+    if len(states) == 2 and not _same_tensors(*states):
+        raise InvalidAdapter(str(folder), f"{safetensors_name} and {bin_name} hold different weights (the adapters "
+                                          "library reads the .bin by default, PEFT the safetensors): keep one")
+    return states[0]
 
-    safetensors are read with pread into memory we own: the default mmap would keep host copies backed by
+
+def _read_weights_file(folder: Path, name: str) -> dict[str, torch.Tensor]:
+    """safetensors are read with pread into memory we own: the default mmap would keep host copies backed by
     the file, and a file rewritten in place under a cached adapter would then crash the process (SIGBUS).
-    """
-    st, binary = folder / safetensors_name, folder / bin_name
+    .bin files are unpickled with weights_only only."""
+    path = folder / name
     try:
-        if st.exists():
-            return dict(load_file(st, backend="pread"))
-        if binary.exists():
-            state = torch.load(binary, map_location="cpu", weights_only=True)
-            if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-                raise InvalidAdapter(str(folder), f"{bin_name} is not a state dict of tensors")
-            for key, value in state.items():  # weights_only also unpickles sparse, meta and quantized tensors
-                if value.layout != torch.strided or value.is_meta or value.is_quantized:
-                    kind = "a meta" if value.is_meta else "a quantized" if value.is_quantized else f"a {value.layout}"
-                    raise InvalidAdapter(str(folder), f"{kind} tensor, not dense weights ({bin_name})", str(key))
-            return state
+        _regular_file(path)
+        if name.endswith(".safetensors"):
+            return dict(load_file(path, backend="pread"))
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except InvalidAdapter:
         raise
     except Exception as exc:  # truncated zip, bad header, refused pickle: a corrupt file; or a failing disk
-        name = st.name if st.exists() else binary.name
         if isinstance(exc, OSError) and exc.errno in MEDIUM_ERRNOS:
             raise AdapterSourceError(str(folder), f"I/O error reading {name}: {exc}") from None
         raise InvalidAdapter(str(folder), f"cannot read {name}: {type(exc).__name__}: {exc}") from None
-    raise InvalidAdapter(str(folder), f"no weights file ({safetensors_name} or {bin_name})")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise InvalidAdapter(str(folder), f"{name} is not a state dict of tensors")
+    for key, value in state.items():  # weights_only also unpickles sparse, meta and quantized tensors
+        if not isinstance(key, str):
+            raise InvalidAdapter(str(folder), f"{name} is not a state dict: key {key!r} is no string")
+        if value.layout != torch.strided or value.is_meta or value.is_quantized:
+            kind = "a meta" if value.is_meta else "a quantized" if value.is_quantized else f"a {value.layout}"
+            raise InvalidAdapter(str(folder), f"{kind} tensor, not dense weights ({name})", key)
+    return state
+
+
+def _same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+
+
+def _regular_file(path: Path) -> None:
+    """Raises unless ``path`` is a regular file (after symbolic links): opening a FIFO would wait for a writer
+    forever, holding a worker thread, and a few of those would stop every admin call."""
+    mode = path.stat().st_mode  # FileNotFoundError when missing
+    if not stat.S_ISREG(mode):
+        raise InvalidAdapter(str(path.parent), f"{path.name} is not a regular file")
 
 
 def checked(tensor: torch.Tensor, source: str, key: str, shape: tuple[int, ...]) -> torch.Tensor:

@@ -34,6 +34,9 @@ class AdapterStore:
             raise AdapterSourceRefused(source, "the path leads outside the adapter store")
         if not (folder / CONFIG).is_file():
             raise AdapterSourceError(source, f"no adapter folder {relative!r} in the adapter store")
+        for entry in folder.iterdir():  # the files read are the folder's own: none may link out of the store either
+            if not entry.resolve().is_relative_to(self.root):
+                raise AdapterSourceRefused(source, f"{entry.name} is a symbolic link leading outside the adapter store")
         return folder
 
     def catalog(self, base_model: str | None = None, method: str | None = None) -> list[CatalogEntry]:
@@ -57,10 +60,12 @@ class AdapterStore:
 
 def _describe(folder: Path, root: Path) -> CatalogEntry | None:
     """The catalog entry of one folder from its JSON files alone; None when the config is unreadable."""
+    meta = _json(folder / CONFIG)
+    if meta is None:
+        return None
     try:
-        meta = json.loads((folder / CONFIG).read_text(encoding="utf-8"))
         size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    except OSError:
         return None
     if not isinstance(meta, dict):
         return None
@@ -94,10 +99,18 @@ def adapterhub_method(config) -> str:
     return str(architecture)
 
 
-def _head_type(folder: Path) -> str | None:
+def _json(path: Path):
+    """A JSON file's data, None when it is missing or unreadable: a FIFO (which would block the listing), too
+    deeply nested for the decoder, or no JSON at all. One malformed folder must not break the catalog."""
     try:
-        head = json.loads((folder / "head_config.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        if not path.is_file():
+            return None
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         return None
+
+
+def _head_type(folder: Path) -> str | None:
+    head = _json(folder / "head_config.json")
     config = head.get("config") if isinstance(head, dict) else None
     return _text(config.get("head_type")) if isinstance(config, dict) else None

@@ -1,6 +1,8 @@
 """Every validation error names the problem, and a failed load leaves the engine exactly as before."""
 import json
+import os
 import shutil
+import threading
 
 import pytest
 import torch
@@ -104,7 +106,7 @@ def test_tensors_that_are_not_dense_weights(engine, bert, tmp_path, kind, make):
     folder = _copy(bert, "lora_leave1", tmp_path)
     key = "bert.encoder.layer.0.attention.self.query.loras.lora_leave1.lora_A"
     _edit_weights(folder, lambda s: s.__setitem__(key, make(s[key])))
-    _assert_refused(engine, folder, InvalidAdapter, f"{kind} tensor, not dense weights", "query.loras.lora_leave1.lora_A")
+    _assert_refused(engine, folder, InvalidAdapter, f"{kind} tensor, not dense weights", key.removeprefix("bert."))
 
 
 def test_config_values_beyond_float32_and_deep_nesting(engine, bert, tmp_path):
@@ -115,6 +117,55 @@ def test_config_values_beyond_float32_and_deep_nesting(engine, bert, tmp_path):
         folder = _copy(bert, "seq_bn", tmp_path / name)
         (folder / name).write_text("[" * 100_000 + "]" * 100_000)
         _assert_refused(engine, folder, InvalidAdapter, f"cannot read {name}: nested too deeply")
+
+
+def test_ln_before_duplicates_must_agree(engine, bert, tmp_path):
+    # the library holds one LayerNorm under two keys and ends up with adapter_down.0's copy; we read the other
+    folder = _copy(bert, "seq_bn_ln_before", tmp_path)
+    key = "bert.encoder.layer.1.output.adapters.seq_bn_ln_before.adapter_down.0.bias"
+    _edit_weights(folder, lambda s: s.__setitem__(key, s[key] + 0.5))  # a tensor of its own: the two share storage
+    _assert_refused(engine, folder, InvalidAdapter, "differs from adapter_norm_before.bias", key.removeprefix("bert."))
+    assert engine.load_adapter(bert.cases["seq_bn_ln_before"].path).method == "bottleneck"  # equal copies load
+
+
+def test_bin_and_safetensors_side_by_side_must_agree(engine, bert, tmp_path):
+    folder = _copy(bert, "lora_leave1", tmp_path)
+    state = torch.load(folder / "pytorch_adapter.bin", weights_only=True)
+    save_file(state, folder / "adapter.safetensors")
+    assert engine.load_adapter(folder).method == "lora"  # the same tensors in both: either is right
+    key = next(iter(state))
+    save_file({**state, key: state[key] + 1}, folder / "adapter.safetensors")
+    # the library reads the .bin by default, use_safetensors=True the other: either choice is wrong for someone
+    _assert_refused(engine, folder, InvalidAdapter, "adapter.safetensors and pytorch_adapter.bin hold different")
+
+
+def test_bin_keys_must_be_strings(engine, bert, tmp_path):
+    folder = _copy(bert, "lora_leave1", tmp_path)
+    _edit_weights(folder, lambda s: s.__setitem__(7, torch.zeros(3)))
+    _assert_refused(engine, folder, InvalidAdapter, "pytorch_adapter.bin is not a state dict: key 7 is no string")
+
+
+@pytest.mark.parametrize("name", ["adapter_config.json", "pytorch_adapter.bin", "head_config.json"])
+def test_a_fifo_in_an_adapter_folder_is_refused_at_once(engine, bert, tmp_path, name):
+    # opening one waits for a writer forever: each such load held a worker thread, and a few stopped every admin call
+    folder = _copy(bert, "seq_bn", tmp_path)
+    (folder / name).unlink()
+    os.mkfifo(folder / name)
+    outcome = []
+    worker = threading.Thread(target=lambda: outcome.append(_raised(engine.load_adapter, folder)), daemon=True)
+    worker.start()
+    worker.join(30)
+    assert outcome, f"load_adapter still blocked on the FIFO {name} after 30 s"
+    assert isinstance(outcome[0], InvalidAdapter) and f"{name} is not a regular file" in str(outcome[0]), outcome
+    assert engine.list_adapters() == []
+
+
+def _raised(fn, *args):
+    try:
+        fn(*args)
+    except Exception as exc:  # noqa: BLE001 - the test inspects it
+        return exc
+    return None
 
 
 def test_truncated_weights_file(engine, bert, tmp_path):
@@ -202,6 +253,7 @@ NAN, INF = float("nan"), float("inf")
     ("seq_bn_rf", {"config.leave_out": "0"}, InvalidAdapter, "leave_out must be a list of layer numbers, got '0'"),
     ("lora_leave1", {"config.leave_out": 1}, InvalidAdapter, "leave_out must be a list of layer numbers, got 1"),
     ("seq_bn_rf", {"config.non_linearity": 5}, UnsupportedAdapter, "activation 5 is not supported"),
+    ("seq_bn_rf", {"config.non_linearity": None}, UnsupportedAdapter, "activation None is not supported"),  # as the library
     ("seq_bn_rf", {"config.reduction_factor": NAN}, InvalidAdapter, "reduction_factor for layer 0"),
     ("seq_bn_rf", {"config.scaling": INF}, InvalidAdapter, "unknown scaling inf"),
     ("lora_leave1", {"config.alpha": NAN}, InvalidAdapter, "alpha must be a finite number, got nan"),

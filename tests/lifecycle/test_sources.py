@@ -65,6 +65,37 @@ def test_store_sources_load_and_escapes_are_refused(make_engine, bert, store):
     assert engine.list_adapters() == before
 
 
+def test_store_folders_whose_files_link_outside_are_refused(make_engine, bert, store, tmp_path):
+    # a tenant key may load only from the store: a folder of links to files elsewhere must not widen that
+    leak = store / "leak"
+    leak.mkdir()
+    for f in (tmp_path / "outside").iterdir():
+        (leak / f.name).symlink_to(f)
+    engine = make_engine(adapter_store=str(store))
+    with pytest.raises(AdapterSourceRefused, match="is a symbolic link leading outside the adapter store"):
+        engine.load_adapter("store://leak")
+    inside = store / "linked"
+    inside.mkdir()
+    for f in (store / "bert" / "lora").iterdir():  # links that stay inside the store are fine
+        (inside / f.name).symlink_to(f)
+    assert engine.load_adapter("store://linked").method == "lora"
+
+
+def test_one_malformed_store_folder_leaves_the_catalog_listing(make_engine, store):
+    deep = store / "deep"
+    shutil.copytree(store / "bert" / "sentiment", deep)
+    (deep / "head_config.json").write_text("[" * 100_000 + "]" * 100_000)  # was a RecursionError: INTERNAL
+    fifo = store / "fifo"
+    fifo.mkdir()
+    os.mkfifo(fifo / "adapter_config.json")  # reading it would block the listing until someone writes to it
+    engine = make_engine(adapter_store=str(store))
+    entries = {e.name: e for e in engine.catalog()}
+    assert sorted(entries) == ["bert/lora", "bert/prefix", "bert/sentiment", "deep", "peft/rslora"]
+    assert (entries["deep"].method, entries["deep"].head_type) == ("bottleneck", None)
+    with pytest.raises(AdapterSourceError, match="no adapter folder 'fifo'"):
+        engine.load_adapter("store://fifo")
+
+
 def test_sources_the_file_system_cannot_open(make_engine, store):
     engine = make_engine(adapter_store=str(store))
     for source in ("/tmp/a\x00b", "store://bert/\x00lora"):

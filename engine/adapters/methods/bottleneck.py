@@ -48,6 +48,8 @@ def parse_bottleneck(name: str, config: dict, state: dict, target: TargetModel, 
     if cfg["inv_adapter"] and any(".invertible_adapters." in k or k.startswith("invertible_adapters.") for k in state):
         raise UnsupportedAdapter(source, "invertible adapters (inv_adapter) are not supported yet")
     try:
+        if cfg["non_linearity"] is None:  # act_from_name(None) is the identity (for heads); the library fails here
+            raise KeyError(None)
         act = act_from_name(cfg["non_linearity"])
     except KeyError:
         raise UnsupportedAdapter(source, f"activation {cfg['non_linearity']!r} is not supported") from None
@@ -106,8 +108,11 @@ def _junction(state, prefix, hidden, rank, cfg, scaling_kind, source) -> Bottlen
     down = "adapter_down.0"
     if cfg["ln_before"]:
         ln_before = (get("adapter_norm_before.weight", (hidden,)), get("adapter_norm_before.bias", (hidden,)))
-        for dup in ("adapter_down.0.weight", "adapter_down.0.bias"):  # the same LayerNorm, saved twice
-            state.pop(prefix + dup, None)
+        for dup, norm in zip(("adapter_down.0.weight", "adapter_down.0.bias"), ln_before):
+            copy = state.pop(prefix + dup, None)  # the same LayerNorm, saved twice: the library loads this copy last
+            if copy is not None and not torch.equal(checked(copy, source, prefix + dup, (hidden,)), norm):
+                raise InvalidAdapter(source, f"differs from adapter_norm_before.{dup.rsplit('.', 1)[1]}, of which it "
+                                             "is the saved duplicate (one LayerNorm in the library)", prefix + dup)
         down = "adapter_down.1"
     w_down = get(f"{down}.weight", (rank, hidden))
     b_down = get(f"{down}.bias", (rank,))
