@@ -52,7 +52,10 @@ class RpcError(Exception):
 
 def _detail(exc: grpc.RpcError, kind):
     """The google.rpc detail of type ``kind`` (ErrorInfo, RetryInfo, ...) the status carries, or None."""
-    status = rpc_status.from_call(exc)
+    try:
+        status = rpc_status.from_call(exc)
+    except ValueError:  # details of another status than the call's: gRPC replaced it (trailers over its limit)
+        return None
     for detail in status.details if status else ():
         if detail.Is(kind.DESCRIPTOR):
             message = kind()

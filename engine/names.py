@@ -1,4 +1,4 @@
-"""The rule for names people choose: adapter names and tenants.
+"""The rule for names people choose: adapter names, tenants and the label names of heads.
 
 Rows name their adapter by it and keys bind to a tenant by it, and an empty one means none (proto3 cannot
 tell an empty string from an unset field), so it must not be empty. Both are echoed in logs, metric labels
@@ -15,15 +15,22 @@ MAX_NAME_CHARS = 256
 UNSEEN_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
 
 
+def name_problem(name: object) -> str | None:
+    """What breaks the rule in ``name`` (to follow "an adapter name", "a label" and the like), or None."""
+    if not isinstance(name, str) or not name.strip():
+        return f"must be a non-empty string, got {name!r}"
+    if len(name) > MAX_NAME_CHARS:
+        return f"holds at most {MAX_NAME_CHARS} characters, got {len(name)}"
+    if name != name.strip() or any(unicodedata.category(c) in UNSEEN_CATEGORIES for c in name):
+        return f"must not hold control characters, invisible ones or surrounding spaces, got {name!r}"
+    return None
+
+
 def check_name(name: object, what: str = "an adapter name", field: str = "name") -> None:
     """Raises InvalidRequest (naming ``field``) unless ``name`` is a string that follows the rule."""
-    if not isinstance(name, str) or not name.strip():
-        raise InvalidRequest(f"{what} must be a non-empty string, got {name!r}", field)
-    if len(name) > MAX_NAME_CHARS:
-        raise InvalidRequest(f"{what} holds at most {MAX_NAME_CHARS} characters, got {len(name)}", field)
-    if name != name.strip() or any(unicodedata.category(c) in UNSEEN_CATEGORIES for c in name):
-        raise InvalidRequest(f"{what} must not hold control characters, invisible ones or surrounding spaces, "
-                             f"got {name!r}", field)
+    problem = name_problem(name)
+    if problem is not None:
+        raise InvalidRequest(f"{what} {problem}", field)
 
 
 def check_tenant(tenant: object, what: str = "a tenant") -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 from engine.adapters.files import TargetModel, checked, read_json, read_weights, take
 from engine.adapters.spec import HeadSpec, HeadType
 from engine.errors import InvalidAdapter, UnsupportedAdapter
+from engine.names import name_problem
 from kernels import Act, act_from_name
 
 HEAD_TYPES = {t.value: t for t in HeadType}
@@ -28,7 +29,7 @@ def read_head(folder: Path, target: TargetModel) -> HeadSpec | None:
     if cfg.get("use_pooler") and target.info.is_decoder:
         raise InvalidAdapter(source, "use_pooler heads need an encoder with a pooler")
     layers, num_labels = cfg.get("layers"), cfg.get("num_labels")
-    if not isinstance(layers, int) or layers < 1 or not isinstance(num_labels, int) or num_labels < 1:
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in (layers, num_labels)):
         raise InvalidAdapter(source, f"head layers and num_labels must be positive integers, got {layers!r}, {num_labels!r}")
     try:
         act = act_from_name(cfg.get("activation_function")) if cfg.get("activation_function") else Act.IDENTITY
@@ -58,6 +59,10 @@ def _labels(cfg: dict, num_labels: int, source: str) -> tuple[str, ...]:
         return tuple(f"LABEL_{i}" for i in range(num_labels))
     if not isinstance(label2id, dict) or not all(isinstance(i, int) and not isinstance(i, bool) for i in label2id.values()):
         raise InvalidAdapter(source, f"label2id must map label names to integers, got {label2id!r}")
+    for label in label2id:  # labels go out in every reply and listing: a 9 MB one broke ListAdapters for everyone
+        problem = name_problem(label)
+        if problem is not None:  # "" also means "no label over 0.5" in multi-label replies
+            raise InvalidAdapter(source, f"a label name in label2id {problem}")
     if sorted(label2id.values()) != list(range(num_labels)):
         raise InvalidAdapter(source, f"label2id must map onto 0..{num_labels - 1}, got {label2id}")
     return tuple(label for label, _ in sorted(label2id.items(), key=lambda item: item[1]))

@@ -46,6 +46,7 @@ MAPPINGS: tuple[tuple[type[Exception], Mapping], ...] = (
     (AdapterServeError, Mapping(grpc.StatusCode.FAILED_PRECONDITION, "ENGINE_REFUSED")),
 )
 INTERNAL = Mapping(grpc.StatusCode.INTERNAL, "ENGINE_ERROR")
+MAX_MESSAGE_BYTES = 1000  # x3 percent-encoded + 2 x 4/3 base64 copies: ~5.7 KB, within gRPC's 8 KB trailers
 
 
 def mapping_for(exc: Exception) -> Mapping:
@@ -58,7 +59,7 @@ def mapping_for(exc: Exception) -> Mapping:
 def to_status(exc: Exception, request_id: str) -> grpc.Status:
     """The status for ``exc``; messages of unknown errors are replaced (they may hold internals)."""
     mapping = mapping_for(exc)
-    message = str(exc) if mapping is not INTERNAL else f"internal error (request {request_id}); see server logs"
+    message = _cut(str(exc)) if mapping is not INTERNAL else f"internal error (request {request_id}); see server logs"
     info = error_details_pb2.ErrorInfo(reason=mapping.reason, domain=DOMAIN, metadata={"requestId": request_id})
     details = [info]
     if isinstance(exc, AdapterNotFound):
@@ -73,6 +74,18 @@ def to_status(exc: Exception, request_id: str) -> grpc.Status:
         details.append(error_details_pb2.RetryInfo(retry_delay=delay))
     code = getattr(code_pb2, mapping.code.name)
     return rpc_status.to_status(status_pb2.Status(code=code, message=message, details=[_pack(d) for d in details]))
+
+
+def _cut(message: str) -> str:
+    """The message within MAX_MESSAGE_BYTES of UTF-8. It travels in the trailers up to three times (grpc-message,
+    percent-encoded, and the details: ErrorInfo's status, BadRequest or ResourceInfo, base64), and trailers over
+    gRPC's 8 KB metadata limit reach the client as RESOURCE_EXHAUSTED "Stream removed" instead of this status.
+    Messages echo what was sent (a path, a label2id), so one can be as long as the request."""
+    data = message.encode()
+    if len(data) <= MAX_MESSAGE_BYTES:
+        return message
+    kept = data[:MAX_MESSAGE_BYTES].decode(errors="ignore")  # a character cut in two is dropped
+    return f"{kept}... ({len(message) - len(kept)} more characters)"
 
 
 def _pack(message) -> any_pb2.Any:

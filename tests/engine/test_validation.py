@@ -273,6 +273,12 @@ def test_malformed_config_values(engine, bert, tmp_path, case, changes, error, f
     ({"label2id": {"a": 0, "b": "1", "c": 2}}, InvalidAdapter, "label2id must map label names to integers"),
     ({"head_type": ["classification"]}, UnsupportedAdapter, "head type ['classification']"),
     ({"activation_function": 5}, UnsupportedAdapter, "head activation 5"),
+    ({"num_labels": True}, InvalidAdapter, "num_labels must be positive integers, got 2, True"),
+    # label names follow the name rule: they go out in every listing (a 9 MB one broke ListAdapters for everyone)
+    ({"label2id": {"x" * 300: 0, "pos": 1}}, InvalidAdapter, "a label name in label2id holds at most 256 characters"),
+    ({"label2id": {"": 0, "pos": 1}}, InvalidAdapter, "a label name in label2id must be a non-empty string, got ''"),
+    ({"label2id": {"a\u202eb": 0, "pos": 1}}, InvalidAdapter, "must not hold control characters, invisible ones"),
+    ({"label2id": {"neg": 0, "pos\n": 1}}, InvalidAdapter, "got 'pos\\n'"),
 ])
 def test_malformed_head_config(engine, bert, tmp_path, changes, error, fragment):
     folder = _copy(bert, "seq_bn", tmp_path)

@@ -110,3 +110,23 @@ def _embed(client_kind: str, target: str, timeout: float = 10):
         return asyncio.run(run())
     except RpcError as exc:
         return exc
+
+
+class MismatchedStatus(pb_grpc.InferenceServiceServicer):
+    """Ends with one code and the details of a status with another, as gRPC delivers a status whose trailers
+    it had to replace (over its metadata limit)."""
+
+    def Embed(self, request, context):
+        details = to_status(QueueFull(4), "r1").trailing_metadata  # RESOURCE_EXHAUSTED with RetryInfo
+        context.set_trailing_metadata(details)
+        context.abort(grpc.StatusCode.UNAVAILABLE, "replaced")
+
+
+def test_details_of_another_status_are_ignored():
+    server, target = _serve(MismatchedStatus())
+    try:
+        with Client(target, timeout=10) as client, pytest.raises(RpcError) as info:  # was ValueError from grpc_status
+            client.embed(["x"])
+    finally:
+        server.stop(0)
+    assert (info.value.code, info.value.reason, info.value.message) == (grpc.StatusCode.UNAVAILABLE, "", "replaced")

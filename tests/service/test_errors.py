@@ -103,6 +103,20 @@ def test_bad_adapter_load_is_failed_precondition(authed, tmp_path):
         assert len(root.classify(TEXTS, "shared-sentiment")) == 2  # the server and other adapters are fine
 
 
+def test_long_error_messages_are_cut_to_fit_the_trailers(authed, tmp_path):
+    # messages echo the request; past gRPC's 8 KB trailer limit the client got RESOURCE_EXHAUSTED "Stream removed",
+    # and our client crashed on the mismatch between that code and the details (ValueError)
+    folder = tmp_path / "longlabel"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text('{"config": ' + '"' + "é" * 20_000 + '"}')  # 2 bytes per character
+    with authed.client("root-admin") as root:
+        for source in (str(folder), "/" + "ü" * 20_000):
+            err = _expect(grpc.StatusCode.FAILED_PRECONDITION, "ADAPTER_UNSUPPORTED" if source == str(folder)
+                          else "ADAPTER_SOURCE_UNAVAILABLE", lambda: root.load_adapter(source))
+            assert err.message.endswith(" more characters)") and len(err.message.encode()) < 1100, err.message[-80:]
+        assert len(root.classify(TEXTS, "shared-sentiment")) == 2
+
+
 def test_oversize_message_is_resource_exhausted(start_server):
     running = start_server(max_message_mb=1)
     with running.client() as client, pytest.raises(RpcError) as info:
