@@ -4,15 +4,17 @@ Every failure becomes `InvalidAdapter` naming the file, so a corrupt upload neve
 pickle, JSON or OS error; a failing medium (EIO and the like) becomes `AdapterSourceError` instead.
 """
 import errno
+import io
 import json
 import math
+import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
+import safetensors.torch
 import torch
-from safetensors.torch import load_file
 
 from engine.errors import AdapterSourceError, InvalidAdapter
 from engine.model.common import ArchInfo
@@ -34,11 +36,10 @@ class TargetModel:
 
 def read_json(path: Path) -> dict:
     try:
-        _regular_file(path)
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_regular(path).decode("utf-8"))
     except FileNotFoundError:
         raise InvalidAdapter(str(path.parent), f"missing {path.name}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except ValueError as exc:  # not UTF-8, not JSON, or an integer past Python's 4300 digits
         raise InvalidAdapter(str(path.parent), f"cannot read {path.name}: {exc}") from None
     except RecursionError:  # json's decoder recurses once per nesting level: "[[[[..." a few thousand deep
         raise InvalidAdapter(str(path.parent), f"cannot read {path.name}: nested too deeply") from None
@@ -66,15 +67,15 @@ def read_weights(folder: Path, safetensors_name: str, bin_name: str) -> dict[str
 
 
 def _read_weights_file(folder: Path, name: str) -> dict[str, torch.Tensor]:
-    """safetensors are read with pread into memory we own: the default mmap would keep host copies backed by
-    the file, and a file rewritten in place under a cached adapter would then crash the process (SIGBUS).
+    """The file is read into memory we own, then parsed: safetensors' default mmap would keep host copies backed
+    by the file, and a file rewritten in place under a cached adapter would then crash the process (SIGBUS).
     .bin files are unpickled with weights_only only."""
     path = folder / name
     try:
-        _regular_file(path)
-        if name.endswith(".safetensors"):
-            return dict(load_file(path, backend="pread"))
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        data = read_regular(path)
+        if name.endswith(".safetensors"):  # in key order, as load_file gives them: errors name the first bad key
+            return dict(sorted(safetensors.torch.load(data).items()))
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except InvalidAdapter:
         raise
     except Exception as exc:  # truncated zip, bad header, refused pickle: a corrupt file; or a failing disk
@@ -93,15 +94,24 @@ def _read_weights_file(folder: Path, name: str) -> dict[str, torch.Tensor]:
 
 
 def _same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
-    return a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+    """Bit for bit (NaN equals NaN here: the value checks name those later)."""
+    return a.keys() == b.keys() and all(
+        a[k].dtype == b[k].dtype and a[k].shape == b[k].shape
+        and torch.equal(a[k].reshape(-1).view(torch.uint8), b[k].reshape(-1).view(torch.uint8)) for k in a)
 
 
-def _regular_file(path: Path) -> None:
-    """Raises unless ``path`` is a regular file (after symbolic links): opening a FIFO would wait for a writer
-    forever, holding a worker thread, and a few of those would stop every admin call."""
-    mode = path.stat().st_mode  # FileNotFoundError when missing
-    if not stat.S_ISREG(mode):
-        raise InvalidAdapter(str(path.parent), f"{path.name} is not a regular file")
+def read_regular(path: Path) -> bytes:
+    """The bytes of ``path`` if it is a regular file (after symbolic links), else InvalidAdapter.
+
+    Opening a FIFO would wait for a writer forever, holding a worker thread (a few of those stop every admin
+    call), so it is opened without blocking and checked on the open descriptor: a check before a separate open
+    could be raced by swapping the file in between. FileNotFoundError when missing.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as file:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise InvalidAdapter(str(path.parent), f"{path.name} is not a regular file")
+        return file.read()
 
 
 def checked(tensor: torch.Tensor, source: str, key: str, shape: tuple[int, ...]) -> torch.Tensor:

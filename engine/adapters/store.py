@@ -8,11 +8,13 @@ import os
 from pathlib import Path
 
 from engine.adapters.adapterhub import PRESETS
-from engine.errors import AdapterSourceError, AdapterSourceRefused
+from engine.adapters.files import read_regular
+from engine.errors import AdapterSourceError, AdapterSourceRefused, InvalidAdapter
 from engine.types import CatalogEntry
 
 SCHEME = "store://"
 CONFIG = "adapter_config.json"
+MAX_TEXT_CHARS = 1024  # a catalog field (model name, method) longer than this is shown as unknown
 
 
 class AdapterStore:
@@ -29,13 +31,13 @@ class AdapterStore:
         relative = source.removeprefix(SCHEME)
         if not relative or Path(relative).is_absolute():
             raise AdapterSourceRefused(source, "expects store://<path inside the adapter store>")
-        folder = (self.root / relative).resolve()
+        folder = _resolve(self.root / relative, source)
         if not folder.is_relative_to(self.root):
             raise AdapterSourceRefused(source, "the path leads outside the adapter store")
         if not (folder / CONFIG).is_file():
             raise AdapterSourceError(source, f"no adapter folder {relative!r} in the adapter store")
         for entry in folder.iterdir():  # the files read are the folder's own: none may link out of the store either
-            if not entry.resolve().is_relative_to(self.root):
+            if not _resolve(entry, source).is_relative_to(self.root):
                 raise AdapterSourceRefused(source, f"{entry.name} is a symbolic link leading outside the adapter store")
         return folder
 
@@ -58,6 +60,13 @@ class AdapterStore:
         return sorted(entries, key=lambda e: e.name)
 
 
+def _resolve(path: Path, source: str) -> Path:
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError) as exc:  # a symbolic link loop: RuntimeError up to Python 3.12, OSError after
+        raise AdapterSourceRefused(source, f"cannot resolve {path.name}: {exc}") from None
+
+
 def _describe(folder: Path, root: Path) -> CatalogEntry | None:
     """The catalog entry of one folder from its JSON files alone; None when the config is unreadable."""
     meta = _json(folder / CONFIG)
@@ -70,25 +79,34 @@ def _describe(folder: Path, root: Path) -> CatalogEntry | None:
     if not isinstance(meta, dict):
         return None
     name = folder.relative_to(root).as_posix()  # the source is SCHEME + name, as `AdapterStore.source_of` gives
+    if _text(name) is None:  # a folder name that is not UTF-8 could not even be named in a request
+        return None
     if "peft_type" in meta:
-        method = str(meta["peft_type"]).lower()
-        return CatalogEntry(name, SCHEME + name, "peft", method, _text(meta.get("base_model_name_or_path")), None,
-                            None, size)
+        method = _text(meta["peft_type"].lower()) if isinstance(meta["peft_type"], str) else None
+        return CatalogEntry(name, SCHEME + name, "peft", method or "unknown",
+                            _text(meta.get("base_model_name_or_path")), None, None, size)
     return CatalogEntry(name, SCHEME + name, "adapterhub", adapterhub_method(meta.get("config")),
                         _text(meta.get("model_name")), _text(meta.get("model_type")), _head_type(folder), size)
 
 
 def _text(value) -> str | None:
-    """A descriptive JSON field as the catalog's text, None when it is missing or no string: one malformed
-    folder must not break the listing of all the others."""
-    return value if isinstance(value, str) else None
+    """A descriptive JSON field as the catalog's text; None when it is missing, no string, over MAX_TEXT_CHARS
+    (a 5 MB field made the reply too big) or not UTF-8 (a lone surrogate failed the reply's encoding): one
+    malformed folder must not break the listing of all the others."""
+    if not isinstance(value, str) or len(value) > MAX_TEXT_CHARS:
+        return None
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return None
+    return value
 
 
 def adapterhub_method(config) -> str:
     """The method family of a saved AdapterHub config (dict or preset name), as `AdapterInfo.method` names it."""
     config = PRESETS.get(config, config) if isinstance(config, str) else config
     if isinstance(config, str):  # a preset we do not serve, e.g. "prefix_tuning"
-        return config
+        return _text(config) or "unknown"
     if not isinstance(config, dict):
         return "unknown"
     architecture = config.get("architecture")
@@ -96,17 +114,16 @@ def adapterhub_method(config) -> str:
         return "bottleneck"
     if architecture == "lora":
         return "ia3" if config.get("composition_mode") == "scale" else "lora"
-    return str(architecture)
+    return _text(architecture) or "unknown"
 
 
 def _json(path: Path):
-    """A JSON file's data, None when it is missing or unreadable: a FIFO (which would block the listing), too
-    deeply nested for the decoder, or no JSON at all. One malformed folder must not break the catalog."""
+    """A JSON file's data, None when it is missing or unreadable: no regular file (a FIFO would block the
+    listing), no JSON, too deeply nested or an integer too long for the decoder. One malformed folder must not
+    break the catalog."""
     try:
-        if not path.is_file():
-            return None
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return json.loads(read_regular(path).decode("utf-8"))
+    except (OSError, ValueError, RecursionError, InvalidAdapter):
         return None
 
 

@@ -117,6 +117,8 @@ def test_config_values_beyond_float32_and_deep_nesting(engine, bert, tmp_path):
         folder = _copy(bert, "seq_bn", tmp_path / name)
         (folder / name).write_text("[" * 100_000 + "]" * 100_000)
         _assert_refused(engine, folder, InvalidAdapter, f"cannot read {name}: nested too deeply")
+        (folder / name).write_text('{"n": ' + "9" * 5000 + "}")  # Python's int parsing stops at 4300 digits
+        _assert_refused(engine, folder, InvalidAdapter, f"cannot read {name}: Exceeds the limit")
 
 
 def test_ln_before_duplicates_must_agree(engine, bert, tmp_path):
@@ -126,6 +128,13 @@ def test_ln_before_duplicates_must_agree(engine, bert, tmp_path):
     _edit_weights(folder, lambda s: s.__setitem__(key, s[key] + 0.5))  # a tensor of its own: the two share storage
     _assert_refused(engine, folder, InvalidAdapter, "differs from adapter_norm_before.bias", key.removeprefix("bert."))
     assert engine.load_adapter(bert.cases["seq_bn_ln_before"].path).method == "bottleneck"  # equal copies load
+    # one copy alone loads as in the library, and computes the same
+    only = _copy(bert, "seq_bn_ln_before", tmp_path / "only")
+    _edit_weights(only, lambda s: [s.pop(k) for k in list(s) if ".adapter_norm_before." in k])
+    engine.load_adapter(only, name="only")
+    ids, mask = torch.tensor([[1, 5, 7, 2]]), torch.ones(1, 4, dtype=torch.long)
+    full = engine.forward(ids, mask, ["seq_bn_ln_before"]).last_hidden_state
+    assert torch.equal(engine.forward(ids, mask, ["only"]).last_hidden_state, full)
 
 
 def test_bin_and_safetensors_side_by_side_must_agree(engine, bert, tmp_path):
@@ -137,6 +146,10 @@ def test_bin_and_safetensors_side_by_side_must_agree(engine, bert, tmp_path):
     save_file({**state, key: state[key] + 1}, folder / "adapter.safetensors")
     # the library reads the .bin by default, use_safetensors=True the other: either choice is wrong for someone
     _assert_refused(engine, folder, InvalidAdapter, "adapter.safetensors and pytorch_adapter.bin hold different")
+    state[key][0, 0] = float("nan")  # the same NaN in both: refused for the NaN, not as a difference
+    torch.save(state, folder / "pytorch_adapter.bin")
+    save_file(state, folder / "adapter.safetensors")
+    _assert_refused(engine, folder, InvalidAdapter, "contains NaN or infinite values")
 
 
 def test_bin_keys_must_be_strings(engine, bert, tmp_path):
@@ -253,7 +266,7 @@ NAN, INF = float("nan"), float("inf")
     ("seq_bn_rf", {"config.leave_out": "0"}, InvalidAdapter, "leave_out must be a list of layer numbers, got '0'"),
     ("lora_leave1", {"config.leave_out": 1}, InvalidAdapter, "leave_out must be a list of layer numbers, got 1"),
     ("seq_bn_rf", {"config.non_linearity": 5}, UnsupportedAdapter, "activation 5 is not supported"),
-    ("seq_bn_rf", {"config.non_linearity": None}, UnsupportedAdapter, "activation None is not supported"),  # as the library
+    ("seq_bn_rf", {"config.non_linearity": None}, UnsupportedAdapter, "activation None is not supported"),  # library
     ("seq_bn_rf", {"config.reduction_factor": NAN}, InvalidAdapter, "reduction_factor for layer 0"),
     ("seq_bn_rf", {"config.scaling": INF}, InvalidAdapter, "unknown scaling inf"),
     ("lora_leave1", {"config.alpha": NAN}, InvalidAdapter, "alpha must be a finite number, got nan"),
@@ -352,6 +365,9 @@ def test_empty_adapter_names_are_refused(engine, bert):
     ("imdb\u200b", "invisible ones or surrounding spaces, got 'imdb\\u200b'"),  # zero-width space: looks like imdb
     ("\u202eimdb", "got '\\u202eimdb'"),  # right-to-left override
     ("a\u2028b", "got 'a\\u2028b'"),  # line separator
+    ("imdb\u3164", "invisible ones"),  # Hangul filler: a letter to Unicode's categories, blank on screen
+    ("imdb\ufe0f", "invisible ones"),  # variation selector
+    ("a\u034fb", "invisible ones"),  # combining grapheme joiner
     ("x" * 257, "holds at most 256 characters, got 257"),
 ])
 def test_unprintable_or_overlong_adapter_names_are_refused(engine, bert, name, fragment):

@@ -79,6 +79,12 @@ def test_store_folders_whose_files_link_outside_are_refused(make_engine, bert, s
     for f in (store / "bert" / "lora").iterdir():  # links that stay inside the store are fine
         (inside / f.name).symlink_to(f)
     assert engine.load_adapter("store://linked").method == "lora"
+    (store / "loop").mkdir()
+    (store / "loop" / "adapter_config.json").symlink_to("adapter_config.json")  # a link to itself
+    (store / "selfloop").symlink_to("selfloop")
+    for source in ("store://loop", "store://selfloop/x"):  # Path.resolve raised RuntimeError: INTERNAL
+        with pytest.raises((AdapterSourceRefused, AdapterSourceError)):
+            engine.load_adapter(source)
 
 
 def test_one_malformed_store_folder_leaves_the_catalog_listing(make_engine, store):
@@ -88,10 +94,20 @@ def test_one_malformed_store_folder_leaves_the_catalog_listing(make_engine, stor
     fifo = store / "fifo"
     fifo.mkdir()
     os.mkfifo(fifo / "adapter_config.json")  # reading it would block the listing until someone writes to it
+    for name, text in (("bigint", '{"config": null, "model_name": ' + "9" * 5000 + "}"),  # past the 4300 digits
+                       ("surrogate", '{"config": "\\ud800", "model_name": "\\udfff"}'),  # no UTF-8 for the reply
+                       ("huge", '{"config": {"architecture": "' + "x" * 5_000_000 + '"}}')):  # 5 MB of reply
+        (store / name).mkdir()
+        (store / name / "adapter_config.json").write_text(text)
+    os.mkdir(os.fsencode(store) + b"/bad\xffutf8")  # a folder name that is not UTF-8
+    (store / os.fsdecode(b"bad\xffutf8") / "adapter_config.json").write_text("{}")
     engine = make_engine(adapter_store=str(store))
     entries = {e.name: e for e in engine.catalog()}
-    assert sorted(entries) == ["bert/lora", "bert/prefix", "bert/sentiment", "deep", "peft/rslora"]
+    assert sorted(entries) == ["bert/lora", "bert/prefix", "bert/sentiment", "deep", "huge", "peft/rslora",
+                               "surrogate"]
     assert (entries["deep"].method, entries["deep"].head_type) == ("bottleneck", None)
+    assert (entries["surrogate"].method, entries["surrogate"].base_model) == ("unknown", None)
+    assert entries["huge"].method == "unknown"  # over 1024 characters
     with pytest.raises(AdapterSourceError, match="no adapter folder 'fifo'"):
         engine.load_adapter("store://fifo")
 

@@ -107,7 +107,9 @@ def _junction(state, prefix, hidden, rank, cfg, scaling_kind, source) -> Bottlen
     ln_before = None
     down = "adapter_down.0"
     if cfg["ln_before"]:
-        ln_before = (get("adapter_norm_before.weight", (hidden,)), get("adapter_norm_before.bias", (hidden,)))
+        # one LayerNorm saved under two keys; a folder holding only one copy loads in the library too
+        norm = "adapter_norm_before" if prefix + "adapter_norm_before.weight" in state else "adapter_down.0"
+        ln_before = (get(f"{norm}.weight", (hidden,)), get(f"{norm}.bias", (hidden,)))
         for dup, norm in zip(("adapter_down.0.weight", "adapter_down.0.bias"), ln_before):
             copy = state.pop(prefix + dup, None)  # the same LayerNorm, saved twice: the library loads this copy last
             if copy is not None and not torch.equal(checked(copy, source, prefix + dup, (hidden,)), norm):
