@@ -104,6 +104,10 @@ def _timeout(timeout: float | None) -> float | None:
 
 class _Base:
     def __init__(self, channel, api_key: str | None, tenant: str | None, timeout: float | None):
+        if tenant is not None and not (tenant.isascii() and tenant.isprintable()):
+            # gRPC refuses such header values on the client ("Invalid metadata", INTERNAL); admin calls take a
+            # tenant in the request itself, and a tenant's own key needs none
+            raise ValueError(f"tenant {tenant!r} cannot travel in the x-tenant-id header (printable ASCII only)")
         self.channel, self.timeout, self.closed = channel, _timeout(timeout), False
         self.metadata = tuple(([("authorization", f"Bearer {api_key}")] if api_key else [])
                               + ([("x-tenant-id", tenant)] if tenant else []))

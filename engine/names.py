@@ -13,6 +13,13 @@ from engine.errors import InvalidRequest
 MAX_NAME_CHARS = 256
 # control, format (U+200B zero-width space, U+202E right-to-left override, ...), surrogate; line, paragraph separator
 UNSEEN_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
+# Unicode's Default_Ignorable_Code_Point ranges (DerivedCoreProperties.txt), which render as nothing whatever their
+# category: U+034F combining grapheme joiner, U+3164 Hangul filler, U+FE0F variation selector, ...; and U+2800,
+# the braille blank, which is no space to str.strip
+INVISIBLE_RANGES = ((0x00AD, 0x00AD), (0x034F, 0x034F), (0x061C, 0x061C), (0x115F, 0x1160), (0x17B4, 0x17B5),
+                    (0x180B, 0x180F), (0x200B, 0x200F), (0x202A, 0x202E), (0x2060, 0x206F), (0x2800, 0x2800),
+                    (0x3164, 0x3164), (0xFE00, 0xFE0F), (0xFEFF, 0xFEFF), (0xFFA0, 0xFFA0), (0xFFF0, 0xFFF8),
+                    (0x1BCA0, 0x1BCA3), (0x1D173, 0x1D17A), (0xE0000, 0xE0FFF))
 
 
 def name_problem(name: object) -> str | None:
@@ -21,7 +28,7 @@ def name_problem(name: object) -> str | None:
         return f"must be a non-empty string, got {name!r}"
     if len(name) > MAX_NAME_CHARS:
         return f"holds at most {MAX_NAME_CHARS} characters, got {len(name)}"
-    if name != name.strip() or any(unicodedata.category(c) in UNSEEN_CATEGORIES for c in name):
+    if name != name.strip() or any(_unseen(c) for c in name):
         return f"must not hold control characters, invisible ones or surrounding spaces, got {name!r}"
     return None
 
@@ -37,3 +44,10 @@ def check_tenant(tenant: object, what: str = "a tenant") -> None:
     """A tenant is None (shared adapters, an operator's key) or a name; "" would be one that lists as shared."""
     if tenant is not None:
         check_name(tenant, what, "tenant")
+
+
+def _unseen(c: str) -> bool:
+    if c.isascii():
+        return not c.isprintable()  # the common case, without a table lookup: only the controls are unseen
+    code = ord(c)
+    return unicodedata.category(c) in UNSEEN_CATEGORIES or any(lo <= code <= hi for lo, hi in INVISIBLE_RANGES)

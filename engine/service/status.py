@@ -47,6 +47,7 @@ MAPPINGS: tuple[tuple[type[Exception], Mapping], ...] = (
 )
 INTERNAL = Mapping(grpc.StatusCode.INTERNAL, "ENGINE_ERROR")
 MAX_MESSAGE_BYTES = 1000  # x3 percent-encoded + 2 x 4/3 base64 copies: ~5.7 KB, within gRPC's 8 KB trailers
+MAX_NAME_BYTES = 300  # an adapter name or tenant echoed in the details (names hold at most 256 characters)
 
 
 def mapping_for(exc: Exception) -> Mapping:
@@ -62,10 +63,12 @@ def to_status(exc: Exception, request_id: str) -> grpc.Status:
     message = _cut(str(exc)) if mapping is not INTERNAL else f"internal error (request {request_id}); see server logs"
     info = error_details_pb2.ErrorInfo(reason=mapping.reason, domain=DOMAIN, metadata={"requestId": request_id})
     details = [info]
-    if isinstance(exc, AdapterNotFound):
-        info.metadata["adapterId"] = exc.name
-        details.append(error_details_pb2.ResourceInfo(resource_type="adapter", resource_name=exc.name,
-                                                      owner=exc.tenant or "", description=message))
+    if isinstance(exc, AdapterNotFound):  # the name as asked for: a 5000-character one overflowed the trailers too
+        name = _cut(exc.name, MAX_NAME_BYTES)
+        info.metadata["adapterId"] = name
+        details.append(error_details_pb2.ResourceInfo(resource_type="adapter", resource_name=name,
+                                                      owner=_cut(exc.tenant or "", MAX_NAME_BYTES),
+                                                      description=message))
     if isinstance(exc, InvalidRequest):
         violation = error_details_pb2.BadRequest.FieldViolation(field=exc.field or "", description=message)
         details.append(error_details_pb2.BadRequest(field_violations=[violation]))
@@ -76,15 +79,16 @@ def to_status(exc: Exception, request_id: str) -> grpc.Status:
     return rpc_status.to_status(status_pb2.Status(code=code, message=message, details=[_pack(d) for d in details]))
 
 
-def _cut(message: str) -> str:
-    """The message within MAX_MESSAGE_BYTES of UTF-8. It travels in the trailers up to three times (grpc-message,
-    percent-encoded, and the details: ErrorInfo's status, BadRequest or ResourceInfo, base64), and trailers over
-    gRPC's 8 KB metadata limit reach the client as RESOURCE_EXHAUSTED "Stream removed" instead of this status.
-    Messages echo what was sent (a path, a label2id), so one can be as long as the request."""
-    data = message.encode()
-    if len(data) <= MAX_MESSAGE_BYTES:
-        return message
-    kept = data[:MAX_MESSAGE_BYTES].decode(errors="ignore")  # a character cut in two is dropped
+def _cut(message: str, limit: int = MAX_MESSAGE_BYTES) -> str:
+    """The message within ``limit`` bytes of UTF-8 (a lone surrogate, from a JSON string, as "?"). It travels in
+    the trailers up to three times (grpc-message, percent-encoded, and the details: ErrorInfo's status, BadRequest
+    or ResourceInfo, base64), and trailers over gRPC's 8 KB metadata limit reach the client as RESOURCE_EXHAUSTED
+    "Stream removed" instead of this status. Messages echo what was sent (a path, a label2id), so one can be as
+    long as the request."""
+    data = message.encode(errors="replace")
+    if len(data) <= limit:
+        return data.decode()
+    kept = data[:limit].decode(errors="ignore")  # a character cut in two is dropped
     return f"{kept}... ({len(message) - len(kept)} more characters)"
 
 

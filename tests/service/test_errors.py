@@ -114,6 +114,9 @@ def test_long_error_messages_are_cut_to_fit_the_trailers(authed, tmp_path):
             err = _expect(grpc.StatusCode.FAILED_PRECONDITION, "ADAPTER_UNSUPPORTED" if source == str(folder)
                           else "ADAPTER_SOURCE_UNAVAILABLE", lambda: root.load_adapter(source))
             assert err.message.endswith(" more characters)") and len(err.message.encode()) < 1100, err.message[-80:]
+        # an unknown name is echoed in the details too (ErrorInfo adapterId, ResourceInfo): cut there as well
+        for call in (lambda: root.get_adapter("é" * 5000), lambda: root.classify(TEXTS, "é" * 5000)):
+            _expect(grpc.StatusCode.NOT_FOUND, "ADAPTER_NOT_FOUND", call)
         assert len(root.classify(TEXTS, "shared-sentiment")) == 2
 
 

@@ -304,6 +304,8 @@ def test_client_timeouts_and_closed_clients(server):
     for wrong in (0, -1, float("nan"), "5", True):
         with pytest.raises(ValueError, match="timeout must be None or a number of seconds > 0"):
             Client(server.target, timeout=wrong)
+    with pytest.raises(ValueError, match="cannot travel in the x-tenant-id header"):  # was INTERNAL "Invalid metadata"
+        Client(server.target, tenant="acmé")
     with Client(server.target, timeout=1e308) as client:  # gRPC's own deadline overflows: the call expired at once
         assert client.timeout == MAX_TIMEOUT_S and client.server_info().model_type == "bert"
     with Client(server.target, timeout=float("inf")) as client:
