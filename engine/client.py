@@ -102,15 +102,19 @@ def _timeout(timeout: float | None) -> float | None:
     return min(timeout, MAX_TIMEOUT_S)
 
 
+def _tenant_header(tenant: str) -> tuple[str, str | bytes]:
+    """gRPC sends only printable ASCII in a text header (anything else fails each call as INTERNAL "Invalid
+    metadata"), so other tenants go as UTF-8 in ``x-tenant-id-bin``, which the server reads alike."""
+    if tenant.isascii() and tenant.isprintable():
+        return "x-tenant-id", tenant
+    return "x-tenant-id-bin", tenant.encode("utf-8")  # a lone surrogate: UnicodeEncodeError, a ValueError
+
+
 class _Base:
     def __init__(self, channel, api_key: str | None, tenant: str | None, timeout: float | None):
-        if tenant is not None and not (tenant.isascii() and tenant.isprintable()):
-            # gRPC refuses such header values on the client ("Invalid metadata", INTERNAL); admin calls take a
-            # tenant in the request itself, and a tenant's own key needs none
-            raise ValueError(f"tenant {tenant!r} cannot travel in the x-tenant-id header (printable ASCII only)")
         self.channel, self.timeout, self.closed = channel, _timeout(timeout), False
         self.metadata = tuple(([("authorization", f"Bearer {api_key}")] if api_key else [])
-                              + ([("x-tenant-id", tenant)] if tenant else []))
+                              + ([_tenant_header(tenant)] if tenant else []))
         self.stubs = {"inference": pb_grpc.InferenceServiceStub(channel),
                       "admin": admin_grpc.AdapterServiceStub(channel), "server": admin_grpc.ServerServiceStub(channel)}
 

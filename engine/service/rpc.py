@@ -30,7 +30,7 @@ class RpcContext:
 
     def tenant(self, requested: str = "") -> str | None:
         """The tenant this call acts for: the request's field, else `x-tenant-id` metadata, within the key's scope."""
-        return self.principal.scope(requested or self.metadata.get("x-tenant-id") or None)
+        return self.principal.scope(requested or self.metadata.get(TENANT_HEADER) or None)
 
     def deadline(self) -> float | None:
         """The client deadline as time.monotonic() seconds, or None."""
@@ -45,8 +45,23 @@ class Servicer:
         self.auth, self.metrics = auth, metrics
 
 
+TENANT_HEADER = "x-tenant-id"
+TENANT_HEADER_BIN = "x-tenant-id-bin"  # UTF-8 bytes: gRPC sends only printable ASCII in text headers
+
+
 def metadata_of(context: grpc.aio.ServicerContext) -> dict[str, str]:
-    return {k.lower(): v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
+    """Text metadata by lower-case key; a tenant sent as UTF-8 in ``x-tenant-id-bin`` reads as ``x-tenant-id``
+    (bytes that are no UTF-8 become U+FFFD, a tenant nobody holds) unless that header came as well."""
+    metadata, tenant_bin = {}, None
+    for key, value in context.invocation_metadata() or ():
+        key = key.lower()
+        if isinstance(value, str):
+            metadata[key] = value
+        elif key == TENANT_HEADER_BIN:
+            tenant_bin = value.decode("utf-8", errors="replace")
+    if tenant_bin is not None:
+        metadata.setdefault(TENANT_HEADER, tenant_bin)
+    return metadata
 
 
 class _Call:
