@@ -108,9 +108,15 @@ def read_regular(path: Path) -> bytes:
     could be raced by swapping the file in between. FileNotFoundError when missing.
     """
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        regular = stat.S_ISREG(os.fstat(fd).st_mode)
+    except BaseException:
+        os.close(fd)
+        raise
+    if not regular:  # checked before fdopen, which refuses a directory as "[Errno 21] Is a directory: <fd>"
+        os.close(fd)
+        raise InvalidAdapter(str(path.parent), f"{path.name} is not a regular file")
     with os.fdopen(fd, "rb") as file:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise InvalidAdapter(str(path.parent), f"{path.name} is not a regular file")
         return file.read()
 
 

@@ -173,6 +173,15 @@ def test_a_fifo_in_an_adapter_folder_is_refused_at_once(engine, bert, tmp_path, 
     assert engine.list_adapters() == []
 
 
+@pytest.mark.parametrize("name", ["adapter_config.json", "pytorch_adapter.bin"])
+def test_a_directory_in_place_of_an_adapter_file_is_named(engine, bert, tmp_path, name):
+    # os.fdopen refused it first, as "[Errno 21] Is a directory: 16" (a descriptor number, not the file)
+    folder = _copy(bert, "seq_bn", tmp_path)
+    (folder / name).unlink()
+    (folder / name).mkdir()
+    _assert_refused(engine, folder, InvalidAdapter, f"{name} is not a regular file")
+
+
 def _raised(fn, *args):
     try:
         fn(*args)
