@@ -128,13 +128,21 @@ def test_ln_before_duplicates_must_agree(engine, bert, tmp_path):
     _edit_weights(folder, lambda s: s.__setitem__(key, s[key] + 0.5))  # a tensor of its own: the two share storage
     _assert_refused(engine, folder, InvalidAdapter, "differs from adapter_norm_before.bias", key.removeprefix("bert."))
     assert engine.load_adapter(bert.cases["seq_bn_ln_before"].path).method == "bottleneck"  # equal copies load
-    # one copy alone loads as in the library, and computes the same
-    only = _copy(bert, "seq_bn_ln_before", tmp_path / "only")
-    _edit_weights(only, lambda s: [s.pop(k) for k in list(s) if ".adapter_norm_before." in k])
-    engine.load_adapter(only, name="only")
+    # one copy alone loads as in the library, and computes the same; the library takes each parameter from
+    # whichever copy holds it, so a weight from one copy and the bias from the other load too
     ids, mask = torch.tensor([[1, 5, 7, 2]]), torch.ones(1, 4, dtype=torch.long)
     full = engine.forward(ids, mask, ["seq_bn_ln_before"]).last_hidden_state
-    assert torch.equal(engine.forward(ids, mask, ["only"]).last_hidden_state, full)
+    dropped = {"dup_only": (".adapter_norm_before.",), "norm_only": (".adapter_down.0.",),
+               "mixed": (".adapter_norm_before.bias", ".adapter_down.0.weight")}
+    for name, parts in dropped.items():
+        only = _copy(bert, "seq_bn_ln_before", tmp_path / name)
+        _edit_weights(only, lambda s: [s.pop(k) for k in list(s) if any(p in k for p in parts)])
+        engine.load_adapter(only, name=name)
+        assert torch.equal(engine.forward(ids, mask, [name]).last_hidden_state, full), name
+    neither = _copy(bert, "seq_bn_ln_before", tmp_path / "neither")
+    _edit_weights(neither, lambda s: [s.pop(k) for k in list(s) if k.endswith(("adapter_norm_before.bias",
+                                                                                "adapter_down.0.bias"))])
+    _assert_refused(engine, neither, InvalidAdapter, "missing key", "adapter_norm_before.bias")
 
 
 def test_bin_and_safetensors_side_by_side_must_agree(engine, bert, tmp_path):

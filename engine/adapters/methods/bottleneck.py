@@ -107,14 +107,7 @@ def _junction(state, prefix, hidden, rank, cfg, scaling_kind, source) -> Bottlen
     ln_before = None
     down = "adapter_down.0"
     if cfg["ln_before"]:
-        # one LayerNorm saved under two keys; a folder holding only one copy loads in the library too
-        norm = "adapter_norm_before" if prefix + "adapter_norm_before.weight" in state else "adapter_down.0"
-        ln_before = (get(f"{norm}.weight", (hidden,)), get(f"{norm}.bias", (hidden,)))
-        for dup, norm in zip(("adapter_down.0.weight", "adapter_down.0.bias"), ln_before):
-            copy = state.pop(prefix + dup, None)  # the same LayerNorm, saved twice: the library loads this copy last
-            if copy is not None and not torch.equal(checked(copy, source, prefix + dup, (hidden,)), norm):
-                raise InvalidAdapter(source, f"differs from adapter_norm_before.{dup.rsplit('.', 1)[1]}, of which it "
-                                             "is the saved duplicate (one LayerNorm in the library)", prefix + dup)
+        ln_before = tuple(_ln_before_param(state, prefix, param, hidden, source) for param in ("weight", "bias"))
         down = "adapter_down.1"
     w_down = get(f"{down}.weight", (rank, hidden))
     b_down = get(f"{down}.bias", (rank,))
@@ -130,3 +123,17 @@ def _junction(state, prefix, hidden, rank, cfg, scaling_kind, source) -> Bottlen
     if cfg["ln_after"]:
         ln_after = (get("adapter_norm_after.weight", (hidden,)), get("adapter_norm_after.bias", (hidden,)))
     return BottleneckWeights(w_down, b_down, w_up, b_up, scaling, ln_before, ln_after)
+
+
+def _ln_before_param(state, prefix: str, param: str, hidden: int, source: str) -> torch.Tensor:
+    """One parameter of the ln_before LayerNorm, which the library saves twice: as ``adapter_norm_before.<param>``
+    and as its duplicate ``adapter_down.0.<param>`` (one module in two places). It loads whichever copies a folder
+    holds, each parameter on its own, so either copy alone will do; two copies must agree."""
+    norm_key, dup_key = f"{prefix}adapter_norm_before.{param}", f"{prefix}adapter_down.0.{param}"
+    if norm_key not in state and dup_key not in state:
+        raise InvalidAdapter(source, "missing key", norm_key)
+    copies = {key: checked(state.pop(key), source, key, (hidden,)) for key in (norm_key, dup_key) if key in state}
+    if len(copies) == 2 and not torch.equal(*copies.values()):
+        raise InvalidAdapter(source, f"differs from adapter_norm_before.{param}, of which it is the saved duplicate "
+                                     "(one LayerNorm in the library)", dup_key)
+    return copies.get(dup_key, copies.get(norm_key))  # the library loads the duplicate last
