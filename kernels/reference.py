@@ -21,7 +21,7 @@ N=1536), the same from 16 tokens on.
 """
 import torch
 
-from .activations import Act, apply_act
+from .activations import Act, apply_act_
 
 
 def _plan(row_slots: torch.Tensor):
@@ -162,9 +162,7 @@ def _apply_act_runs(z: torch.Tensor, row_acts: list[int]) -> None:
     over rows.
     """
     for start, end, act in _runs(row_acts):
-        if act != Act.IDENTITY:
-            part = z[start:end]
-            part.copy_(apply_act(part, Act(act)))
+        apply_act_(z[start:end], Act(act))
 
 
 def _runs(values: list) -> list[tuple[int, int, object]]:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kernels import Act, apply_act, reference
-from kernels.activations import ACT_BY_NAME
+from kernels.activations import ACT_BY_NAME, apply_act_
 
 S, H, K = 6, 24, 20
 RANKS = {  # per-slot ranks: one rank bucket, and ranks over four buckets (split into runs, then merged or not)
@@ -111,6 +111,14 @@ def test_activations_match_transformers(name):
     # the adapters library maps "leakyrelu" to F.leaky_relu itself; every other name goes to transformers
     want = torch.nn.functional.leaky_relu(x) if name == "leakyrelu" else get_activation(name)(x)
     torch.testing.assert_close(apply_act(x, ACT_BY_NAME[name]), want, atol=1e-6, rtol=1e-6)  # formula order only
+
+
+@pytest.mark.parametrize("act", list(Act))
+def test_in_place_activations_equal_the_others_bitwise(act):
+    x = torch.linspace(-12, 12, 2001).reshape(3, 667)
+    y = x.clone()
+    apply_act_(y[1:], act)  # a slice of a tensor, as the reference applies them per run of rows
+    assert torch.equal(y[0], x[0]) and torch.equal(y[1:], apply_act(x[1:], act))
 
 
 def test_every_activation_has_a_name():
