@@ -14,7 +14,7 @@ class EngineConfig:
     dtype: str | None = None  # "float32" | "float16" | "bfloat16"; None = fp32 on CPU, checkpoint dtype on GPU
     max_device_adapters: int = 64  # device slots (one per resident adapter in every site stack)
     max_batch_rows: int = 256
-    max_seq_len: int | None = None  # None = the model's max_position_embeddings
+    max_seq_len: int | None = None  # None = the tokens one row of the model holds (its position table)
     pooling: Pooling | None = None  # None = the model folder's sentence-transformers setting, else CLS/LAST
     normalize_embeddings: bool | None = None
     num_threads: int | None = None  # torch CPU threads; None leaves torch's setting

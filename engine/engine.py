@@ -48,8 +48,10 @@ class Engine:
         pooling, normalize = default_pooling(self.model_dir, self.info.is_decoder)
         self.pooling = config.pooling or pooling
         self.normalize = normalize if config.normalize_embeddings is None else config.normalize_embeddings
-        self.max_seq_len = config.max_seq_len or getattr(self.model_config, "max_position_embeddings", None) \
-            or getattr(self.model_config, "n_positions")
+        self.max_seq_len = config.max_seq_len or self.model.max_tokens
+        if self.max_seq_len > self.model.max_tokens:  # past the position table: IndexError in the embeddings
+            raise ValueError(f"max_seq_len {self.max_seq_len} exceeds the {self.model.max_tokens} tokens a row of "
+                             f"this {self.info.model_type} model holds")
         self._tokenizer = None
 
     @classmethod

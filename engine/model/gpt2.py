@@ -72,6 +72,7 @@ class GPT2Model(nn.Module):
         if not getattr(cfg, "scale_attn_weights", True) or getattr(cfg, "scale_attn_by_inverse_layer_idx", False):
             raise ValueError("GPT-2 attention scaling variants are not supported")
         self.info = ArchInfo(cfg.model_type, cfg.n_embd, cfg.n_layer, True, ("transformer.",), LAYOUT)
+        self.max_tokens = cfg.n_positions  # tokens one row may hold: learned positions
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.wpe = nn.Embedding(cfg.n_positions, cfg.n_embd)
         self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))

@@ -123,6 +123,7 @@ class LlamaModel(nn.Module):
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.info = ArchInfo(cfg.model_type, cfg.hidden_size, cfg.num_hidden_layers, True, ("model.",),
                              QWEN2_LAYOUT if cfg.model_type == "qwen2" else LAYOUT)
+        self.max_tokens = cfg.max_position_embeddings  # tokens one row may hold: what the model was trained for
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, head_dim) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)

@@ -86,6 +86,24 @@ def test_tiny_architecture_equals_transformers(tiny):
     assert _max_diff(out.last_hidden_state, _reference(model, ids, mask), mask) < 1e-5, arch
 
 
+def test_the_longest_row_a_model_holds_equals_transformers_and_one_more_is_refused(tiny):
+    from engine import EngineConfig, InvalidRequest
+
+    arch, model, path, pad = tiny
+    engine = Engine.from_pretrained(path, device="cpu")
+    # RoBERTa's positions start after padding_idx: 64 positions hold 62 tokens (63 and 64 raised IndexError)
+    assert engine.max_seq_len == (62 if arch in ("roberta", "xlm-roberta") else 64), arch
+    ids = torch.randint(3, 100, (1, engine.max_seq_len), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    out = engine.forward(ids, mask, [None])
+    assert _max_diff(out.last_hidden_state, _reference(model, ids, mask), mask) < 1e-5, arch
+    longer = torch.cat([ids, ids[:, :1]], dim=1)
+    with pytest.raises(InvalidRequest, match=f"sequence length {engine.max_seq_len + 1} is outside"):
+        engine.forward(longer, torch.ones_like(longer), [None])
+    with pytest.raises(ValueError, match=f"max_seq_len 65 exceeds the {engine.max_seq_len} tokens"):
+        Engine.from_pretrained(path, device="cpu", config=EngineConfig(max_seq_len=65))
+
+
 @pytest.mark.parametrize("layout", ["bin", "sharded", "prefixed"])
 def test_checkpoint_layouts(tiny, layout, tmp_path):
     arch, model, path, pad = tiny
