@@ -41,7 +41,8 @@ class Engine:
         sites = name_sites(self.model)
         linear = {p: (m.in_features, m.out_features) for p, m in sites.items() if not isinstance(m, BottleneckSite)}
         junctions = [p for p, m in sites.items() if isinstance(m, BottleneckSite)]
-        self.target = TargetModel(self.info, linear, frozenset(junctions))
+        has_pooler = getattr(self.model, "pooler", None) is not None  # None: the checkpoint has no pooler.* weights
+        self.target = TargetModel(self.info, linear, frozenset(junctions), has_pooler)
         self.pool = AdapterPool(linear, junctions, self.info.hidden_size, config.max_device_adapters, self.device, self.dtype)
         self.adapters = AdapterLifecycle(self.target, self.pool, config)
         self.registry = self.adapters.registry  # names and versions (the text API checks an adapter's head there first)

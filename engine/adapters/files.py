@@ -32,6 +32,7 @@ class TargetModel:
     info: ArchInfo
     linear: Mapping[str, tuple[int, int]]  # site path -> (in_features, out_features)
     junctions: frozenset[str]  # bottleneck site paths
+    has_pooler: bool = False  # an encoder whose checkpoint holds its pooler (use_pooler heads read it)
 
 
 def read_json(path: Path) -> dict:

@@ -26,8 +26,12 @@ def read_head(folder: Path, target: TargetModel) -> HeadSpec | None:
     head_type = HEAD_TYPES.get(cfg.get("head_type")) if isinstance(cfg.get("head_type"), str) else None
     if head_type is None:
         raise UnsupportedAdapter(source, f"head type {cfg.get('head_type')!r} is not supported (classification, multilabel_classification, tagging)")
-    if cfg.get("use_pooler") and target.info.is_decoder:
-        raise InvalidAdapter(source, "use_pooler heads need an encoder with a pooler")
+    # decoder heads read the last token: the library hands it to the head as its cls_output, so use_pooler has no
+    # effect there (it refused nothing, and neither do we)
+    use_pooler = bool(cfg.get("use_pooler")) and not target.info.is_decoder
+    if use_pooler and not target.has_pooler:  # sentence-embedding checkpoints often drop it
+        raise InvalidAdapter(source, "use_pooler heads need the base model's pooler, and this checkpoint has no "
+                                     "pooler.* weights")
     layers, num_labels = cfg.get("layers"), cfg.get("num_labels")
     if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in (layers, num_labels)):
         raise InvalidAdapter(source, f"head layers and num_labels must be positive integers, got {layers!r}, {num_labels!r}")
@@ -50,7 +54,7 @@ def read_head(folder: Path, target: TargetModel) -> HeadSpec | None:
         index += 1 if last or not cfg.get("activation_function") else 2  # the Linear, and its activation module
     if state:
         raise InvalidAdapter(source, "unexpected head weights", sorted(state)[0])
-    return HeadSpec(head_type, tuple(linears), act, bool(cfg.get("use_pooler")), _labels(cfg, num_labels, source))
+    return HeadSpec(head_type, tuple(linears), act, use_pooler, _labels(cfg, num_labels, source))
 
 
 def _labels(cfg: dict, num_labels: int, source: str) -> tuple[str, ...]:

@@ -190,6 +190,35 @@ def test_a_directory_in_place_of_an_adapter_file_is_named(engine, bert, tmp_path
     _assert_refused(engine, folder, InvalidAdapter, f"{name} is not a regular file")
 
 
+def test_a_pooler_head_needs_the_pooler_weights(bert, tmp_path):
+    # sentence-embedding checkpoints often drop the pooler; such a head loaded, then failed the whole batch it
+    # was in with AttributeError ('NoneType' object has no attribute 'index_select')
+    base = tmp_path / "base"
+    shutil.copytree(bert.path, base)
+    state = load_file(base / "model.safetensors")
+    save_file({k: v for k, v in state.items() if not k.startswith("pooler.")}, base / "model.safetensors")
+    engine = Engine.from_pretrained(base, device="cpu")
+    _assert_refused(engine, bert.cases["seq_bn_pooler"].path, InvalidAdapter, "use_pooler heads need the base "
+                    "model's pooler, and this checkpoint has no pooler.* weights")
+    assert engine.load_adapter(bert.cases["seq_bn"].path).method == "bottleneck"  # the rest of the model serves
+
+
+def test_use_pooler_has_no_effect_on_decoder_heads(tmp_path):
+    # the library hands decoder heads the last token as their cls_output, whatever use_pooler says; we refused them
+    llama = build_oracle("llama", tmp_path / "llama")
+    case = llama.cases["lora_qkv_ffn"]
+    folder = tmp_path / "pooled"
+    shutil.copytree(case.path, folder)
+    meta = json.loads((folder / "head_config.json").read_text())
+    meta["config"]["use_pooler"] = True
+    (folder / "head_config.json").write_text(json.dumps(meta))
+    engine = Engine.from_pretrained(llama.path, device="cpu")
+    engine.load_adapter(folder, name="pooled")
+    rows = len(llama.input_ids)
+    out = engine.forward(llama.input_ids, llama.attention_mask, ["pooled"] * rows)
+    torch.testing.assert_close(torch.stack(out.logits), case.logits, atol=1e-5, rtol=0)  # the library's logits
+
+
 def _raised(fn, *args):
     try:
         fn(*args)
