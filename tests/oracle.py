@@ -180,7 +180,7 @@ def _seed(arch: str, name: str) -> torch.Generator:
 
 
 def _peft_cases(arch: str) -> list[tuple[str, Any]]:
-    """PEFT LoRA (rsLoRA on q/v; plain on attention + FFN) and IA3 (k/v + one feed-forward module)."""
+    """PEFT LoRA (rsLoRA on q/v; plain on attention + FFN; "all-linear") and IA3 (k/v + one feed-forward module)."""
     from peft import IA3Config, LoraConfig
 
     qv, more, ia3, ff = {
@@ -194,6 +194,8 @@ def _peft_cases(arch: str) -> list[tuple[str, Any]]:
         ("peft_lora_rslora", LoraConfig(r=4, lora_alpha=8, target_modules=qv, use_rslora=True, fan_in_fan_out=fifo)),
         ("peft_lora_ffn", LoraConfig(r=4, lora_alpha=8, target_modules=more, fan_in_fan_out=fifo)),
         ("peft_ia3", IA3Config(target_modules=ia3, feedforward_modules=ff, fan_in_fan_out=fifo)),
+        # every linear layer; on the BERT family that includes the pooler, which nothing served reads
+        ("peft_lora_all_linear", LoraConfig(r=2, lora_alpha=4, target_modules="all-linear", fan_in_fan_out=fifo)),
     ]
 
 

@@ -73,6 +73,9 @@ class AdapterLifecycle:
             if spec.ignored_modules:  # PEFT drops them too, with a warning of its own; said once, not at re-reads
                 log.warning("adapter %s: ignoring the saved weights of %d modules its config does not target, e.g. %s",
                             folder.source, len(spec.ignored_modules), spec.ignored_modules[0])
+            if spec.unserved_modules:
+                log.warning("adapter %s: ignoring the saved weights of %s, which feed no output served here (no "
+                            "head reads the pooler of a PEFT adapter)", folder.source, ", ".join(spec.unserved_modules))
             read = functools.partial(self._read_again, folder, spec.name, stamp)
             return self._publish(spec, tenant, pin, read, folder)
         except BaseException:

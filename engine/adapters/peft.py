@@ -22,6 +22,9 @@ KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<param>lora_A\.we
 REFUSED = {"use_dora": "DoRA", "lora_bias": "LoRA bias", "layer_replication": "layer replication",
            "modules_to_save": "modules_to_save", "trainable_token_indices": "trainable tokens",
            "target_parameters": "target_parameters", "use_qalora": "QA-LoRA", "alora_invocation_tokens": "aLoRA"}
+# saved modules that feed nothing we serve: BERT's pooler is read only by AdapterHub heads (use_pooler), and a PEFT
+# folder brings no head ("all-linear" and ["dense"] target it); dropped with a warning at load
+UNSERVED = ("pooler.dense",)
 ALL_LINEAR = "all-linear"  # PEFT's shorthand for every linear layer but the output layer: every saved site here
 
 
@@ -46,7 +49,7 @@ def read_peft(folder: Path, target: TargetModel, name: str) -> AdapterSpec:
     state = read_weights(folder, "adapter_model.safetensors", "adapter_model.bin")
     modules: dict[str, dict] = {}
     names: dict[str, str] = {}  # site path -> the module's name in the saved model: what PEFT's patterns match
-    untargeted = set()
+    untargeted, unserved = set(), set()
     for key, tensor in state.items():
         match = KEY.match(key)
         if match is None:
@@ -55,6 +58,9 @@ def read_peft(folder: Path, target: TargetModel, name: str) -> AdapterSpec:
             untargeted.add(match["module"])
             continue
         module = _strip_prefix(match["module"], target)
+        if module in UNSERVED and module not in target.linear:
+            unserved.add(match["module"])
+            continue
         if module not in target.linear:
             raise UnsupportedAdapter(source, f"module {module!r} is not an adapter site of this base model ({key})")
         modules.setdefault(module, {})[match["param"]] = (key, tensor)
@@ -64,14 +70,18 @@ def read_peft(folder: Path, target: TargetModel, name: str) -> AdapterSpec:
         saved = sorted(untargeted)
         raise InvalidAdapter(source, f"its config targets none of the saved modules ({fields}; saved: {saved[0]}"
                                      f"{', ...' if len(saved) > 1 else ''})")
+    if not modules and unserved:
+        raise UnsupportedAdapter(source, f"it adapts only {', '.join(sorted(unserved))}, which feeds no output "
+                                         "served here")
     if not modules:
         raise InvalidAdapter(source, "no LoRA or IA3 weights in the file")
-    ignored = tuple(sorted(untargeted))  # the load warns of them (`AdapterLifecycle.load`), a re-read does not
+    # the load warns of them (`AdapterLifecycle.load`), a re-read does not
+    dropped = dict(ignored_modules=tuple(sorted(untargeted)), unserved_modules=tuple(sorted(unserved)))
     if peft_type == "LORA":
         lora = {m: _lora(p, cfg, m, names[m], target, source) for m, p in modules.items()}
-        return AdapterSpec(name, Method.LORA, source, lora=lora, config=cfg, ignored_modules=ignored)
+        return AdapterSpec(name, Method.LORA, source, lora=lora, config=cfg, **dropped)
     ia3 = {m: _ia3(p, cfg, m, names[m], target, source) for m, p in modules.items()}
-    return AdapterSpec(name, Method.IA3, source, ia3=ia3, config=cfg, ignored_modules=ignored)
+    return AdapterSpec(name, Method.IA3, source, ia3=ia3, config=cfg, **dropped)
 
 
 def _targeted(cfg: dict, peft_type: str, module: str, source: str) -> bool:

@@ -73,6 +73,7 @@ class AdapterSpec:
     head: HeadSpec | None = None
     config: Mapping = field(default_factory=dict)  # the saved config, for AdapterInfo
     ignored_modules: tuple[str, ...] = ()  # saved modules its config does not target, dropped (as PEFT drops them)
+    unserved_modules: tuple[str, ...] = ()  # saved modules that feed no output we serve (BERT's pooler), dropped
 
     @property
     def num_params(self) -> int:

@@ -219,6 +219,20 @@ def test_use_pooler_has_no_effect_on_decoder_heads(tmp_path):
     torch.testing.assert_close(torch.stack(out.logits), case.logits, atol=1e-5, rtol=0)  # the library's logits
 
 
+def test_peft_weights_of_the_pooler_are_dropped_with_a_warning(engine, bert, tmp_path, caplog):
+    # "all-linear" and ["dense"] target BERT's pooler, which no PEFT row reads: such folders were refused whole
+    case = bert.cases["peft_lora_all_linear"]
+    with caplog.at_level("WARNING", logger="engine"):
+        engine.load_adapter(case.path)
+    assert any("ignoring the saved weights of pooler.dense" in r.getMessage() for r in caplog.records)
+    only = tmp_path / "pooler_only"
+    shutil.copytree(case.path, only)
+    state = load_file(only / "adapter_model.safetensors")
+    save_file({k: v for k, v in state.items() if ".pooler." in k}, only / "adapter_model.safetensors")
+    _assert_refused(engine, only, UnsupportedAdapter, "it adapts only pooler.dense, which feeds no "
+                    "output served here")
+
+
 def _raised(fn, *args):
     try:
         fn(*args)
@@ -464,9 +478,9 @@ def test_peft_refusals(engine, bert, tmp_path):
     _assert_refused(engine, folder, UnsupportedAdapter, "DoRA")
     (folder / "adapter_config.json").write_text(json.dumps({**cfg, "peft_type": "PREFIX_TUNING"}))
     _assert_refused(engine, folder, UnsupportedAdapter, "peft_type 'PREFIX_TUNING'")
-    (folder / "adapter_config.json").write_text(json.dumps({**cfg, "target_modules": ["pooler.dense"]}))
-    save_file({"base_model.model.pooler.dense.lora_A.weight": torch.zeros(4, 64)}, folder / "adapter_model.safetensors")
-    _assert_refused(engine, folder, UnsupportedAdapter, "'pooler.dense' is not an adapter site")
+    (folder / "adapter_config.json").write_text(json.dumps({**cfg, "target_modules": ["classifier"]}))
+    save_file({"base_model.model.classifier.lora_A.weight": torch.zeros(4, 64)}, folder / "adapter_model.safetensors")
+    _assert_refused(engine, folder, UnsupportedAdapter, "'classifier' is not an adapter site")
 
 
 def test_unknown_adapter_and_tenants(engine, bert):
