@@ -4,7 +4,6 @@ Names follow the Hugging Face checkpoints (``h.3.attn.c_attn``). GPT-2 stores it
 `Conv1D` weights ``[in, out]``; `engine.model.weights` transposes them into our `nn.Linear` layout at
 load. ``c_attn`` is one merged q/k/v projection; LoRA on it uses a block-structured ``lora_b``.
 """
-import torch
 from torch import nn
 
 from engine.batch import AdapterBatch
@@ -79,7 +78,9 @@ class GPT2Model(nn.Module):
         self.ln_f = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
 
     def forward(self, input_ids, attention_mask, token_type_ids=None, meta: AdapterBatch | None = None):
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None, :]
+        # positions count a row's own tokens, as generate() computes them, so a left-padded row equals the row alone
+        # (transformers' forward counts from the first column: left padding shifted every position of the row)
+        positions = (attention_mask.cumsum(1) - 1).clamp_(min=0)
         x = self.wte(input_ids) + self.wpe(positions)
         bias = padding_bias(attention_mask, x.dtype, causal=True)
         for block in self.h:

@@ -104,6 +104,21 @@ def test_the_longest_row_a_model_holds_equals_transformers_and_one_more_is_refus
         Engine.from_pretrained(path, device="cpu", config=EngineConfig(max_seq_len=65))
 
 
+def test_a_padded_row_equals_the_row_alone(tiny):
+    # decoders also take left padding (GPT-2 shifted every position of such a row by its padding)
+    arch, model, path, pad = tiny
+    engine = Engine.from_pretrained(path, device="cpu")
+    ids = torch.randint(3, 100, (1, 6), generator=torch.Generator().manual_seed(2))
+    alone = engine.forward(ids, torch.ones_like(ids), [None]).last_hidden_state[0]
+    pads, mask = torch.full((1, 3), pad), torch.cat([torch.ones_like(ids), torch.zeros(1, 3, dtype=torch.long)], 1)
+    rows = [(torch.cat([ids, pads], 1), mask, slice(0, 6))]
+    if engine.info.is_decoder:
+        rows.append((torch.cat([pads, ids], 1), mask.flip(1), slice(3, 9)))
+    out = engine.forward(torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows]), [None] * len(rows))
+    for i, (_, _, real) in enumerate(rows):
+        assert (out.last_hidden_state[i, real] - alone).abs().max() < 1e-5, (arch, i)
+
+
 @pytest.mark.parametrize("layout", ["bin", "sharded", "prefixed"])
 def test_checkpoint_layouts(tiny, layout, tmp_path):
     arch, model, path, pad = tiny
