@@ -110,14 +110,13 @@ def read_regular(path: Path) -> bytes:
     """
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     try:
-        regular = stat.S_ISREG(os.fstat(fd).st_mode)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # before fdopen, which refuses a directory as "[Errno 21] ...: <fd>"
+            raise InvalidAdapter(str(path.parent), f"{path.name} is not a regular file")
+        file = os.fdopen(fd, "rb")
     except BaseException:
         os.close(fd)
         raise
-    if not regular:  # checked before fdopen, which refuses a directory as "[Errno 21] Is a directory: <fd>"
-        os.close(fd)
-        raise InvalidAdapter(str(path.parent), f"{path.name} is not a regular file")
-    with os.fdopen(fd, "rb") as file:
+    with file:
         return file.read()
 
 
