@@ -119,9 +119,10 @@ class BertModel(nn.Module):
         if getattr(cfg, "position_embedding_type", "absolute") != "absolute":
             raise ValueError(f"position_embedding_type {cfg.position_embedding_type!r} is not supported")
         self.info = ArchInfo(cfg.model_type, cfg.hidden_size, cfg.num_hidden_layers, False, ("bert.", "roberta."), LAYOUT)
-        # tokens one row may hold: RoBERTa's positions start after padding_idx, so 514 positions hold 512 tokens
-        self.max_tokens = cfg.max_position_embeddings - (cfg.pad_token_id + 1 if cfg.model_type != "bert" else 0)
         self.embeddings = Embeddings(cfg)
+        # tokens one row may hold: RoBERTa's positions start after padding_idx, so 514 positions hold 512 tokens
+        offset = cfg.pad_token_id + 1 if self.embeddings.roberta_positions else 0
+        self.max_tokens = cfg.max_position_embeddings - offset
         self.encoder = Encoder(cfg)
         self.pooler = Pooler(cfg)
 
