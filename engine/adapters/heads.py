@@ -12,6 +12,10 @@ from engine.names import name_problem
 from kernels import Act, act_from_name
 
 HEAD_TYPES = {t.value: t for t in HeadType}
+# Label names go out in every load reply, GetAdapter and ListAdapters: a head of 200,000 labels loaded, then its
+# reply broke gRPC's message limit and the client saw a failure for a load that had taken place. 1 MiB is ~50,000
+# labels of 20 bytes, and keeps one adapter's reply within the smallest limit the server may be given (1 MB + room).
+MAX_LABEL_BYTES = 1 << 20
 
 
 def read_head(folder: Path, target: TargetModel) -> HeadSpec | None:
@@ -39,6 +43,7 @@ def read_head(folder: Path, target: TargetModel) -> HeadSpec | None:
         act = act_from_name(cfg.get("activation_function")) if cfg.get("activation_function") else Act.IDENTITY
     except KeyError:
         raise UnsupportedAdapter(source, f"head activation {cfg.get('activation_function')!r} is not supported") from None
+    labels = _labels(cfg, num_labels, source)  # before the weights: a head too large to serve is not read
     state = read_weights(folder, "model_head.safetensors", "pytorch_model_head.bin")
     hidden, index, linears = target.info.hidden_size, 0, []
     for layer in range(layers):
@@ -54,13 +59,16 @@ def read_head(folder: Path, target: TargetModel) -> HeadSpec | None:
         index += 1 if last or not cfg.get("activation_function") else 2  # the Linear, and its activation module
     if state:
         raise InvalidAdapter(source, "unexpected head weights", sorted(state)[0])
-    return HeadSpec(head_type, tuple(linears), act, use_pooler, _labels(cfg, num_labels, source))
+    return HeadSpec(head_type, tuple(linears), act, use_pooler, labels)
 
 
 def _labels(cfg: dict, num_labels: int, source: str) -> tuple[str, ...]:
+    """The label names in id order, checked by the name rule and, together, by MAX_LABEL_BYTES."""
+    if num_labels > MAX_LABEL_BYTES:  # each name takes a byte at least; refused before a list of them is built
+        raise _too_large(source, "num_labels", num_labels, None)
     label2id = cfg.get("label2id")
     if not label2id:
-        return tuple(f"LABEL_{i}" for i in range(num_labels))
+        return _served(tuple(f"LABEL_{i}" for i in range(num_labels)), source, "num_labels")
     if not isinstance(label2id, dict) or not all(isinstance(i, int) and not isinstance(i, bool) for i in label2id.values()):
         raise InvalidAdapter(source, f"label2id must map label names to integers, got {label2id!r}")
     for label in label2id:  # labels go out in every reply and listing: a 9 MB one broke ListAdapters for everyone
@@ -69,4 +77,18 @@ def _labels(cfg: dict, num_labels: int, source: str) -> tuple[str, ...]:
             raise InvalidAdapter(source, f"a label name in label2id {problem}")
     if sorted(label2id.values()) != list(range(num_labels)):
         raise InvalidAdapter(source, f"label2id must map onto 0..{num_labels - 1}, got {label2id}")
-    return tuple(label for label, _ in sorted(label2id.items(), key=lambda item: item[1]))
+    return _served(tuple(label for label, _ in sorted(label2id.items(), key=lambda item: item[1])), source, "label2id")
+
+
+def _served(labels: tuple[str, ...], source: str, field: str) -> tuple[str, ...]:
+    size = sum(len(label.encode("utf-8")) for label in labels)
+    if size > MAX_LABEL_BYTES:
+        raise _too_large(source, field, len(labels), size)
+    return labels
+
+
+def _too_large(source: str, field: str, count: int, size: int | None) -> InvalidAdapter:
+    of = "" if size is None else f" of {size} bytes in all"
+    return InvalidAdapter(source, f"head_config.json: {field} makes {count} label names{of}; a head may hold at most "
+                                  f"{MAX_LABEL_BYTES} bytes of label names (every reply that describes the adapter "
+                                  "carries them)")

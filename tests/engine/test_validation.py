@@ -285,6 +285,9 @@ def test_corrupt_head(engine, bert, tmp_path):
     head = json.loads((folder / "head_config.json").read_text())
     head["config"]["num_labels"] = 7
     (folder / "head_config.json").write_text(json.dumps(head))
+    _assert_refused(engine, folder, InvalidAdapter, "label2id must map onto 0..6")  # checked before the weights
+    head["config"]["label2id"] = {f"L{i}": i for i in range(7)}
+    (folder / "head_config.json").write_text(json.dumps(head))
     _assert_refused(engine, folder, InvalidAdapter, "heads.seq_bn.4.weight", "expected (7, 64)")
     head["config"]["head_type"] = "question_answering"
     (folder / "head_config.json").write_text(json.dumps(head))
@@ -352,6 +355,11 @@ def test_malformed_config_values(engine, bert, tmp_path, case, changes, error, f
     ({"label2id": {"": 0, "pos": 1}}, InvalidAdapter, "a label name in label2id must be a non-empty string, got ''"),
     ({"label2id": {"a\u202eb": 0, "pos": 1}}, InvalidAdapter, "must not hold control characters, invisible ones"),
     ({"label2id": {"neg": 0, "pos\n": 1}}, InvalidAdapter, "got 'pos\\n'"),
+    # every reply describing the adapter carries its labels: 200,000 of them loaded, then broke the load's own reply.
+    # Refused before the head weights are read (these would not fit: (2, 64) saved)
+    ({"num_labels": 5000, "label2id": {f"{i:0>250}": i for i in range(5000)}}, InvalidAdapter,
+     "label2id makes 5000 label names of 1250000 bytes in all; a head may hold at most 1048576 bytes"),
+    ({"num_labels": 2 ** 21, "label2id": None}, InvalidAdapter, "num_labels makes 2097152 label names; a head may"),
 ])
 def test_malformed_head_config(engine, bert, tmp_path, changes, error, fragment):
     folder = _copy(bert, "seq_bn", tmp_path)
