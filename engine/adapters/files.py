@@ -95,10 +95,18 @@ def _read_weights_file(folder: Path, name: str) -> dict[str, torch.Tensor]:
 
 
 def _same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
-    """Bit for bit (NaN equals NaN here: the value checks name those later)."""
-    return a.keys() == b.keys() and all(
-        a[k].dtype == b[k].dtype and a[k].shape == b[k].shape
-        and torch.equal(a[k].reshape(-1).view(torch.uint8), b[k].reshape(-1).view(torch.uint8)) for k in a)
+    """Same keys, dtypes, shapes and values. By value, not bit for bit: -0.0 equals 0.0 (the two serve alike), and
+    a NaN equals any NaN, whatever its payload, so a folder with NaN in both is refused for the NaN by the value
+    checks later, not as two differing files."""
+    return a.keys() == b.keys() and all(_same_values(a[k], b[k]) for k in a)
+
+
+def _same_values(x: torch.Tensor, y: torch.Tensor) -> bool:
+    if x.dtype != y.dtype or x.shape != y.shape:
+        return False
+    if not x.is_floating_point():
+        return torch.equal(x, y)
+    return bool(torch.eq(x, y).logical_or_(x.isnan().logical_and_(y.isnan())).all())
 
 
 def read_regular(path: Path) -> bytes:

@@ -154,9 +154,18 @@ def test_bin_and_safetensors_side_by_side_must_agree(engine, bert, tmp_path):
     save_file({**state, key: state[key] + 1}, folder / "adapter.safetensors")
     # the library reads the .bin by default, use_safetensors=True the other: either choice is wrong for someone
     _assert_refused(engine, folder, InvalidAdapter, "adapter.safetensors and pytorch_adapter.bin hold different")
-    state[key][0, 0] = float("nan")  # the same NaN in both: refused for the NaN, not as a difference
+    # equal by value, not bit for bit: -0.0 and 0.0 serve alike, and were refused as different files
+    signed = {k: v.clone() for k, v in state.items()}
+    state[key][0, 1], signed[key][0, 1] = 0.0, -0.0
     torch.save(state, folder / "pytorch_adapter.bin")
-    save_file(state, folder / "adapter.safetensors")
+    save_file(signed, folder / "adapter.safetensors")
+    assert engine.load_adapter(folder, name="signed_zero").method == "lora"
+    # NaN in both, with different payloads: refused for the NaN, not as a difference
+    payload = signed[key].view(torch.int32)
+    state[key][0, 0], payload[0, 0] = float("nan"), 0x7FC00001
+    assert torch.isnan(signed[key][0, 0]) and payload[0, 0] != state[key].view(torch.int32)[0, 0]
+    torch.save(state, folder / "pytorch_adapter.bin")
+    save_file(signed, folder / "adapter.safetensors")
     _assert_refused(engine, folder, InvalidAdapter, "contains NaN or infinite values")
 
 
