@@ -53,11 +53,22 @@ def read_json(path: Path) -> dict:
     return data
 
 
+def present(path: Path) -> bool:
+    """Whether the folder holds ``path``. A symbolic link that leads to no file (dangling, or a loop) is refused,
+    not read as absent: as absent it dropped a head without a word, or served the other of two weights files."""
+    if path.exists():
+        return True
+    if path.is_symlink():
+        raise InvalidAdapter(str(path.parent), f"{path.name} is a symbolic link that leads to no file (its target is "
+                                               "missing, or the links form a loop)")
+    return False
+
+
 def read_weights(folder: Path, safetensors_name: str, bin_name: str) -> dict[str, torch.Tensor]:
     """The weights file that exists. When both do, they must hold the same tensors: the `adapters` library
     reads the .bin by default, PEFT and `use_safetensors=True` the safetensors, so either choice of ours would
     serve one of them wrongly."""
-    found = [name for name in (safetensors_name, bin_name) if (folder / name).exists()]
+    found = [name for name in (safetensors_name, bin_name) if present(folder / name)]
     if not found:
         raise InvalidAdapter(str(folder), f"no weights file ({safetensors_name} or {bin_name})")
     states = [_read_weights_file(folder, name) for name in found]

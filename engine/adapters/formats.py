@@ -19,6 +19,9 @@ def read_adapter(folder: Path, target: TargetModel, name: str | None = None,
     except (OSError, ValueError) as exc:  # a name too long for the file system, a NUL byte
         raise AdapterSourceError(str(folder), f"cannot open it: {exc}") from None
     if not is_folder:
+        if folder.is_symlink() and not folder.exists():
+            raise InvalidAdapter(str(folder), "a symbolic link that leads nowhere (its target is missing, or the "
+                                              "links form a loop)")
         raise InvalidAdapter(str(folder), "a file, not a folder" if folder.exists() else "no such folder")
     try:
         if "peft_type" in read_json(folder / "adapter_config.json"):

@@ -5,7 +5,7 @@ and names the Linears by their index in that list (``heads.<name>.1``, ``heads.<
 """
 from pathlib import Path
 
-from engine.adapters.files import TargetModel, checked, read_json, read_weights, take
+from engine.adapters.files import TargetModel, checked, present, read_json, read_weights, take
 from engine.adapters.spec import HeadSpec, HeadType
 from engine.errors import InvalidAdapter, UnsupportedAdapter
 from engine.names import name_problem
@@ -20,7 +20,7 @@ MAX_LABEL_BYTES = 1 << 20
 
 def read_head(folder: Path, target: TargetModel) -> HeadSpec | None:
     """The folder's head, or None when it was saved without one."""
-    if not (folder / "head_config.json").exists():
+    if not present(folder / "head_config.json"):
         return None
     source = str(folder)
     meta = read_json(folder / "head_config.json")

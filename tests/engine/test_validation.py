@@ -169,6 +169,31 @@ def test_bin_and_safetensors_side_by_side_must_agree(engine, bert, tmp_path):
     _assert_refused(engine, folder, InvalidAdapter, "contains NaN or infinite values")
 
 
+@pytest.mark.parametrize("case,name", [("seq_bn", "head_config.json"), ("seq_bn", "pytorch_adapter.bin"),
+                                       ("peft_lora_rslora", "adapter_model.safetensors")])
+@pytest.mark.parametrize("link", ["loop", "dangling"])
+def test_a_link_to_no_file_is_refused_not_read_as_absent(engine, bert, tmp_path, case, name, link):
+    # read as absent, such a head_config.json dropped the head without a word, and a .bin beside adapter.safetensors
+    # left the other file to be served alone
+    folder = _copy(bert, case, tmp_path)
+    if name == "pytorch_adapter.bin":  # the safetensors twin is the one that would have been served
+        save_file(torch.load(folder / name, weights_only=True), folder / "adapter.safetensors")
+    (folder / name).unlink()
+    if link == "loop":
+        (folder / "other").symlink_to(folder / name)
+        (folder / name).symlink_to(folder / "other")
+    else:
+        (folder / name).symlink_to(tmp_path / "gone")
+    _assert_refused(engine, folder, InvalidAdapter, f"{name} is a symbolic link that leads to no file")
+
+
+def test_an_adapter_folder_that_is_a_link_to_nothing_is_named_so(engine, tmp_path):
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    _assert_refused(engine, tmp_path / "loop", InvalidAdapter, "a symbolic link that leads nowhere")
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone")
+    _assert_refused(engine, tmp_path / "dangling", InvalidAdapter, "a symbolic link that leads nowhere")
+
+
 def test_bin_keys_must_be_strings(engine, bert, tmp_path):
     folder = _copy(bert, "lora_leave1", tmp_path)
     _edit_weights(folder, lambda s: s.__setitem__(7, torch.zeros(3)))
