@@ -7,13 +7,13 @@ Kubernetes Service the channel reconnects to another replica. Calls the server r
 (RESOURCE_EXHAUSTED with a RetryInfo: its queue is full, every adapter slot is busy) are tried again after the
 delay it asks for, up to 3 attempts; RESOURCE_EXHAUSTED without RetryInfo (a message over the size limit) is not.
 ``timeout`` bounds a whole call, its tries included: a retry whose wait would end past it is not made, and the
-refusal is raised at once. A call on a closed client raises `ClientClosed`.
+refusal is raised at once. A call on a closed client raises `ClientClosed`. Listings are read page by page.
 """
 import asyncio
 import json
 import math
 import time
-from typing import AsyncIterator, Iterator, Sequence
+from typing import AsyncIterator, Callable, Iterator, Sequence
 
 import grpc
 from adapterserve.v1 import adapter_service_pb2_grpc as admin_grpc
@@ -22,7 +22,7 @@ from adapterserve.v1 import inference_service_pb2_grpc as pb_grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from engine.client_calls import Call, Calls, Inputs
+from engine.client_calls import Call, Calls, Inputs, Pager
 from engine.types import AdapterInfo, CatalogEntry, Classification, ServerInfo, TokenTag
 
 # gRPC's own retries (service config); every method: inference is stateless, a repeated load swaps versions
@@ -169,11 +169,21 @@ class Client(_Base):
         return self._invoke(Calls.unload_adapter(name, tenant))
 
     def list_adapters(self, tenant: str | None = None) -> list[AdapterInfo]:
-        return self._invoke(Calls.list_adapters(tenant))
+        return self._all_pages(lambda token, size: Calls.list_adapters(tenant, token, size))
 
     def catalog(self) -> list[CatalogEntry]:
         """The adapter store's folders (`--adapter-store`); each entry's `source` loads it."""
-        return self._invoke(Calls.catalog())
+        return self._all_pages(Calls.catalog)
+
+    def _all_pages(self, page: Callable[[str, int], Call]) -> list:
+        pager = Pager(page)
+        while not pager.done:
+            try:
+                pager.took(*self._invoke(pager.call()))
+            except RpcError as exc:
+                if not pager.shrunk(exc.reason):
+                    raise
+        return pager.items
 
     def get_adapter(self, name: str, tenant: str | None = None) -> AdapterInfo:
         return self._invoke(Calls.get_adapter(name, tenant))
@@ -246,11 +256,21 @@ class AsyncClient(_Base):
         return await self._invoke(Calls.unload_adapter(name, tenant))
 
     async def list_adapters(self, tenant: str | None = None) -> list[AdapterInfo]:
-        return await self._invoke(Calls.list_adapters(tenant))
+        return await self._all_pages(lambda token, size: Calls.list_adapters(tenant, token, size))
 
     async def catalog(self) -> list[CatalogEntry]:
         """The adapter store's folders (`--adapter-store`); each entry's `source` loads it."""
-        return await self._invoke(Calls.catalog())
+        return await self._all_pages(Calls.catalog)
+
+    async def _all_pages(self, page: Callable[[str, int], Call]) -> list:
+        pager = Pager(page)
+        while not pager.done:
+            try:
+                pager.took(*await self._invoke(pager.call()))
+            except RpcError as exc:
+                if not pager.shrunk(exc.reason):
+                    raise
+        return pager.items
 
     async def get_adapter(self, name: str, tenant: str | None = None) -> AdapterInfo:
         return await self._invoke(Calls.get_adapter(name, tenant))

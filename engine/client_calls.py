@@ -8,6 +8,10 @@ from adapterserve.v1 import inference_service_pb2 as pb
 from engine.types import AdapterInfo, CatalogEntry, Classification, ServerInfo, TokenTag
 
 Inputs = Sequence[str | Sequence[int]]
+# Listings come in pages of up to this many (the server's largest): one reply of everything broke gRPC's message
+# limit once there were enough adapters. A page over the limit (REPLY_TOO_LARGE: heads with many labels) is asked
+# for again at half the size. A server without paging answers everything at once, with no next token.
+LIST_PAGE_SIZE = 1000
 
 
 def _inputs(items: Inputs) -> list[pb.Input]:
@@ -66,6 +70,27 @@ class Call:
     convert: Callable
 
 
+class Pager:
+    """Where a paged listing stands: the page to ask for next, and what came so far (for both clients)."""
+
+    def __init__(self, page: Callable[[str, int], Call]):
+        self.page, self.items, self.token, self.size, self.done = page, [], "", LIST_PAGE_SIZE, False
+
+    def call(self) -> Call:
+        return self.page(self.token, self.size)
+
+    def took(self, items: list, next_token: str) -> None:
+        self.items += items
+        self.token, self.done = next_token, not next_token
+
+    def shrunk(self, reason: str) -> bool:
+        """Halves the page after one over the message limit; False when that cannot help (the error stands)."""
+        if reason != "REPLY_TOO_LARGE" or self.size == 1:
+            return False
+        self.size //= 2
+        return True
+
+
 class Calls:
     """Request construction shared by `Client` and `AsyncClient`."""
 
@@ -105,14 +130,17 @@ class Calls:
                      lambda r: None)
 
     @staticmethod
-    def list_adapters(tenant: str | None) -> Call:
-        return Call("admin", "ListAdapters", admin_pb.ListAdaptersRequest(tenant=tenant or ""),
-                     lambda r: [_info(a) for a in r.adapters])
+    def list_adapters(tenant: str | None, page_token: str, page_size: int) -> Call:
+        """One page: ([AdapterInfo], next_page_token); the clients ask until the token is empty."""
+        request = admin_pb.ListAdaptersRequest(tenant=tenant or "", page_size=page_size, page_token=page_token)
+        return Call("admin", "ListAdapters", request, lambda r: ([_info(a) for a in r.adapters], r.next_page_token))
 
     @staticmethod
-    def catalog() -> Call:
-        return Call("admin", "ListAdapters", admin_pb.ListAdaptersRequest(include_catalog=True),
-                     lambda r: [_catalog_entry(e) for e in r.catalog])
+    def catalog(page_token: str, page_size: int) -> Call:
+        """One page: ([CatalogEntry], next_page_token)."""
+        request = admin_pb.ListAdaptersRequest(include_catalog=True, page_size=page_size, page_token=page_token)
+        return Call("admin", "ListAdapters", request,
+                     lambda r: ([_catalog_entry(e) for e in r.catalog], r.next_page_token))
 
     @staticmethod
     def get_adapter(name: str, tenant: str | None) -> Call:

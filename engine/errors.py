@@ -72,6 +72,10 @@ class InvalidRequest(AdapterServeError):
         super().__init__(message)
 
 
+class ReplyTooLarge(AdapterServeError):
+    """A reply would exceed the server's message limit (gRPC RESOURCE_EXHAUSTED); a smaller request fits."""
+
+
 class Unauthenticated(AdapterServeError):
     """No API key, or one that is not in the key file."""
 

@@ -15,6 +15,7 @@ from engine.engine import Engine
 from engine.errors import InvalidRequest, PermissionDenied
 from engine.scheduler import SchedulerConfig
 from engine.service.auth import Authenticator, Role
+from engine.service import paging
 from engine.service.convert import adapter_pb, catalog_entry_pb
 from engine.service.metrics import Metrics
 from engine.service.rpc import RpcContext, Servicer, rpc
@@ -22,9 +23,9 @@ from engine.types import AdapterInfo
 
 
 class AdapterServicer(Servicer, pb_grpc.AdapterServiceServicer):
-    def __init__(self, engine: Engine, auth: Authenticator, metrics: Metrics):
+    def __init__(self, engine: Engine, auth: Authenticator, metrics: Metrics, max_reply_bytes: int):
         super().__init__(auth, metrics)
-        self.engine = engine
+        self.engine, self.max_reply_bytes = engine, max_reply_bytes  # the server's max_send_message_length
 
     @rpc(Role.ADMIN)
     async def LoadAdapter(self, request: pb.LoadAdapterRequest, ctx: RpcContext) -> pb.LoadAdapterResponse:
@@ -72,9 +73,20 @@ class AdapterServicer(Servicer, pb_grpc.AdapterServiceServicer):
     @rpc(Role.ADMIN)
     async def ListAdapters(self, request: pb.ListAdaptersRequest, ctx: RpcContext) -> pb.ListAdaptersResponse:
         tenant = ctx.tenant(request.tenant)
-        response = pb.ListAdaptersResponse(adapters=[adapter_pb(i) for i in self.engine.list_adapters(tenant)])
+        size = paging.page_size(request.page_size)
+        cursor = paging.read_token(request.page_token, [request.tenant, request.include_catalog])
+        adapters, adapters_after, more = paging.cut(self.engine.list_adapters(tenant), _adapter_key,
+                                                    cursor.adapters_after, size)
+        catalog, catalog_after = [], cursor.catalog_after
         if request.include_catalog:
-            response.catalog.extend(catalog_entry_pb(e) for e in self.engine.catalog())
+            catalog, catalog_after, more_catalog = paging.cut(self.engine.catalog(), lambda e: [e.name],
+                                                              cursor.catalog_after, size)
+            more = more or more_catalog
+        response = pb.ListAdaptersResponse(adapters=[adapter_pb(i) for i in adapters],
+                                           catalog=[catalog_entry_pb(e) for e in catalog])
+        if more:
+            response.next_page_token = paging.write_token(paging.Cursor(cursor.listing, adapters_after, catalog_after))
+        paging.check_reply_size(response.ByteSize(), self.max_reply_bytes, size is not None)
         return response
 
     @rpc(Role.ADMIN)
@@ -101,6 +113,10 @@ class ServerServicer(Servicer, pb_grpc.ServerServiceServicer):
             max_inputs_per_request=self.scheduler_config.max_batch_rows,
             max_device_adapters=e.config.max_device_adapters, auth_enabled=self.auth.enabled,
             versions=versions(), pooling=e.pooling.value)
+
+
+def _adapter_key(info: AdapterInfo) -> paging.Key:
+    return [info.tenant or "", info.name]  # shared adapters ("") first
 
 
 def _remote_source(source: str) -> bool:

@@ -55,7 +55,7 @@ class AdapterServer:
         self.loop = EngineLoop(engine, self.scheduler, self.metrics)
         self.health = health.aio.HealthServicer()
         self.inference = InferenceServicer(engine, self.scheduler, self.auth, self.metrics)
-        self.admin = AdapterServicer(engine, self.auth, self.metrics)
+        self.admin = AdapterServicer(engine, self.auth, self.metrics, self.message_bytes)
         self.server_info = ServerServicer(engine, scheduler_config, self.auth, self.metrics)
         self.port: int | None = None
         self.metrics_port: int | None = None
@@ -64,6 +64,11 @@ class AdapterServer:
         self._stopped = asyncio.Event()
         self._draining = False
         self._tasks: list[asyncio.Task] = []
+
+    @property
+    def message_bytes(self) -> int:
+        """gRPC's limit on one message, either way."""
+        return self.config.max_message_mb * 1024 * 1024
 
     def _adapter_ready(self, request: Request) -> bool:
         """Hold a request whose adapter is still being read from its source; others go ahead meanwhile. Raises
@@ -74,7 +79,7 @@ class AdapterServer:
         return dict(collections.Counter(info.tier for info in self.engine.list_adapters()))
 
     async def start(self) -> int:
-        size = self.config.max_message_mb * 1024 * 1024
+        size = self.message_bytes
         self._grpc = grpc.aio.server(options=[
             ("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size),
             ("grpc.keepalive_time_ms", 30_000), ("grpc.keepalive_timeout_ms", 10_000),

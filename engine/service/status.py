@@ -13,7 +13,7 @@ from grpc_status import rpc_status
 
 from engine.errors import (AdapterCapacityExceeded, AdapterNotFound, AdapterServeError, AdapterSourceError,
                            AdapterSourceRefused, InvalidAdapter, InvalidRequest, ModelLoadError, NotImplementedYet,
-                           PermissionDenied, ShuttingDown, Unauthenticated, UnsupportedAdapter)
+                           PermissionDenied, ReplyTooLarge, ShuttingDown, Unauthenticated, UnsupportedAdapter)
 from engine.scheduler import DeadlineExpired, QueueFull
 
 DOMAIN = "adapterserve.dev"
@@ -37,6 +37,7 @@ MAPPINGS: tuple[tuple[type[Exception], Mapping], ...] = (
     (AdapterSourceError, Mapping(grpc.StatusCode.FAILED_PRECONDITION, "ADAPTER_SOURCE_UNAVAILABLE")),
     (AdapterCapacityExceeded, Mapping(grpc.StatusCode.RESOURCE_EXHAUSTED, "ADAPTER_SLOTS_EXHAUSTED", 1.0)),
     (QueueFull, Mapping(grpc.StatusCode.RESOURCE_EXHAUSTED, "QUEUE_FULL", 0.1)),
+    (ReplyTooLarge, Mapping(grpc.StatusCode.RESOURCE_EXHAUSTED, "REPLY_TOO_LARGE")),
     (DeadlineExpired, Mapping(grpc.StatusCode.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED")),
     (Unauthenticated, Mapping(grpc.StatusCode.UNAUTHENTICATED, "API_KEY_INVALID")),
     (PermissionDenied, Mapping(grpc.StatusCode.PERMISSION_DENIED, "PERMISSION_DENIED")),

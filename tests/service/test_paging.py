@@ -1,0 +1,154 @@
+"""ListAdapters in pages: every adapter exactly once, tokens checked, and replies within the message limit."""
+import base64
+import json
+import shutil
+
+import grpc
+import pytest
+import torch
+from adapterserve.v1 import adapter_service_pb2 as pb
+from adapterserve.v1 import adapter_service_pb2_grpc as pb_grpc
+
+import engine.client_calls
+from engine import Engine, EngineConfig
+from engine.cli import main
+from engine.client_calls import Pager
+
+
+@pytest.fixture()
+def server(start_server, minilm_setup):
+    running = start_server()
+    with running.client() as admin:
+        for name, folder in minilm_setup.folders.items():
+            admin.load_adapter(str(folder), name=name)
+        admin.load_adapter(str(minilm_setup.folders["ner"]), name="acme-ner", tenant="acme")
+    return running
+
+
+def _list(target: str, **fields) -> pb.ListAdaptersResponse:
+    with grpc.insecure_channel(target) as channel:
+        return pb_grpc.AdapterServiceStub(channel).ListAdapters(pb.ListAdaptersRequest(**fields))
+
+
+def _pages(target: str, page_size: int, **fields) -> list[list[str]]:
+    pages, token = [], ""
+    while True:
+        reply = _list(target, page_size=page_size, page_token=token, **fields)
+        pages.append([f"{a.tenant}/{a.name}" for a in reply.adapters])
+        token = reply.next_page_token
+        if not token:
+            return pages
+
+
+def test_pages_hold_every_adapter_once_in_order(server):
+    everything = ["/ner", "/plain", "/sentiment", "/topics", "acme/acme-ner"]  # shared first, then by tenant
+    assert [f"{a.tenant}/{a.name}" for a in _list(server.target).adapters] == everything  # page_size 0: all at once
+    assert _pages(server.target, 2) == [everything[0:2], everything[2:4], everything[4:]]
+    assert _pages(server.target, 1) == [[name] for name in everything]
+    assert _pages(server.target, 5) == [everything]  # no empty last page
+    assert _pages(server.target, 4000) == [everything]  # over 1000 reads as 1000
+
+
+def test_changes_between_pages_neither_repeat_nor_hide_others(server, minilm_setup):
+    first = _list(server.target, page_size=2)
+    assert [a.name for a in first.adapters] == ["ner", "plain"]
+    with server.client() as admin:
+        admin.load_adapter(str(minilm_setup.folders["plain"]), name="aaa")  # sorts before the cut: not repeated
+        admin.unload_adapter("sentiment")  # the next page's first: the rest still come
+    rest = _list(server.target, page_size=2, page_token=first.next_page_token)
+    assert [a.name for a in rest.adapters] == ["topics", "acme-ner"] and not rest.next_page_token
+
+
+def test_bad_page_requests_are_named(server):
+    with pytest.raises(grpc.RpcError) as negative:
+        _list(server.target, page_size=-1)
+    assert negative.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "page_size must be 0" in negative.value.details()
+    numbers = {"listing": ["", False], "adapters_after": [1], "catalog_after": None}  # keys that are not names
+    for token in ("not-a-token", _token({}), _token(numbers), _token([1])):
+        with pytest.raises(grpc.RpcError) as bad:
+            _list(server.target, page_size=1, page_token=token)
+        assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT, token
+        assert "page_token is not one this server handed out" in bad.value.details(), token
+    token = _list(server.target, page_size=1).next_page_token
+    with pytest.raises(grpc.RpcError) as other:  # a token continues its own listing only
+        _list(server.target, page_size=1, page_token=token, tenant="acme")
+    assert "page_token continues a listing with another tenant" in other.value.details()
+
+
+def _token(fields) -> str:
+    return base64.urlsafe_b64encode(json.dumps(fields).encode()).decode()
+
+
+def test_the_clients_and_the_cli_read_every_page(server, monkeypatch, capsys):
+    monkeypatch.setattr(engine.client_calls, "LIST_PAGE_SIZE", 2)
+    with server.client() as admin:
+        assert sorted(a.name for a in admin.list_adapters()) == ["acme-ner", "ner", "plain", "sentiment", "topics"]
+        assert sorted(a.name for a in admin.list_adapters("acme")) == ["acme-ner", "ner", "plain", "sentiment",
+                                                                        "topics"]  # its own and the shared ones
+    assert main(["adapters", "list", "--server", server.target]) == 0
+    assert sorted(a["name"] for a in json.loads(capsys.readouterr().out)) == ["acme-ner", "ner", "plain",
+                                                                              "sentiment", "topics"]
+
+
+def test_the_catalog_comes_in_pages_too(start_server, minilm_setup, tmp_path, monkeypatch):
+    store = tmp_path / "store"
+    for name in ("a", "b", "c"):
+        shutil.copytree(minilm_setup.folders["ner"], store / "minilm" / name)
+    running = start_server(engine=Engine(EngineConfig(device="cpu", adapter_store=str(store))))
+    pages, token = [], ""
+    while True:
+        reply = _list(running.target, include_catalog=True, page_size=2, page_token=token)
+        pages.append([e.name for e in reply.catalog])
+        token = reply.next_page_token
+        if not token:
+            break
+    assert pages == [["minilm/a", "minilm/b"], ["minilm/c"]]
+    monkeypatch.setattr(engine.client_calls, "LIST_PAGE_SIZE", 1)
+    with running.client() as client:
+        assert [e.name for e in client.catalog()] == ["minilm/a", "minilm/b", "minilm/c"]
+
+
+def _many_labels(folder, target, labels: int):
+    """A copy of the classification adapter whose head has ``labels`` label names of 200 characters."""
+    shutil.copytree(folder, target)
+    head = json.loads((target / "head_config.json").read_text())
+    head["config"]["num_labels"] = labels
+    head["config"]["label2id"] = {f"{i:0>200}": i for i in range(labels)}
+    (target / "head_config.json").write_text(json.dumps(head))
+    state = torch.load(target / "pytorch_model_head.bin", weights_only=True)
+    last = max(state, key=lambda k: int(k.split(".")[2]))
+    prefix = last.rsplit(".", 1)[0]
+    state[prefix + ".weight"] = torch.randn(labels, 384) * 0.05
+    state[prefix + ".bias"] = torch.zeros(labels)
+    torch.save(state, target / "pytorch_model_head.bin")
+    return target
+
+
+def test_a_listing_over_the_message_limit_is_refused_by_name_and_the_client_halves_its_pages(
+        start_server, minilm_setup, tmp_path):
+    running = start_server(max_message_mb=1)
+    with running.client() as admin:  # two heads of 600 KB of label names each: one fits a 1 MB reply, two do not
+        for name in ("many-a", "many-b"):
+            admin.load_adapter(str(_many_labels(minilm_setup.folders["sentiment"], tmp_path / name, 3000)), name=name)
+        with pytest.raises(grpc.RpcError) as whole:
+            _list(running.target)
+        assert whole.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "over the server's message limit of 1048576 bytes: ask for pages (page_size)" in whole.value.details()
+        with pytest.raises(grpc.RpcError) as page:
+            _list(running.target, page_size=2)
+        assert "ask for a smaller page_size" in page.value.details()
+        listed = admin.list_adapters()  # 1000 -> ... -> 1 per page
+        assert sorted(a.name for a in listed) == ["many-a", "many-b"] and len(listed[0].labels) == 3000
+
+
+def test_the_pager_halves_only_for_replies_over_the_limit():
+    pager = Pager(lambda token, size: (token, size))
+    assert pager.call() == ("", 1000)
+    assert not pager.shrunk("QUEUE_FULL") and pager.size == 1000  # any other refusal stands
+    assert pager.shrunk("REPLY_TOO_LARGE") and pager.call() == ("", 500)
+    pager.took(["a"], "next")
+    assert (pager.call(), pager.items, pager.done) == (("next", 500), ["a"], False)
+    pager.size = 1
+    assert not pager.shrunk("REPLY_TOO_LARGE")  # one adapter per page is as small as pages get
+    pager.took(["b"], "")
+    assert (pager.items, pager.done) == (["a", "b"], True)
