@@ -13,9 +13,10 @@ from kernels import Act, act_from_name
 
 HEAD_TYPES = {t.value: t for t in HeadType}
 # Label names go out in every load reply, GetAdapter and ListAdapters: a head of 200,000 labels loaded, then its
-# reply broke gRPC's message limit and the client saw a failure for a load that had taken place. 1 MiB is ~50,000
-# labels of 20 bytes, and keeps one adapter's reply within the smallest limit the server may be given (1 MB + room).
-MAX_LABEL_BYTES = 1 << 20
+# reply broke gRPC's message limit and the client saw a failure for a load that had taken place. 512 KiB is ~25,000
+# labels of 20 bytes, and leaves one adapter's reply (names plus 2-3 bytes of framing each) within the smallest
+# limit a server may be given (--max-message-mb 1).
+MAX_LABEL_BYTES = 1 << 19
 
 
 def read_head(folder: Path, target: TargetModel) -> HeadSpec | None:

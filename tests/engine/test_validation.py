@@ -391,9 +391,9 @@ def test_malformed_config_values(engine, bert, tmp_path, case, changes, error, f
     ({"label2id": {"neg": 0, "pos\n": 1}}, InvalidAdapter, "got 'pos\\n'"),
     # every reply describing the adapter carries its labels: 200,000 of them loaded, then broke the load's own reply.
     # Refused before the head weights are read (these would not fit: (2, 64) saved)
-    ({"num_labels": 5000, "label2id": {f"{i:0>250}": i for i in range(5000)}}, InvalidAdapter,
-     "label2id makes 5000 label names of 1250000 bytes in all; a head may hold at most 1048576 bytes"),
-    ({"num_labels": 2 ** 21, "label2id": None}, InvalidAdapter, "num_labels makes 2097152 label names; a head may"),
+    ({"num_labels": 2500, "label2id": {f"{i:0>250}": i for i in range(2500)}}, InvalidAdapter,
+     "label2id makes 2500 label names of 625000 bytes in all; a head may hold at most 524288 bytes"),
+    ({"num_labels": 2 ** 20, "label2id": None}, InvalidAdapter, "num_labels makes 1048576 label names; a head may"),
 ])
 def test_malformed_head_config(engine, bert, tmp_path, changes, error, fragment):
     folder = _copy(bert, "seq_bn", tmp_path)

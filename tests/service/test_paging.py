@@ -127,18 +127,19 @@ def _many_labels(folder, target, labels: int):
 def test_a_listing_over_the_message_limit_is_refused_by_name_and_the_client_halves_its_pages(
         start_server, minilm_setup, tmp_path):
     running = start_server(max_message_mb=1)
-    with running.client() as admin:  # two heads of 600 KB of label names each: one fits a 1 MB reply, two do not
-        for name in ("many-a", "many-b"):
-            admin.load_adapter(str(_many_labels(minilm_setup.folders["sentiment"], tmp_path / name, 3000)), name=name)
+    names = ["many-a", "many-b", "many-c"]
+    with running.client() as admin:  # heads of 400 KB of label names each: two fit a 1 MB reply, three do not
+        for name in names:
+            admin.load_adapter(str(_many_labels(minilm_setup.folders["sentiment"], tmp_path / name, 2000)), name=name)
         with pytest.raises(grpc.RpcError) as whole:
             _list(running.target)
         assert whole.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "over the server's message limit of 1048576 bytes: ask for pages (page_size)" in whole.value.details()
         with pytest.raises(grpc.RpcError) as page:
-            _list(running.target, page_size=2)
+            _list(running.target, page_size=3)
         assert "ask for a smaller page_size" in page.value.details()
-        listed = admin.list_adapters()  # 1000 -> ... -> 1 per page
-        assert sorted(a.name for a in listed) == ["many-a", "many-b"] and len(listed[0].labels) == 3000
+        listed = admin.list_adapters()  # 1000 -> ... -> 3 per page refused, then 1
+        assert sorted(a.name for a in listed) == names and len(listed[0].labels) == 2000
 
 
 def test_the_pager_halves_only_for_replies_over_the_limit():
