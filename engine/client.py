@@ -26,7 +26,10 @@ from engine.client_calls import Call, Calls, Inputs, Pager
 from engine.types import AdapterInfo, CatalogEntry, Classification, ServerInfo, TokenTag
 
 # gRPC's own retries (service config); every method: inference is stateless, a repeated load swaps versions
-CHANNEL_OPTIONS = [("grpc.enable_retries", 1), ("grpc.service_config", json.dumps({"methodConfig": [{
+# -1: replies as large as the server sends (its --max-message-mb decides); gRPC's 4 MiB default refused pages and
+# replies the server had checked against its own 16 MB, with no reason the pager could act on
+CHANNEL_OPTIONS = [("grpc.max_receive_message_length", -1), ("grpc.enable_retries", 1),
+                   ("grpc.service_config", json.dumps({"methodConfig": [{
     "name": [{"service": "adapterserve.v1.InferenceService"}, {"service": "adapterserve.v1.AdapterService"},
              {"service": "adapterserve.v1.ServerService"}],
     "retryPolicy": {"maxAttempts": 3, "initialBackoff": "0.2s", "maxBackoff": "2s", "backoffMultiplier": 2,

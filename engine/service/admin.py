@@ -74,7 +74,7 @@ class AdapterServicer(Servicer, pb_grpc.AdapterServiceServicer):
     async def ListAdapters(self, request: pb.ListAdaptersRequest, ctx: RpcContext) -> pb.ListAdaptersResponse:
         tenant = ctx.tenant(request.tenant)
         size = paging.page_size(request.page_size)
-        cursor = paging.read_token(request.page_token, [request.tenant, request.include_catalog])
+        cursor = paging.read_token(request.page_token, [tenant, request.include_catalog])
         adapters, adapters_after, more = paging.cut(self.engine.list_adapters(tenant), _adapter_key,
                                                     cursor.adapters_after, size)
         catalog, catalog_after = [], cursor.catalog_after

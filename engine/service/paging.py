@@ -20,7 +20,7 @@ Key = list[str]  # JSON-friendly sort key: [tenant, name] for adapters, [name] f
 
 @dataclass(frozen=True)
 class Cursor:
-    listing: list  # the request fields a token continues: [tenant, include_catalog]
+    listing: list  # what a token continues: [tenant (as resolved, header included; None: all), include_catalog]
     adapters_after: Key | None  # sort key of the last adapter served; None before the first page
     catalog_after: Key | None
 
@@ -38,7 +38,7 @@ def read_token(token: str, listing: list) -> Cursor:
     try:
         fields = json.loads(base64.urlsafe_b64decode(token.encode("ascii")))
         cursor = Cursor(fields["listing"], fields["adapters_after"], fields["catalog_after"])
-    except (ValueError, UnicodeError, binascii.Error, KeyError, TypeError):
+    except (ValueError, UnicodeError, binascii.Error, KeyError, TypeError, RecursionError):  # "[[[[..." nests deep
         raise InvalidRequest("page_token is not one this server handed out", "page_token") from None
     if not all(after is None or (isinstance(after, list) and all(isinstance(k, str) for k in after))
                for after in (cursor.adapters_after, cursor.catalog_after)):
