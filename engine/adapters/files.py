@@ -39,6 +39,7 @@ def read_json(path: Path) -> dict:
     try:
         data = json.loads(read_regular(path).decode("utf-8"))
     except FileNotFoundError:
+        present(path)  # a link to no file is named as one
         raise InvalidAdapter(str(path.parent), f"missing {path.name}") from None
     except ValueError as exc:  # not UTF-8, not JSON, or an integer past Python's 4300 digits
         raise InvalidAdapter(str(path.parent), f"cannot read {path.name}: {exc}") from None
@@ -47,6 +48,8 @@ def read_json(path: Path) -> dict:
     except OSError as exc:
         if exc.errno in MEDIUM_ERRNOS:
             raise AdapterSourceError(str(path.parent), f"I/O error reading {path.name}: {exc}") from None
+        if exc.errno == errno.ELOOP:
+            present(path)
         raise InvalidAdapter(str(path.parent), f"cannot read {path.name}: {exc}") from None
     if not isinstance(data, dict):
         raise InvalidAdapter(str(path.parent), f"{path.name} must hold a JSON object")

@@ -170,7 +170,8 @@ def test_bin_and_safetensors_side_by_side_must_agree(engine, bert, tmp_path):
 
 
 @pytest.mark.parametrize("case,name", [("seq_bn", "head_config.json"), ("seq_bn", "pytorch_adapter.bin"),
-                                       ("peft_lora_rslora", "adapter_model.safetensors")])
+                                       ("peft_lora_rslora", "adapter_model.safetensors"),
+                                       ("seq_bn", "adapter_config.json")])
 @pytest.mark.parametrize("link", ["loop", "dangling"])
 def test_a_link_to_no_file_is_refused_not_read_as_absent(engine, bert, tmp_path, case, name, link):
     # read as absent, such a head_config.json dropped the head without a word, and a .bin beside adapter.safetensors
