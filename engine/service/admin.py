@@ -24,8 +24,8 @@ from engine.types import AdapterInfo
 
 class AdapterServicer(Servicer, pb_grpc.AdapterServiceServicer):
     def __init__(self, engine: Engine, auth: Authenticator, metrics: Metrics, max_reply_bytes: int):
-        super().__init__(auth, metrics)
-        self.engine, self.max_reply_bytes = engine, max_reply_bytes  # the server's max_send_message_length
+        super().__init__(auth, metrics, max_reply_bytes)
+        self.engine = engine
 
     @rpc(Role.ADMIN)
     async def LoadAdapter(self, request: pb.LoadAdapterRequest, ctx: RpcContext) -> pb.LoadAdapterResponse:
@@ -98,8 +98,9 @@ class AdapterServicer(Servicer, pb_grpc.AdapterServiceServicer):
 
 
 class ServerServicer(Servicer, pb_grpc.ServerServiceServicer):
-    def __init__(self, engine: Engine, scheduler_config: SchedulerConfig, auth: Authenticator, metrics: Metrics):
-        super().__init__(auth, metrics)
+    def __init__(self, engine: Engine, scheduler_config: SchedulerConfig, auth: Authenticator, metrics: Metrics,
+                 max_reply_bytes: int):
+        super().__init__(auth, metrics, max_reply_bytes)
         self.engine, self.scheduler_config = engine, scheduler_config
 
     @rpc(Role.INFERENCE)

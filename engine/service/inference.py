@@ -18,8 +18,9 @@ from engine.types import AdapterInfo
 
 
 class InferenceServicer(Servicer, pb_grpc.InferenceServiceServicer):
-    def __init__(self, engine: Engine, scheduler: Scheduler, auth: Authenticator, metrics: Metrics):
-        super().__init__(auth, metrics)
+    def __init__(self, engine: Engine, scheduler: Scheduler, auth: Authenticator, metrics: Metrics,
+                 max_reply_bytes: int):
+        super().__init__(auth, metrics, max_reply_bytes)
         self.engine, self.scheduler = engine, scheduler
         self.draining = False
         self.in_flight = 0  # accepted requests not yet answered (drain waits for them)

@@ -13,6 +13,7 @@ import uuid
 
 import grpc
 
+from engine.errors import ReplyTooLarge
 from engine.service.auth import Authenticator, Principal, Role
 from engine.service.metrics import Metrics
 from engine.service.status import to_status
@@ -41,8 +42,9 @@ class RpcContext:
 class Servicer:
     """Base of our servicers: holds what `rpc` needs."""
 
-    def __init__(self, auth: Authenticator, metrics: Metrics):
+    def __init__(self, auth: Authenticator, metrics: Metrics, max_reply_bytes: int):
         self.auth, self.metrics = auth, metrics
+        self.max_reply_bytes = max_reply_bytes  # the server's max_send_message_length
 
 
 TENANT_HEADER = "x-tenant-id"
@@ -130,7 +132,7 @@ def rpc(role: Role):
                 call = _Call(self, name, request, context)
                 async with call.outcome():
                     async for response in method(self, request, call.rpc_context(role)):
-                        yield response
+                        yield _within_limit(response, self.max_reply_bytes)
 
             return stream_handler
 
@@ -138,8 +140,19 @@ def rpc(role: Role):
         async def handler(self: Servicer, request, context: grpc.aio.ServicerContext):
             call = _Call(self, name, request, context)
             async with call.outcome():
-                return await method(self, request, call.rpc_context(role))
+                return _within_limit(await method(self, request, call.rpc_context(role)), self.max_reply_bytes)
 
         return handler
 
     return wrap
+
+
+def _within_limit(response, limit: int):
+    """The reply, unless gRPC would fail to send it: then REPLY_TOO_LARGE by name, counted and logged as such (the
+    call was logged OK while the client got gRPC's own RESOURCE_EXHAUSTED; a Classify reply repeats the head's
+    labels for every input, 64 inputs of a head with many labels pass 16 MB)."""
+    size = response.ByteSize()
+    if size > limit:
+        raise ReplyTooLarge(f"the reply takes {size} bytes, over the server's message limit of {limit} bytes: ask "
+                            "for less in one call (fewer inputs)")
+    return response

@@ -54,9 +54,9 @@ class AdapterServer:
         self.scheduler = Scheduler(scheduler_config, ready=self._adapter_ready)
         self.loop = EngineLoop(engine, self.scheduler, self.metrics)
         self.health = health.aio.HealthServicer()
-        self.inference = InferenceServicer(engine, self.scheduler, self.auth, self.metrics)
+        self.inference = InferenceServicer(engine, self.scheduler, self.auth, self.metrics, self.message_bytes)
         self.admin = AdapterServicer(engine, self.auth, self.metrics, self.message_bytes)
-        self.server_info = ServerServicer(engine, scheduler_config, self.auth, self.metrics)
+        self.server_info = ServerServicer(engine, scheduler_config, self.auth, self.metrics, self.message_bytes)
         self.port: int | None = None
         self.metrics_port: int | None = None
         self._metrics_http = None

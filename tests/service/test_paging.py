@@ -2,6 +2,7 @@
 import base64
 import json
 import shutil
+import urllib.request
 
 import grpc
 import pytest
@@ -12,6 +13,7 @@ from adapterserve.v1 import adapter_service_pb2_grpc as pb_grpc
 import engine.client_calls
 from engine import Engine, EngineConfig
 from engine.cli import main
+from engine.client import RpcError
 from engine.client_calls import Pager
 
 
@@ -172,3 +174,20 @@ def test_the_pager_halves_only_for_replies_over_the_limit():
     assert not pager.shrunk("REPLY_TOO_LARGE")  # one adapter per page is as small as pages get
     pager.took(["b"], "")
     assert (pager.items, pager.done) == (["a", "b"], True)
+
+
+def test_any_reply_over_the_message_limit_is_refused_by_name_and_counted(start_server, minilm_setup, tmp_path):
+    # a Classify reply holds every label of the head with its score, for every input: it passed the limit, the
+    # client got gRPC's own RESOURCE_EXHAUSTED, and the call was counted and logged OK
+    folder = _many_labels(minilm_setup.folders["sentiment"], tmp_path / "many", 2000)  # ~420 KB per input's reply
+    running = start_server(max_message_mb=1)
+    with running.client() as client:
+        client.load_adapter(str(folder), name="many")
+        [one] = client.classify(["fine"], "many")
+        assert len(one.scores) == 2000
+        with pytest.raises(RpcError) as two:
+            client.classify(["fine", "also fine", "three"], "many")
+    assert (two.value.code, two.value.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "REPLY_TOO_LARGE")
+    assert "over the server's message limit of 1048576 bytes: ask for less in one call" in two.value.message
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{running.server.metrics_port}/metrics").read().decode()
+    assert 'adapterserve_requests_total{code="RESOURCE_EXHAUSTED",method="Classify"} 1.0' in metrics
