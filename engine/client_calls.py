@@ -138,7 +138,8 @@ class Calls:
     @staticmethod
     def catalog(page_token: str, page_size: int) -> Call:
         """One page: ([CatalogEntry], next_page_token)."""
-        request = admin_pb.ListAdaptersRequest(include_catalog=True, page_size=page_size, page_token=page_token)
+        request = admin_pb.ListAdaptersRequest(include_catalog=True, omit_adapters=True, page_size=page_size,
+                                               page_token=page_token)
         return Call("admin", "ListAdapters", request,
                      lambda r: ([_catalog_entry(e) for e in r.catalog], r.next_page_token))
 

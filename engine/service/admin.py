@@ -74,9 +74,9 @@ class AdapterServicer(Servicer, pb_grpc.AdapterServiceServicer):
     async def ListAdapters(self, request: pb.ListAdaptersRequest, ctx: RpcContext) -> pb.ListAdaptersResponse:
         tenant = ctx.tenant(request.tenant)
         size = paging.page_size(request.page_size)
-        cursor = paging.read_token(request.page_token, [tenant, request.include_catalog])
-        adapters, adapters_after, more = paging.cut(self.engine.list_adapters(tenant), _adapter_key,
-                                                    cursor.adapters_after, size)
+        cursor = paging.read_token(request.page_token, [tenant, request.include_catalog, request.omit_adapters])
+        adapters = [] if request.omit_adapters else self.engine.list_adapters(tenant)
+        adapters, adapters_after, more = paging.cut(adapters, _adapter_key, cursor.adapters_after, size)
         catalog, catalog_after = [], cursor.catalog_after
         if request.include_catalog:
             catalog, catalog_after, more_catalog = paging.cut(self.engine.catalog(), lambda e: [e.name],

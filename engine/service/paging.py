@@ -20,7 +20,8 @@ Key = list[str]  # JSON-friendly sort key: [tenant, name] for adapters, [name] f
 
 @dataclass(frozen=True)
 class Cursor:
-    listing: list  # what a token continues: [tenant (as resolved, header included; None: all), include_catalog]
+    listing: list  # what a token continues: [tenant (as resolved, header included; None: all), include_catalog,
+    # omit_adapters]
     adapters_after: Key | None  # sort key of the last adapter served; None before the first page
     catalog_after: Key | None
 
@@ -44,7 +45,8 @@ def read_token(token: str, listing: list) -> Cursor:
                for after in (cursor.adapters_after, cursor.catalog_after)):
         raise InvalidRequest("page_token is not one this server handed out", "page_token")
     if cursor.listing != listing:
-        raise InvalidRequest("page_token continues a listing with another tenant or include_catalog", "page_token")
+        raise InvalidRequest("page_token continues a listing with another tenant, include_catalog or omit_adapters",
+                             "page_token")
     return cursor
 
 

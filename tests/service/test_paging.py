@@ -103,14 +103,21 @@ def test_the_catalog_comes_in_pages_too(start_server, minilm_setup, tmp_path, mo
     for name in ("a", "b", "c"):
         shutil.copytree(minilm_setup.folders["ner"], store / "minilm" / name)
     running = start_server(engine=Engine(EngineConfig(device="cpu", adapter_store=str(store))))
-    pages, token = [], ""
-    while True:
-        reply = _list(running.target, include_catalog=True, page_size=2, page_token=token)
-        pages.append([e.name for e in reply.catalog])
-        token = reply.next_page_token
-        if not token:
-            break
-    assert pages == [["minilm/a", "minilm/b"], ["minilm/c"]]
+    with running.client() as admin:
+        for name in ("x", "y", "z", "zz", "zzz"):
+            admin.load_adapter(str(minilm_setup.folders["ner"]), name=name)
+
+    def pages(**fields):
+        found, token = [], ""
+        while True:
+            reply = _list(running.target, include_catalog=True, page_size=2, page_token=token, **fields)
+            found.append(([a.name for a in reply.adapters], [e.name for e in reply.catalog]))
+            token = reply.next_page_token
+            if not token:
+                return found
+    # both lists in step: as many pages as the longer one needs
+    assert pages() == [(["x", "y"], ["minilm/a", "minilm/b"]), (["z", "zz"], ["minilm/c"]), (["zzz"], [])]
+    assert pages(omit_adapters=True) == [([], ["minilm/a", "minilm/b"]), ([], ["minilm/c"])]  # the catalog's own
     monkeypatch.setattr(engine.client_calls, "LIST_PAGE_SIZE", 1)
     with running.client() as client:
         assert [e.name for e in client.catalog()] == ["minilm/a", "minilm/b", "minilm/c"]
