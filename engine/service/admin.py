@@ -14,8 +14,8 @@ from adapterserve.v1 import adapter_service_pb2_grpc as pb_grpc
 from engine.engine import Engine
 from engine.errors import InvalidRequest, PermissionDenied
 from engine.scheduler import SchedulerConfig
-from engine.service.auth import Authenticator, Role
 from engine.service import paging
+from engine.service.auth import Authenticator, Role
 from engine.service.convert import adapter_pb, catalog_entry_pb
 from engine.service.metrics import Metrics
 from engine.service.rpc import RpcContext, Servicer, rpc

@@ -20,8 +20,8 @@ Key = list[str]  # JSON-friendly sort key: [tenant, name] for adapters, [name] f
 
 @dataclass(frozen=True)
 class Cursor:
-    listing: list  # what a token continues: [tenant (as resolved, header included; None: all), include_catalog,
-    # omit_adapters]
+    # what a token continues: [tenant (as resolved, header included; None: all), include_catalog, omit_adapters]
+    listing: list
     adapters_after: Key | None  # sort key of the last adapter served; None before the first page
     catalog_after: Key | None
 

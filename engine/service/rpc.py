@@ -149,8 +149,8 @@ def rpc(role: Role):
 
 def _within_limit(response, limit: int):
     """The reply, unless gRPC would fail to send it: then REPLY_TOO_LARGE by name, counted and logged as such (the
-    call was logged OK while the client got gRPC's own RESOURCE_EXHAUSTED; a Classify reply repeats the head's
-    labels for every input, 64 inputs of a head with many labels pass 16 MB)."""
+    call was logged OK while the client got gRPC's own RESOURCE_EXHAUSTED; a Classify reply holds every label of the
+    head with its score, for every input: 64 inputs of a head with many labels pass 16 MB)."""
     size = response.ByteSize()
     if size > limit:
         raise ReplyTooLarge(f"the reply takes {size} bytes, over the server's message limit of {limit} bytes: ask "
