@@ -60,6 +60,16 @@ def minilm_setup(tmp_path_factory):
     return ServiceSetup(library, Engine.from_pretrained(device="cpu"))
 
 
+@pytest.fixture()
+def server(start_server, minilm_setup):
+    """A server on the shared engine with every MiniLM adapter loaded, shared."""
+    running = start_server()
+    with running.client() as admin:
+        for name, folder in minilm_setup.folders.items():
+            admin.load_adapter(str(folder), name=name)
+    return running
+
+
 @pytest.fixture(scope="session")
 def key_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("keys") / "keys.json"

@@ -18,13 +18,11 @@ from engine.client_calls import Pager
 
 
 @pytest.fixture()
-def server(start_server, minilm_setup):
-    running = start_server()
-    with running.client() as admin:
-        for name, folder in minilm_setup.folders.items():
-            admin.load_adapter(str(folder), name=name)
+def server(server, minilm_setup):
+    """conftest's server, and one adapter of a tenant's own."""
+    with server.client() as admin:
         admin.load_adapter(str(minilm_setup.folders["ner"]), name="acme-ner", tenant="acme")
-    return running
+    return server
 
 
 def _list(target: str, metadata=(), **fields) -> pb.ListAdaptersResponse:

@@ -19,15 +19,6 @@ from engine.types import ServerInfo
 from minilm import TEXTS
 
 
-@pytest.fixture()
-def server(start_server, minilm_setup):
-    running = start_server()
-    with running.client() as admin:
-        for name, folder in minilm_setup.folders.items():
-            admin.load_adapter(str(folder), name=name)
-    return running
-
-
 def test_classify_embed_tag_round_trip_and_match_the_library(server, minilm_setup):
     with server.client() as client:
         results = client.classify(TEXTS, "sentiment")
