@@ -82,6 +82,8 @@ class GPT2Model(nn.Module):
         # (transformers' forward counts from the first column: left padding shifted every position of the row)
         positions = (attention_mask.cumsum(1) - 1).clamp_(min=0)
         x = self.wte(input_ids) + self.wpe(positions)
+        if token_type_ids is not None:  # GPT-2 embeds token types with its word embeddings, as transformers does
+            x = x + self.wte(token_type_ids)
         bias = padding_bias(attention_mask, x.dtype, causal=True)
         for block in self.h:
             x = block(x, bias, meta)
