@@ -75,8 +75,14 @@ class Engine:
 
     @property
     def pad_token_id(self) -> int:
+        """The id padding is written with: the config's, else the tokenizer's, else 0, and always an id of the
+        vocabulary. A config pad of -1 (some converted LLaMA checkpoints carry it) made the engine's own padding
+        fail its id check: every call with texts of different lengths, and the server's warm-up, were refused."""
+        vocab = self.model_config.vocab_size
         pad = getattr(self.model_config, "pad_token_id", None)
-        return pad if pad is not None else (self.tokenizer.pad_token_id or 0)
+        if not (isinstance(pad, int) and 0 <= pad < vocab):
+            pad = self.tokenizer.pad_token_id
+        return pad if isinstance(pad, int) and 0 <= pad < vocab else 0
 
     # ---- adapters -------------------------------------------------------------------------------
     def load_adapter(self, source: str | Path, name: str | None = None, tenant: str | None = None,
