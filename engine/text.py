@@ -34,16 +34,20 @@ def encode_texts(tokenizer, texts: Sequence[str], max_len: int) -> list[EncodedR
     """Tokenises with truncation to the model's limit; special tokens as the tokenizer adds them."""
     if not isinstance(texts, (list, tuple)) or not texts:
         raise InvalidRequest("texts must be a non-empty list of strings", "texts")
-    for i, text in enumerate(texts):
-        check_text(text, f"texts[{i}]")
-    return tokenize(tokenizer, texts, max_len)
+    fields = [f"texts[{i}]" for i in range(len(texts))]
+    for text, field in zip(texts, fields):
+        check_text(text, field)
+    return tokenize(tokenizer, texts, max_len, fields)
 
 
-def tokenize(tokenizer, texts: Sequence[str], max_len: int) -> list[EncodedRow]:
-    """`encode_texts` for texts the caller has checked (the service names them by their place in the request)."""
+def tokenize(tokenizer, texts: Sequence[str], max_len: int, fields: Sequence[str]) -> list[EncodedRow]:
+    """`encode_texts` for texts the caller has checked, each named by ``fields`` (the service names them by their
+    place in the request)."""
     enc = tokenizer(list(texts), truncation=True, max_length=max_len, return_offsets_mapping=tokenizer.is_fast)
     rows = []
-    for i in range(len(texts)):
+    for i, field in enumerate(fields):
+        if not enc["input_ids"][i]:  # "   " with a tokenizer that adds no special tokens: nothing to run
+            raise InvalidRequest(f"{field} holds no tokens once tokenised", field)
         types = enc.get("token_type_ids")
         offsets = enc.get("offset_mapping")
         rows.append(EncodedRow(tuple(enc["input_ids"][i]), tuple(types[i]) if types else None,

