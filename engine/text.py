@@ -20,6 +20,8 @@ class EncodedRow:
     ids: tuple[int, ...]
     type_ids: tuple[int, ...] | None  # BERT segment ids, None where the tokenizer gives none
     offsets: tuple[tuple[int, int], ...] | None  # character span per token; None for pre-tokenised input
+    # per token, whether the tokenizer added it ([CLS], </s>, ...): not tagged. None for pre-tokenised input
+    added: tuple[bool, ...] | None = None
 
 
 def check_text(text: object, field: str) -> None:
@@ -43,7 +45,8 @@ def encode_texts(tokenizer, texts: Sequence[str], max_len: int) -> list[EncodedR
 def tokenize(tokenizer, texts: Sequence[str], max_len: int, fields: Sequence[str]) -> list[EncodedRow]:
     """`encode_texts` for texts the caller has checked, each named by ``fields`` (the service names them by their
     place in the request)."""
-    enc = tokenizer(list(texts), truncation=True, max_length=max_len, return_offsets_mapping=tokenizer.is_fast)
+    enc = tokenizer(list(texts), truncation=True, max_length=max_len, return_offsets_mapping=tokenizer.is_fast,
+                    return_special_tokens_mask=True)
     rows = []
     for i, field in enumerate(fields):
         if not enc["input_ids"][i]:  # "   " with a tokenizer that adds no special tokens: nothing to run
@@ -51,7 +54,8 @@ def tokenize(tokenizer, texts: Sequence[str], max_len: int, fields: Sequence[str
         types = enc.get("token_type_ids")
         offsets = enc.get("offset_mapping")
         rows.append(EncodedRow(tuple(enc["input_ids"][i]), tuple(types[i]) if types else None,
-                               tuple(map(tuple, offsets[i])) if offsets else None))
+                               tuple(map(tuple, offsets[i])) if offsets else None,
+                               tuple(bool(m) for m in enc["special_tokens_mask"][i])))
     return rows
 
 
@@ -97,15 +101,17 @@ def classifications(logits: Sequence[torch.Tensor], heads: Sequence[RowHead | No
 
 def token_tags(logits: Sequence[torch.Tensor], heads: Sequence[RowHead | None], rows: Sequence[EncodedRow],
                tokenizer, adapter: str, task: str) -> list[list[TokenTag]]:
-    """Per row, a tag for each real token (special tokens are skipped), read with the row's head."""
-    special = set(tokenizer.all_special_ids)
+    """Per row, a tag for each token of the text, read with the row's head. Tokens the tokenizer added ([CLS],
+    </s>) are skipped; unknown ones are tagged (skipping every special id dropped [UNK]: "I ❤ Paris" lost its
+    heart, an emoji alone got no tag). Pre-tokenised rows skip the special ids but [UNK]'s."""
+    special = set(tokenizer.all_special_ids) - {tokenizer.unk_token_id}
     results = []
     for row_logits, head, row in zip(logits, heads, rows):
         require_head(adapter, head and head.head_type, TAG_HEADS, task)
         probs = torch.softmax(row_logits.float(), dim=-1)
         tags = []
         for pos, token_id in enumerate(row.ids):
-            if token_id in special:
+            if row.added[pos] if row.added is not None else token_id in special:
                 continue
             start, end = row.offsets[pos] if row.offsets else (0, 0)
             label = int(probs[pos].argmax())

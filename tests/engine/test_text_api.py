@@ -48,6 +48,14 @@ def test_tag_matches_library_and_offsets(engine, library):
             assert text[tag.start:tag.end].lower().startswith(tag.token.lstrip("#")[:1])
 
 
+def test_unknown_tokens_are_tagged(engine, library):
+    # every special id was skipped, [UNK] among them: "I ❤ Paris" lost its heart, and an emoji alone got no tag
+    heart, emoji = engine.tag(["I ❤ Paris", "🙂"], "ner")
+    assert [(t.token, t.start, t.end) for t in heart] == [("i", 0, 1), ("[UNK]", 2, 3), ("paris", 4, 9)]
+    assert [(t.token, t.start, t.end) for t in emoji] == [("[UNK]", 0, 1)]
+    assert all(t.label in ("O", "LOC", "MISC") for t in heart + emoji)
+
+
 def test_embed_with_and_without_adapter(engine, library):
     base = engine.embed(TEXTS)
     assert base.shape == (3, 384)
