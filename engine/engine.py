@@ -162,7 +162,7 @@ class Engine:
         with self.adapters.acquired([adapter], [tenant]) as version:
             for i in range(0, len(rows), step):
                 chunk = rows[i:i + step]
-                ids, mask, types = pad_rows(chunk, self.pad_token_id)
+                ids, mask, types = pad_rows(chunk, self.pad_token_id, not self.info.is_decoder)
                 self._check_batch(ids, mask, [adapter] * len(chunk), types)
                 batch = self.adapters.place(version * len(chunk))
                 results.append((self._run(ids, mask, types, batch.meta, batch.row_slots, batch.heads), chunk))

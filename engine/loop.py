@@ -92,7 +92,7 @@ class EngineLoop:
         rows = [row for r in batch for row in r.rows]
         adapters = [r.adapter for r in batch for _ in r.rows]
         tenants = [r.tenant for r in batch for _ in r.rows]
-        ids, mask, types = pad_rows(rows, self.engine.pad_token_id)
+        ids, mask, types = pad_rows(rows, self.engine.pad_token_id, not self.engine.info.is_decoder)
         now = time.monotonic()
         for request in batch:
             self.metrics.queue_time.observe(now - request.enqueued_at)

@@ -20,7 +20,8 @@ class EncodedRow:
     ids: tuple[int, ...]
     type_ids: tuple[int, ...] | None  # BERT segment ids, None where the tokenizer gives none
     offsets: tuple[tuple[int, int], ...] | None  # character span per token; None for pre-tokenised input
-    # per token, whether the tokenizer added it ([CLS], </s>, ...): not tagged. None for pre-tokenised input
+    # per token, whether the tokenizer added it ([CLS], </s>, ...): not tagged. None for pre-tokenised input, or
+    # where the tokenizer's mask does not fit its ids (then the special ids but [UNK]'s are skipped)
     added: tuple[bool, ...] | None = None
 
 
@@ -53,9 +54,10 @@ def tokenize(tokenizer, texts: Sequence[str], max_len: int, fields: Sequence[str
             raise InvalidRequest(f"{field} holds no tokens once tokenised", field)
         types = enc.get("token_type_ids")
         offsets = enc.get("offset_mapping")
+        added = enc["special_tokens_mask"][i]  # one short for some slow tokenizers (CodeGen's with a BOS)
         rows.append(EncodedRow(tuple(enc["input_ids"][i]), tuple(types[i]) if types else None,
                                tuple(map(tuple, offsets[i])) if offsets else None,
-                               tuple(bool(m) for m in enc["special_tokens_mask"][i])))
+                               tuple(map(bool, added)) if len(added) == len(enc["input_ids"][i]) else None))
     return rows
 
 
@@ -68,12 +70,19 @@ def encode_ids(ids: Sequence[int], vocab_size: int, max_len: int) -> EncodedRow:
     return EncodedRow(tuple(int(i) for i in ids), None, None)
 
 
-def pad_rows(rows: Sequence[EncodedRow], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Right-padded (input_ids, attention_mask, token_type_ids) [B, T] for one forward."""
+def pad_rows(rows: Sequence[EncodedRow], pad_id: int,
+             token_types: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Right-padded (input_ids, attention_mask, token_type_ids) [B, T] for one forward.
+
+    ``token_types``: whether the model takes the tokenizer's segment ids (encoders, where a row without them gets
+    zeros, their default). Decoders get none: GPT-2 adds wte(type) to every token of a row that has types, as
+    transformers does, and a pre-tokenised row beside it has none to add, so the rows' results would depend on
+    which requests share a forward.
+    """
     t = max(len(r.ids) for r in rows)
     ids = torch.full((len(rows), t), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), t), dtype=torch.long)
-    types = torch.zeros((len(rows), t), dtype=torch.long) if any(r.type_ids for r in rows) else None
+    types = torch.zeros((len(rows), t), dtype=torch.long) if token_types and any(r.type_ids for r in rows) else None
     for i, row in enumerate(rows):
         ids[i, :len(row.ids)] = torch.tensor(row.ids)
         mask[i, :len(row.ids)] = 1

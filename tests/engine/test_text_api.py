@@ -3,6 +3,8 @@ import pytest
 import torch
 
 from engine import Engine, EngineConfig, InvalidRequest
+from engine.text import token_tags, tokenize
+from engine.types import RowHead
 from minilm import TEXTS, build_minilm_adapters
 
 
@@ -54,6 +56,32 @@ def test_unknown_tokens_are_tagged(engine, library):
     assert [(t.token, t.start, t.end) for t in heart] == [("i", 0, 1), ("[UNK]", 2, 3), ("paris", 4, 9)]
     assert [(t.token, t.start, t.end) for t in emoji] == [("[UNK]", 0, 1)]
     assert all(t.label in ("O", "LOC", "MISC") for t in heart + emoji)
+
+
+class ShortMask:
+    """A tokenizer whose special_tokens_mask is one short of its ids, as transformers 4's slow CodeGenTokenizer
+    gives with add_bos_token (it builds the BOS into the ids, not into the mask)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __call__(self, texts, **options):
+        enc = self.inner(texts, **options)
+        enc["special_tokens_mask"] = [mask[1:] for mask in enc["special_tokens_mask"]]
+        return enc
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_a_special_tokens_mask_that_does_not_fit_falls_back_to_the_special_ids(engine):
+    # tagging read the mask by position: IndexError, answered INTERNAL over gRPC
+    tokenizer = ShortMask(engine.tokenizer)
+    [row] = tokenize(tokenizer, ["I ❤ Paris"], 64, ["texts[0]"])
+    assert row.added is None
+    [tags] = token_tags([torch.zeros(len(row.ids), 3)], [RowHead("tagging", ("O", "LOC", "MISC"))], [row],
+                        tokenizer, "ner", "Tag")
+    assert [t.token for t in tags] == ["i", "[UNK]", "paris"]  # [CLS] and [SEP] skipped by id, [UNK] kept
 
 
 def test_embed_with_and_without_adapter(engine, library):
