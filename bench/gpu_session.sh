@@ -10,8 +10,9 @@
 # The run: nvidia-smi and versions (env.txt); the kernel tests compiled, every dtype (tests/kernels, the
 # `gpu`-marked ones included: serving shapes, the decode step in a CUDA graph; kernel-tests.log); bench/kernels.py
 # (kernels.md); bench/forward_gpu.py run (forward-gpu.md). Each step has its own time limit, so one that hangs
-# leaves the others their time. The GPU machines have torch, triton, transformers, safetensors and pytest, and
-# nothing of ours is installed there: the repository root on PYTHONPATH is enough (no gRPC stubs are needed).
+# leaves the others their time; the exit status counts the steps that failed. The GPU machines have torch,
+# triton, transformers, safetensors and pytest, and nothing of ours is installed there: the repository root on
+# PYTHONPATH is enough (no gRPC stubs are needed).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,6 +30,7 @@ with tempfile.TemporaryDirectory() as tmp:
     du -sh .oracles .bench-templates
 }
 
+failed=0
 step() {  # step NAME SECONDS COMMAND...: runs it, its output in $OUT/NAME.log, and says how it ended
     local name=$1 limit=$2
     shift 2
@@ -36,6 +38,7 @@ step() {  # step NAME SECONDS COMMAND...: runs it, its output in $OUT/NAME.log, 
     local rc=$?
     echo "$name: exit $rc after $SECONDS s in all" | tee -a "$OUT/steps.txt"
     tail -n 3 "$OUT/$name.log"
+    [ "$rc" -eq 0 ] || failed=$((failed + 1))
 }
 
 run() {
@@ -45,11 +48,15 @@ run() {
     { nvidia-smi; python3 -c 'import torch, triton, transformers, sys
 print(sys.version); print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name())
 print("triton", triton.__version__, "transformers", transformers.__version__)'; } > "$OUT/env.txt" 2>&1
-    step kernel-tests 300 python3 -m pytest -q -p no:cacheprovider --maxfail=20 --durations=10 tests/kernels
-    step kernels 120 python3 bench/kernels.py
-    step forward-gpu 150 python3 bench/forward_gpu.py run
-    cp bench/results/kernels.md bench/results/forward-gpu.md "$OUT/" 2>/dev/null
+    # 240 + 100 + 120 s at most: with the start, well inside the tool's 600 s per command; each result is copied
+    # as soon as its step ends, so a cut-off run still brings back what it finished
+    step kernel-tests 240 python3 -m pytest -q -p no:cacheprovider --maxfail=20 --durations=10 tests/kernels
+    step kernels 100 python3 bench/kernels.py
+    cp bench/results/kernels.md "$OUT/" 2>/dev/null
+    step forward-gpu 120 python3 bench/forward_gpu.py run
+    cp bench/results/forward-gpu.md "$OUT/" 2>/dev/null
     ls -l "$OUT"
+    return "$failed"  # the number of steps that failed
 }
 
 case "${1:-}" in
