@@ -13,7 +13,9 @@ def _gpt2_with_token_types(path) -> Engine:
                                                    n_positions=64)).save_pretrained(path)
     words = Tokenizer(models.WordLevel({"<unk>": 0, **{f"t{i}": i for i in range(1, 100)}}, unk_token="<unk>"))
     words.pre_tokenizer = pre_tokenizers.Whitespace()
-    transformers.PreTrainedTokenizerFast(tokenizer_object=words, unk_token="<unk>").save_pretrained(path)
+    transformers.PreTrainedTokenizerFast(tokenizer_object=words, unk_token="<unk>",  # transformers 5 asks for types
+                                         model_input_names=["input_ids", "token_type_ids", "attention_mask"]
+                                         ).save_pretrained(path)
     engine = Engine.from_pretrained(path, device="cpu")
     assert "token_type_ids" in engine.tokenizer(["t5"])
     return engine
