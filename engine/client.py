@@ -10,7 +10,6 @@ delay it asks for, up to 3 attempts; RESOURCE_EXHAUSTED without RetryInfo (a mes
 refusal is raised at once. A call on a closed client raises `ClientClosed`. Listings are read page by page.
 """
 import asyncio
-import json
 import math
 import time
 from typing import AsyncIterator, Callable, Iterator, Sequence
@@ -22,19 +21,8 @@ from adapterserve.v1 import inference_service_pb2_grpc as pb_grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from engine.client_calls import Call, Calls, Inputs, Pager
+from engine.client_calls import CHANNEL_OPTIONS, Call, Calls, Inputs, Pager
 from engine.types import AdapterInfo, CatalogEntry, Classification, ServerInfo, TokenTag
-
-# gRPC's own retries (service config); every method: inference is stateless, a repeated load swaps versions
-# -1: replies as large as the server sends (its --max-message-mb decides); gRPC's 4 MiB default refused pages and
-# replies the server had checked against its own 16 MB, with no reason the pager could act on
-CHANNEL_OPTIONS = [("grpc.max_receive_message_length", -1), ("grpc.enable_retries", 1),
-                   ("grpc.service_config", json.dumps({"methodConfig": [{
-    "name": [{"service": "adapterserve.v1.InferenceService"}, {"service": "adapterserve.v1.AdapterService"},
-             {"service": "adapterserve.v1.ServerService"}],
-    "retryPolicy": {"maxAttempts": 3, "initialBackoff": "0.2s", "maxBackoff": "2s", "backoffMultiplier": 2,
-                    "retryableStatusCodes": ["UNAVAILABLE"]}}]}))]
-
 
 OVERLOAD_ATTEMPTS = 3  # tries of a call refused as overloaded, the first included
 MAX_OVERLOAD_WAIT_S = 5.0  # the longest RetryInfo delay honoured before a retry
@@ -142,7 +130,8 @@ class Client(_Base):
         deadline = _deadline(self.timeout)
         for attempt in range(1, OVERLOAD_ATTEMPTS + 1):
             try:
-                return call.convert(self._method(call)(call.request, metadata=self.metadata, timeout=_left(deadline)))
+                return call.convert(self._method(call)(call.request, metadata=self.metadata + call.metadata,
+                                                       timeout=_left(deadline)))
             except grpc.RpcError as exc:
                 wait = _retry_wait(exc, attempt, deadline)
                 if wait is None:
@@ -228,7 +217,7 @@ class AsyncClient(_Base):
         deadline = _deadline(self.timeout)
         for attempt in range(1, OVERLOAD_ATTEMPTS + 1):
             try:
-                return call.convert(await self._method(call)(call.request, metadata=self.metadata,
+                return call.convert(await self._method(call)(call.request, metadata=self.metadata + call.metadata,
                                                              timeout=_left(deadline)))
             except grpc.RpcError as exc:
                 wait = _retry_wait(exc, attempt, deadline)

@@ -1,4 +1,5 @@
 """What each RPC sends and how its reply reads, built once for `Client` and `AsyncClient` (engine.client)."""
+import json
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -8,6 +9,17 @@ from adapterserve.v1 import inference_service_pb2 as pb
 from engine.types import AdapterInfo, CatalogEntry, Classification, ServerInfo, TokenTag
 
 Inputs = Sequence[str | Sequence[int]]
+# gRPC's own retries (service config); every method: inference is stateless, a repeated load swaps versions.
+# round_robin: a target naming several replicas (dns:///adapterserve-headless:50051) spreads calls, and retries,
+# over all of them (gRPC's default, pick_first, kept one connection to one pod, a draining one included).
+# -1: replies as large as the server sends (its --max-message-mb decides); gRPC's 4 MiB default refused pages and
+# replies the server had checked against its own 16 MB, with no reason the pager could act on
+CHANNEL_OPTIONS = [("grpc.max_receive_message_length", -1), ("grpc.enable_retries", 1),
+                   ("grpc.service_config", json.dumps({"loadBalancingConfig": [{"round_robin": {}}], "methodConfig": [{
+    "name": [{"service": "adapterserve.v1.InferenceService"}, {"service": "adapterserve.v1.AdapterService"},
+             {"service": "adapterserve.v1.ServerService"}],
+    "retryPolicy": {"maxAttempts": 3, "initialBackoff": "0.2s", "maxBackoff": "2s", "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"]}}]}))]
 # Listings come in pages of up to this many (the server's largest): one reply of everything broke gRPC's message
 # limit once there were enough adapters. A page over the limit (REPLY_TOO_LARGE: heads with many labels) is asked
 # for again at half the size. A server without paging answers everything at once, with no next token.
@@ -30,6 +42,12 @@ def _input(item: str | Sequence[int], n: int) -> pb.Input:
     if not isinstance(item, (list, tuple)):
         raise TypeError(f"inputs[{n}] must be a str or a list of token ids, got {type(item).__name__}")
     return pb.Input(token_ids=pb.TokenIds(ids=list(item)))
+
+
+def _adapter_header(adapter: str | None) -> tuple[tuple[str, str], ...]:
+    """x-adapter-id, for proxies that hash on it (deploy/envoy): the server checks it equals the body's. Only a
+    printable ASCII name fits a text header; another one travels in the body alone."""
+    return (("x-adapter-id", adapter),) if adapter and adapter.isascii() and adapter.isprintable() else ()
 
 
 def _classification(c: pb.Classification) -> Classification:
@@ -68,6 +86,7 @@ class Call:
     method: str
     request: object
     convert: Callable
+    metadata: tuple[tuple[str, str], ...] = ()  # sent besides the client's own (key, tenant)
 
 
 class Pager:
@@ -97,17 +116,17 @@ class Calls:
     @staticmethod
     def classify(items: Inputs, adapter: str) -> Call:
         return Call("inference", "Classify", pb.ClassifyRequest(adapter_id=adapter, inputs=_inputs(items)),
-                     lambda r: [_classification(c) for c in r.results])
+                     lambda r: [_classification(c) for c in r.results], _adapter_header(adapter))
 
     @staticmethod
     def embed(items: Inputs, adapter: str | None) -> Call:
         return Call("inference", "Embed", pb.EmbedRequest(adapter_id=adapter or "", inputs=_inputs(items)),
-                     lambda r: [list(e.values) for e in r.embeddings])
+                     lambda r: [list(e.values) for e in r.embeddings], _adapter_header(adapter))
 
     @staticmethod
     def tag(items: Inputs, adapter: str) -> Call:
         return Call("inference", "Tag", pb.TagRequest(adapter_id=adapter, inputs=_inputs(items)),
-                     lambda r: [_tags(t) for t in r.results])
+                     lambda r: [_tags(t) for t in r.results], _adapter_header(adapter))
 
     @staticmethod
     def load_adapter(source: str, name: str | None, tenant: str | None, pin: bool) -> Call:

@@ -130,3 +130,43 @@ def test_details_of_another_status_are_ignored():
     finally:
         server.stop(0)
     assert (info.value.code, info.value.reason, info.value.message) == (grpc.StatusCode.UNAVAILABLE, "", "replaced")
+
+
+class Recording(Flaky):
+    """Answers Embed at once, keeping each call's metadata."""
+
+    def __init__(self):
+        super().__init__(0)
+        self.metadata = []
+
+    def Embed(self, request, context):
+        self.metadata.append(dict(context.invocation_metadata()))
+        return super().Embed(request, context)
+
+
+def test_a_retry_goes_to_another_replica():
+    # gRPC's default pick_first kept one connection, so a draining replica got all three tries of a call; the
+    # clients balance round_robin over every address the target names (a headless Service's pods)
+    draining, healthy = Flaky(failures=100), Recording()
+    (server_a, target_a), (server_b, target_b) = _serve(draining), _serve(healthy)
+    try:
+        target = f"ipv4:{target_a},{target_b}"
+        for _ in range(4):
+            assert _embed("sync", target) == [[1.0, 2.0]]
+        assert len(healthy.calls) == 4  # a call that met the draining one went on to the other
+    finally:
+        server_a.stop(None)
+        server_b.stop(None)
+
+
+def test_inference_calls_send_the_adapter_for_proxies_to_hash_on():
+    servicer = Recording()
+    server, target = _serve(servicer)
+    try:
+        with Client(target) as client:
+            client.embed(["x"], adapter="sentiment")
+            client.embed(["x"])
+            client.embed(["x"], adapter="ü-sentiment")  # not ASCII: the body alone carries it (a header would fail)
+        assert [m.get("x-adapter-id") for m in servicer.metadata] == ["sentiment", None, None]
+    finally:
+        server.stop(None)
