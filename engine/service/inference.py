@@ -23,7 +23,6 @@ class InferenceServicer(Servicer, pb_grpc.InferenceServiceServicer):
         super().__init__(auth, metrics, max_reply_bytes)
         self.engine, self.scheduler = engine, scheduler
         self.draining = False
-        self.in_flight = 0  # accepted requests not yet answered (drain waits for them)
 
     @rpc(Role.INFERENCE)
     async def Classify(self, request: pb.ClassifyRequest, ctx: RpcContext) -> pb.ClassifyResponse:
@@ -86,7 +85,6 @@ class InferenceServicer(Servicer, pb_grpc.InferenceServiceServicer):
                                      "(the server's --max-batch-tokens)", f"inputs[{i}]")
         parts = [Request(task, tenant, adapter, part, ctx.deadline(), ctx.request_id)
                  for part in split_rows(rows, self.scheduler.config.max_batch_rows, budget)]
-        self.in_flight += 1
         try:
             self.scheduler.add_parts(parts)
             self.metrics.waiting.set(self.scheduler.num_waiting)
@@ -96,8 +94,6 @@ class InferenceServicer(Servicer, pb_grpc.InferenceServiceServicer):
             for part in parts:
                 part.future.cancel()  # still queued: the scheduler drops it before compute
             raise
-        finally:
-            self.in_flight -= 1
 
     def _encode(self, inputs) -> list[EncodedRow]:
         """Checks every input, then tokenises all texts of the request in one tokenizer call."""

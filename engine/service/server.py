@@ -135,20 +135,21 @@ class AdapterServer:
     async def drain(self) -> None:
         """Stop admitting, finish accepted requests within the grace period, then stop everything.
 
-        The gRPC server keeps answering while accepted requests finish, so health checks see
-        NOT_SERVING (and new inference calls get UNAVAILABLE) instead of refused connections.
+        Health goes NOT_SERVING, then the gRPC server stops at once (serving-conventions 1.7): it sends GOAWAY
+        and takes no new calls, while accepted ones have the grace period to finish. It used to keep answering
+        (NOT_SERVING, and UNAVAILABLE to new calls) until they had: a client whose one connection went through a
+        ClusterIP Service to this pod then had every retry refused here for as long, where GOAWAY makes it
+        reconnect, through the Service, to another pod.
         """
         if self._draining:  # SIGTERM and SIGINT may both arrive
             return
         self._draining = True
         log.info("draining: health NOT_SERVING, no new requests, %.0fs grace", self.config.grace_s)
         await self.health.enter_graceful_shutdown()
-        self.inference.draining = True
+        self.inference.draining = True  # a call already past the gRPC server's door is refused by name
         self.scheduler.close()
         give_up = time.monotonic() + self.config.grace_s
-        while self.inference.in_flight and time.monotonic() < give_up:
-            await asyncio.sleep(0.02)
-        await self._grpc.stop(max(0.0, give_up - time.monotonic()))
+        await self._grpc.stop(self.config.grace_s)
         await asyncio.to_thread(self.loop.stop, max(1.0, give_up - time.monotonic()))
         for task in self._tasks:
             task.cancel()
