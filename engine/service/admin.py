@@ -70,7 +70,7 @@ class AdapterServicer(Servicer, pb_grpc.AdapterServiceServicer):
         await asyncio.to_thread(self.engine.unload_adapter, request.name, ctx.tenant(request.tenant))
         return pb.UnloadAdapterResponse()
 
-    @rpc(Role.ADMIN)
+    @rpc(Role.ADMIN, smaller=paging.smaller_pages)
     async def ListAdapters(self, request: pb.ListAdaptersRequest, ctx: RpcContext) -> pb.ListAdaptersResponse:
         tenant = ctx.tenant(request.tenant)
         size = paging.page_size(request.page_size)
@@ -86,8 +86,7 @@ class AdapterServicer(Servicer, pb_grpc.AdapterServiceServicer):
                                            catalog=[catalog_entry_pb(e) for e in catalog])
         if more:
             response.next_page_token = paging.write_token(paging.Cursor(cursor.listing, adapters_after, catalog_after))
-        paging.check_reply_size(response.ByteSize(), self.max_reply_bytes, size is not None)
-        return response
+        return response  # checked against the message limit by `rpc`, which asks for `paging.smaller_pages`
 
     @rpc(Role.ADMIN)
     async def GetAdapter(self, request: pb.GetAdapterRequest, ctx: RpcContext) -> pb.GetAdapterResponse:

@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass
 from typing import Callable, Sequence, TypeVar
 
-from engine.errors import InvalidRequest, ReplyTooLarge
+from engine.errors import InvalidRequest
 
 MAX_PAGE_SIZE = 1000
 Item = TypeVar("Item")
@@ -63,8 +63,6 @@ def cut(items: Sequence[Item], key: Callable[[Item], Key], after: Key | None,
     return page, key(page[-1]) if page else after, len(page) < len(rest)
 
 
-def check_reply_size(reply_bytes: int, limit_bytes: int, paged: bool) -> None:
-    if reply_bytes > limit_bytes:
-        ask = "a smaller page_size" if paged else "pages (page_size)"
-        raise ReplyTooLarge(f"the listing's reply takes {reply_bytes} bytes, over the server's message limit of "
-                            f"{limit_bytes} bytes: ask for {ask}")
+def smaller_pages(request) -> str:
+    """What to ask for instead of a listing reply over the message limit (`engine.service.rpc.rpc`'s ``smaller``)."""
+    return "a smaller page_size" if request.page_size > 0 else "pages (page_size)"

@@ -10,6 +10,7 @@ import json
 import logging
 import time
 import uuid
+from typing import Callable
 
 import grpc
 
@@ -119,9 +120,15 @@ class _Call:
         await self.context.abort_with_status(status)
 
 
-def rpc(role: Role):
+def fewer_inputs(request) -> str:
+    """What a caller whose reply was over the message limit can ask for instead (most RPCs)."""
+    return "less in one call (fewer inputs)"
+
+
+def rpc(role: Role, smaller: Callable[[object], str] = fewer_inputs):
     """Decorates ``async def Method(self, request, ctx: RpcContext)`` into a gRPC handler; an async generator
-    method becomes a server-streaming handler, counted and logged the same way."""
+    method becomes a server-streaming handler, counted and logged the same way. ``smaller(request)`` says what
+    to ask for when a reply is over the message limit."""
 
     def wrap(method):
         name = method.__name__
@@ -132,7 +139,7 @@ def rpc(role: Role):
                 call = _Call(self, name, request, context)
                 async with call.outcome():
                     async for response in method(self, request, call.rpc_context(role)):
-                        yield _within_limit(response, self.max_reply_bytes)
+                        yield _within_limit(response, self.max_reply_bytes, smaller, request)
 
             return stream_handler
 
@@ -140,19 +147,20 @@ def rpc(role: Role):
         async def handler(self: Servicer, request, context: grpc.aio.ServicerContext):
             call = _Call(self, name, request, context)
             async with call.outcome():
-                return _within_limit(await method(self, request, call.rpc_context(role)), self.max_reply_bytes)
+                response = await method(self, request, call.rpc_context(role))
+                return _within_limit(response, self.max_reply_bytes, smaller, request)
 
         return handler
 
     return wrap
 
 
-def _within_limit(response, limit: int):
+def _within_limit(response, limit: int, smaller: Callable[[object], str], request):
     """The reply, unless gRPC would fail to send it: then REPLY_TOO_LARGE by name, counted and logged as such (the
     call was logged OK while the client got gRPC's own RESOURCE_EXHAUSTED; a Classify reply holds every label of the
     head with its score, for every input: 64 inputs of a head with many labels pass 16 MB)."""
     size = response.ByteSize()
     if size > limit:
         raise ReplyTooLarge(f"the reply takes {size} bytes, over the server's message limit of {limit} bytes: ask "
-                            "for less in one call (fewer inputs)")
+                            f"for {smaller(request)}")
     return response
