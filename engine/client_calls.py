@@ -9,17 +9,27 @@ from adapterserve.v1 import inference_service_pb2 as pb
 from engine.types import AdapterInfo, CatalogEntry, Classification, ServerInfo, TokenTag
 
 Inputs = Sequence[str | Sequence[int]]
-# gRPC's own retries (service config); every method: inference is stateless, a repeated load swaps versions.
+# gRPC's own retries (service config). UNAVAILABLE on every method: inference is stateless, a repeated load swaps
+# versions. CANCELLED on inference alone: a server that begins to stop (drain) cancels the calls that had reached it
+# but not yet its handlers, which never ran (seen in test_drain under load); an admin call cancelled after the
+# drain's grace may have done its work, so it is not sent again. The client never cancels a call itself (its
+# timeout ends one DEADLINE_EXCEEDED), so a CANCELLED it sees came from the other end.
 # round_robin: a target naming several replicas (dns:///adapterserve-headless:50051) spreads calls, and retries,
 # over all of them (gRPC's default, pick_first, kept one connection to one pod, a draining one included).
 # -1: replies as large as the server sends (its --max-message-mb decides); gRPC's 4 MiB default refused pages and
 # replies the server had checked against its own 16 MB, with no reason the pager could act on
+def _retried(codes: list[str]) -> dict:
+    return {"maxAttempts": 3, "initialBackoff": "0.2s", "maxBackoff": "2s", "backoffMultiplier": 2,
+            "retryableStatusCodes": codes}
+
+
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", -1), ("grpc.enable_retries", 1),
-                   ("grpc.service_config", json.dumps({"loadBalancingConfig": [{"round_robin": {}}], "methodConfig": [{
-    "name": [{"service": "adapterserve.v1.InferenceService"}, {"service": "adapterserve.v1.AdapterService"},
-             {"service": "adapterserve.v1.ServerService"}],
-    "retryPolicy": {"maxAttempts": 3, "initialBackoff": "0.2s", "maxBackoff": "2s", "backoffMultiplier": 2,
-                    "retryableStatusCodes": ["UNAVAILABLE"]}}]}))]
+                   ("grpc.service_config", json.dumps({"loadBalancingConfig": [{"round_robin": {}}], "methodConfig": [
+                       {"name": [{"service": "adapterserve.v1.InferenceService"}],
+                        "retryPolicy": _retried(["UNAVAILABLE", "CANCELLED"])},
+                       {"name": [{"service": "adapterserve.v1.AdapterService"},
+                                 {"service": "adapterserve.v1.ServerService"}],
+                        "retryPolicy": _retried(["UNAVAILABLE"])}]}))]
 # Listings come in pages of up to this many (the server's largest): one reply of everything broke gRPC's message
 # limit once there were enough adapters. A page over the limit (REPLY_TOO_LARGE: heads with many labels) is asked
 # for again at half the size. A server without paging answers everything at once, with no next token.

@@ -1,11 +1,15 @@
-"""The Python client retries UNAVAILABLE (a draining replica, a dropped connection) and overloads the server
-marked retryable (RESOURCE_EXHAUSTED with RetryInfo, after its delay), and nothing else."""
+"""The Python client retries UNAVAILABLE (a draining replica, a dropped connection), inference calls a stopping
+server cancelled before running them (CANCELLED) and overloads the server marked retryable (RESOURCE_EXHAUSTED with
+RetryInfo, after its delay), and nothing else."""
 import asyncio
+import threading
 import time
 from concurrent import futures
 
 import grpc
 import pytest
+from adapterserve.v1 import adapter_service_pb2 as admin_pb
+from adapterserve.v1 import adapter_service_pb2_grpc as admin_grpc
 from adapterserve.v1 import inference_service_pb2 as pb
 from adapterserve.v1 import inference_service_pb2_grpc as pb_grpc
 
@@ -30,9 +34,9 @@ class Flaky(pb_grpc.InferenceServiceServicer):
         return pb.EmbedResponse(embeddings=[pb.Embedding(values=[1.0, 2.0])])
 
 
-def _serve(servicer):
+def _serve(servicer, add=pb_grpc.add_InferenceServiceServicer_to_server):
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    pb_grpc.add_InferenceServiceServicer_to_server(servicer, server)
+    add(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     return server, f"127.0.0.1:{port}"
@@ -41,6 +45,7 @@ def _serve(servicer):
 @pytest.mark.parametrize("failures,code,calls,ok", [
     (2, grpc.StatusCode.UNAVAILABLE, 3, True),  # two retries, then the answer
     (5, grpc.StatusCode.UNAVAILABLE, 3, False),  # at most 3 attempts
+    (2, grpc.StatusCode.CANCELLED, 3, True),  # an inference call the server cancelled: it never ran
     (1, grpc.StatusCode.RESOURCE_EXHAUSTED, 1, False),  # not retried
 ])
 def test_unavailable_is_retried(failures, code, calls, ok):
@@ -55,6 +60,99 @@ def test_unavailable_is_retried(failures, code, calls, ok):
         assert len(servicer.calls) == calls
     finally:
         server.stop(None)
+
+
+class CancellingAdmin(admin_grpc.AdapterServiceServicer):
+    def __init__(self):
+        self.calls = 0
+
+    def UnloadAdapter(self, request, context):
+        self.calls += 1
+        context.abort(grpc.StatusCode.CANCELLED, "cancelled after the grace period")
+
+
+def test_a_cancelled_admin_call_is_not_sent_again():
+    """It may have done its work before the cancel (a drain cancels what outlives its grace)."""
+    servicer = CancellingAdmin()
+    server, target = _serve(servicer, admin_grpc.add_AdapterServiceServicer_to_server)
+    try:
+        with Client(target, timeout=10) as client, pytest.raises(RpcError) as info:
+            client.unload_adapter("a")
+    finally:
+        server.stop(None)
+    assert info.value.code == grpc.StatusCode.CANCELLED and servicer.calls == 1
+
+
+class StoppingWhileBusy(pb_grpc.InferenceServiceServicer):
+    """An asyncio server whose first Embed holds the event loop, then stops the server (with a grace period): calls
+    that arrive meanwhile wait in gRPC's core, and the stop cancels those the loop had not yet taken."""
+
+    def __init__(self):
+        self.started, self.ran, self.server = threading.Event(), 0, None
+
+    async def Embed(self, request, context):
+        self.ran += 1
+        if self.ran == 1:
+            self.started.set()
+            time.sleep(1.0)  # holds the loop, as handlers busy on it do under load
+            asyncio.ensure_future(self.server.stop(5))
+        return pb.EmbedResponse(embeddings=[pb.Embedding(values=[1.0])])
+
+
+def _race_a_stop(embed) -> tuple[list[str], int]:
+    """Outcomes of one call that stops the server and of four sent while it holds the loop; how many handlers ran."""
+    servicer, port, loop = StoppingWhileBusy(), [], asyncio.new_event_loop()
+
+    async def serve():
+        servicer.server = grpc.aio.server()
+        pb_grpc.add_InferenceServiceServicer_to_server(servicer, servicer.server)
+        port.append(servicer.server.add_insecure_port("127.0.0.1:0"))
+        await servicer.server.start()
+        await servicer.server.wait_for_termination()
+    serving = threading.Thread(target=loop.run_until_complete, args=(serve(),))
+    serving.start()
+    while not port:
+        time.sleep(0.01)
+    outcomes = []
+
+    def call():
+        try:
+            embed(f"127.0.0.1:{port[0]}")
+            outcomes.append("ok")
+        except grpc.RpcError as exc:
+            outcomes.append(exc.code().name)
+        except RpcError as exc:
+            outcomes.append(exc.code.name)
+    first = threading.Thread(target=call)
+    first.start()
+    servicer.started.wait(10)
+    during = [threading.Thread(target=call) for _ in range(4)]
+    for thread in during:
+        thread.start()
+    for thread in (first, *during):
+        thread.join(30)
+    serving.join(30)
+    loop.close()
+    return outcomes, servicer.ran
+
+
+def _bare_embed(target: str) -> None:
+    with grpc.insecure_channel(target) as channel:  # no retry policy
+        pb_grpc.InferenceServiceStub(channel).Embed(pb.EmbedRequest(), timeout=10)
+
+
+def _client_embed(target: str) -> None:
+    with Client(target, timeout=10) as client:
+        client.embed(["x"])
+
+
+def test_calls_a_stopping_server_cancelled_unrun_are_sent_again():
+    """What failed test_sigterm_loses_no_accepted_request under load: without a retry they end CANCELLED."""
+    outcomes, ran = _race_a_stop(_bare_embed)
+    assert "CANCELLED" in outcomes and ran < 5, outcomes  # the premise: gRPC cancels calls it never handed over
+    outcomes, ran = _race_a_stop(_client_embed)
+    # sent again; here no replica is left, so the retries find the port closed
+    assert set(outcomes) <= {"ok", "UNAVAILABLE"} and ran < 5, outcomes
 
 
 @pytest.mark.parametrize("failures,error,calls,ok", [
