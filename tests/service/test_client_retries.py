@@ -8,7 +8,6 @@ from concurrent import futures
 
 import grpc
 import pytest
-from adapterserve.v1 import adapter_service_pb2 as admin_pb
 from adapterserve.v1 import adapter_service_pb2_grpc as admin_grpc
 from adapterserve.v1 import inference_service_pb2 as pb
 from adapterserve.v1 import inference_service_pb2_grpc as pb_grpc
