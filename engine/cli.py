@@ -4,14 +4,12 @@ import asyncio
 import collections
 import json
 import logging
-import math
 import os
 import signal
 import sys
 
+from engine import cli_types as arg
 from engine.config import DEFAULT_MODEL
-from engine.errors import InvalidRequest
-from engine.names import check_name
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,30 +29,31 @@ def _parser() -> argparse.ArgumentParser:
                        help="load an adapter at start-up (repeatable)")
     serve.add_argument("--adapter-store", help="folder whose sub-folders form the adapter catalog")
     serve.add_argument("--host", default="0.0.0.0", help="address to listen on (default: %(default)s, all)")
-    serve.add_argument("--port", type=_port, default=50051, help="gRPC port; 0 picks a free one (default: %(default)s)")
-    serve.add_argument("--metrics-port", type=_port_or_off, default=9090,
+    serve.add_argument("--port", type=arg.port, default=50051,
+                       help="gRPC port; 0 picks a free one (default: %(default)s)")
+    serve.add_argument("--metrics-port", type=arg.port_or_off, default=9090,
                        help="Prometheus /metrics port; -1 disables it (default: %(default)s)")
     serve.add_argument("--device", default="auto")
     serve.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
     serve.add_argument("--api-keys", help='key file, {"keys": [<hash-key output>, ...]}; without it auth is off')
-    serve.add_argument("--threads", type=_positive(int), help="torch CPU threads (default: torch's choice)")
-    serve.add_argument("--max-batch-rows", type=_positive(int), default=64,
+    serve.add_argument("--threads", type=arg.positive(int), help="torch CPU threads (default: torch's choice)")
+    serve.add_argument("--max-batch-rows", type=arg.positive(int), default=64,
                        help="rows of one forward, and inputs of one request (default: %(default)s)")
-    serve.add_argument("--max-batch-tokens", type=_positive(int), default=8192,
+    serve.add_argument("--max-batch-tokens", type=arg.positive(int), default=8192,
                        help="rows x padded length of one forward; a larger request runs as several (default 8192)")
-    serve.add_argument("--max-wait-ms", type=_positive(float, zero=True), default=5.0,
+    serve.add_argument("--max-wait-ms", type=arg.positive(float, zero=True), default=5.0,
                        help="how long a batch that is not full waits for more requests (default: %(default)s)")
-    serve.add_argument("--max-queue", type=_positive(int), default=1024,
+    serve.add_argument("--max-queue", type=arg.positive(int), default=1024,
                        help="waiting requests before RESOURCE_EXHAUSTED (default: %(default)s)")
-    serve.add_argument("--max-message-mb", type=_message_mb, default=16,
+    serve.add_argument("--max-message-mb", type=arg.message_mb, default=16,
                        help="largest gRPC request or reply (default: %(default)s)")
-    serve.add_argument("--max-device-adapters", type=_positive(int), default=64, help="adapter slots on the device")
-    serve.add_argument("--max-cpu-adapters", type=_positive(int, zero=True), default=256,
+    serve.add_argument("--max-device-adapters", type=arg.positive(int), default=64, help="adapter slots on the device")
+    serve.add_argument("--max-cpu-adapters", type=arg.positive(int, zero=True), default=256,
                        help="adapters kept in host memory")
-    serve.add_argument("--grace-seconds", type=_positive(float, zero=True), default=30.0,
+    serve.add_argument("--grace-seconds", type=arg.positive(float, zero=True), default=30.0,
                        help="how long SIGTERM waits for accepted requests (default: %(default)s)")
     serve.add_argument("--vllm-compat-metrics", action="store_true", help="also export vllm:lora_requests_info")
-    serve.add_argument("--metrics-per-adapter", type=_positive(int), nargs="?", const=50, default=0, metavar="N",
+    serve.add_argument("--metrics-per-adapter", type=arg.positive(int), nargs="?", const=50, default=0, metavar="N",
                        help="export request counts of the N busiest adapters (default N: %(const)s), the rest as "
                             "'other'; off by default: every adapter label is another Prometheus series")
     serve.add_argument("--no-access-log", action="store_true",
@@ -64,25 +63,27 @@ def _parser() -> argparse.ArgumentParser:
     keys = sub.add_parser("hash-key", help="print the key-file entry for an API key",
                           description='Prints one entry of the --api-keys file, {"keys": [entry, ...]}.')
     keys.add_argument("key", help="the secret clients will send as 'authorization: Bearer KEY'")
-    keys.add_argument("--tenant", type=_name("a tenant"),
+    keys.add_argument("--tenant", type=arg.name("a tenant"),
                       help="bind the key to this tenant (default: an operator key, no tenant)")
     keys.add_argument("--role", choices=["inference", "admin"], default="inference")
     keys.set_defaults(run=_hash_key)
 
     client = argparse.ArgumentParser(add_help=False)
-    client.add_argument("--server", type=_address, default=os.environ.get("ADAPTERSERVE_SERVER") or "localhost:50051",
+    client.add_argument("--server", type=arg.address,
+                        default=os.environ.get("ADAPTERSERVE_SERVER") or "localhost:50051",
                         help="host:port (default: $ADAPTERSERVE_SERVER or %(default)s)")
     client.add_argument("--api-key", default=os.environ.get("ADAPTERSERVE_API_KEY"),
                         help="API key (default: $ADAPTERSERVE_API_KEY)")
-    client.add_argument("--tenant", type=_name("a tenant"), help="act for this tenant (operators and auth-off servers)")
-    client.add_argument("--timeout", type=_positive(float), default=60.0,
+    client.add_argument("--tenant", type=arg.name("a tenant"),
+                        help="act for this tenant (operators and auth-off servers)")
+    client.add_argument("--timeout", type=arg.positive(float), default=60.0,
                         help="seconds to wait for the answer, retries included (a hub download may need more)")
 
     adapters = sub.add_parser("adapters", help="manage adapters on a running server")
     verbs = adapters.add_subparsers(required=True, metavar="VERB")
     load = verbs.add_parser("load", parents=[client], help="load (or hot-swap) an adapter")
     load.add_argument("source", help="folder, store://PATH, hub id org/name[@rev] or fsspec URL")
-    load.add_argument("--name", type=_name("an adapter name"),
+    load.add_argument("--name", type=arg.name("an adapter name"),
                       help="default: the name saved in an AdapterHub folder, else the folder's name")
     load.add_argument("--pin", action="store_true", help="never evict it (load again without --pin to unpin)")
     load.set_defaults(run=lambda a: _call(a, lambda c: c.load_adapter(a.source, a.name, a.tenant, a.pin)))
@@ -94,11 +95,11 @@ def _parser() -> argparse.ArgumentParser:
     catalog = verbs.add_parser("catalog", parents=[client], help="the adapter store's folders (--adapter-store)")
     catalog.set_defaults(run=lambda a: _call(a, lambda c: c.catalog()))
     average = verbs.add_parser("average", parents=[client], help="a new adapter, the weighted average of loaded ones")
-    average.add_argument("name", type=_name("an adapter name"))
-    average.add_argument("sources", nargs="+", type=_weighted, metavar="ADAPTER=WEIGHT")
+    average.add_argument("name", type=arg.name("an adapter name"))
+    average.add_argument("sources", nargs="+", type=arg.weighted, metavar="ADAPTER=WEIGHT")
     average.add_argument("--combine-strategy", default="linear",
                          choices=["linear", "lora_linear_only_negate_b", "lora_delta_w_svd"])
-    average.add_argument("--svd-rank", type=_positive(int), help="the rank of a lora_delta_w_svd average")
+    average.add_argument("--svd-rank", type=arg.positive(int), help="the rank of a lora_delta_w_svd average")
     average.add_argument("--overwrite", action="store_true", help="replace an adapter already loaded under NAME")
     average.set_defaults(run=lambda a: _call(a, lambda c: c.average_adapters(
         a.name, a.sources, a.tenant, a.combine_strategy, a.svd_rank, a.overwrite)))
@@ -111,7 +112,7 @@ def _parser() -> argparse.ArgumentParser:
     for task in ("classify", "embed", "tag"):
         cmd = sub.add_parser(task, parents=[client], help=f"{task} texts on a running server")
         cmd.add_argument("texts", nargs="+")
-        cmd.add_argument("--adapter", type=_name("an adapter name"), required=task != "embed")
+        cmd.add_argument("--adapter", type=arg.name("an adapter name"), required=task != "embed")
         cmd.set_defaults(run=lambda a, task=task: _call(a, lambda c: getattr(c, task)(a.texts, a.adapter)))
     generate = sub.add_parser("generate", parents=[client],
                               help="stream generated text (not implemented yet: the server answers UNIMPLEMENTED)")
@@ -237,68 +238,6 @@ def _generate(args) -> int:
             return 1
     print()
     return 0
-
-
-def _port(text: str) -> int:
-    port = int(text)
-    if not 0 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"a port is 0-65535, got {port}")
-    return port
-
-
-def _port_or_off(text: str) -> int:
-    return -1 if text.strip() == "-1" else _port(text)
-
-
-def _name(what: str):
-    """argparse type: a name that follows the server's rule (`engine.names`); "" would mean none over gRPC."""
-    def parse(text: str) -> str:
-        try:
-            check_name(text, what)
-        except InvalidRequest as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-        return text
-    parse.__name__ = "name"
-    return parse
-
-
-def _weighted(text: str) -> tuple[str, float]:
-    """argparse type: ADAPTER=WEIGHT (the last '=' splits, so a name may hold one)."""
-    name, _, weight = text.rpartition("=")
-    try:
-        if name:
-            return name, float(weight)
-    except ValueError:
-        pass
-    raise argparse.ArgumentTypeError(f"expects ADAPTER=WEIGHT, got {text!r}")
-
-
-def _address(text: str) -> str:
-    """argparse type: the server's host:port; gRPC would only fail on an empty one after logging internals."""
-    if not text.strip():
-        raise argparse.ArgumentTypeError(f"the server address must be host:port, got {text!r}")
-    return text
-
-
-def _message_mb(text: str) -> int:
-    """argparse type: 1-2047 MB (gRPC takes the byte count as a 32-bit int)."""
-    value = int(text)
-    if not 0 < value < 2048:
-        raise argparse.ArgumentTypeError(f"must be 1-2047 (gRPC's limit is a 32-bit byte count), got {text}")
-    return value
-
-
-def _positive(kind, zero: bool = False):
-    """argparse type: a number of ``kind`` above 0 (or at least 0)."""
-    def parse(text: str):
-        value = kind(text)
-        if not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
-        if value < 0 or (value == 0 and not zero):
-            raise argparse.ArgumentTypeError(f"must be {'>= 0' if zero else '> 0'}, got {text}")
-        return value
-    parse.__name__ = kind.__name__  # argparse names the type in "invalid int value" messages
-    return parse
 
 
 NOT_OVER_GRPC = {"slot"}  # AdapterInfo fields the API does not carry (server-internal): the client's -1 is no value
