@@ -54,8 +54,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="how long SIGTERM waits for accepted requests (default: %(default)s)")
     serve.add_argument("--vllm-compat-metrics", action="store_true", help="also export vllm:lora_requests_info")
     serve.add_argument("--metrics-per-adapter", type=arg.positive(int), nargs="?", const=50, default=0, metavar="N",
-                       help="export request counts of the N busiest adapters (default N: %(const)s), the rest as "
-                            "'other'; off by default: every adapter label is another Prometheus series")
+                       help="export request counts of the N busiest adapters (default N: %(const)s), the rest under "
+                            "adapter=\"\"; off by default: every adapter label is another Prometheus series")
     serve.add_argument("--no-access-log", action="store_true",
                        help="no JSON log line per request (logger adapterserve.access); errors are still logged")
     serve.set_defaults(run=_serve)

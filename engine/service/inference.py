@@ -69,7 +69,7 @@ class InferenceServicer(Servicer, pb_grpc.InferenceServiceServicer):
         """The adapter as the caller's tenant sees it; counted per adapter only once found (unknown ids must not
         take the bounded per-adapter label set)."""
         info = self.engine.registry.lookup(adapter, tenant)
-        self.metrics.count_adapter(adapter)
+        self.metrics.count_adapter(info.name, info.tenant)
         return info
 
     async def _submit(self, task: Task, inputs, adapter, tenant,

@@ -58,9 +58,10 @@ class Metrics:
         """``adapters_resident{tier}`` read at scrape time: forwards move adapters between tiers all the time."""
         self.registry.register(_Residency(count))
 
-    def count_adapter(self, adapter: str) -> None:
+    def count_adapter(self, adapter: str, tenant: str | None) -> None:
+        """One request for ``adapter`` of ``tenant`` (its owner; None: a shared adapter)."""
         if self._adapter_requests is not None:
-            self._adapter_requests.count(adapter)
+            self._adapter_requests.count((tenant or "", adapter))
 
     def set_lora_info(self, max_lora: int, running: set[str], waiting: set[str]) -> None:
         """One series, value = update time; names comma-joined without spaces (the gateway splits on ',')."""
@@ -81,22 +82,28 @@ class _Residency(Collector):
         yield gauge
 
 
-class _AdapterRequests(Collector):
-    """``adapterserve_adapter_requests_total{adapter}`` for the ``top`` busiest adapters so far; ``other`` for the rest.
+Adapter = tuple[str, str]  # (owner tenant, "" for a shared adapter; adapter name)
+REST: Adapter = ("", "")  # the series of adapters outside the top: no adapter has an empty name, so none clashes
 
-    Every series stays a counter (never decreases): an adapter's series counts its requests since it last entered
-    the top, ``other`` those made while their adapter was outside it. An adapter overtaken by a busier one loses
-    its series (Prometheus marks it stale); one that enters starts a new series. A total is kept per adapter name
-    ever requested (only names that were found are counted): an int each, for the life of the process.
+
+class _AdapterRequests(Collector):
+    """``adapterserve_adapter_requests_total{tenant, adapter}`` for the ``top`` busiest adapters so far, and
+    ``{tenant="", adapter=""}`` for the rest.
+
+    Two tenants' adapters of one name are two adapters, so two series (they were one, summed). Every series stays a
+    counter (never decreases): an adapter's series counts its requests since it last entered the top, the rest's
+    those made while their adapter was outside it. An adapter overtaken by a busier one loses its series
+    (Prometheus marks it stale); one that enters starts a new series. A total is kept per adapter ever requested
+    (only adapters that were found are counted): an int each, for the life of the process.
     """
 
     def __init__(self, top: int):
         self._top, self._lock = top, threading.Lock()
-        self._totals: collections.Counter[str] = collections.Counter()  # all requests per adapter: ranks the top
-        self._series: dict[str, int] = {}  # adapter in the top -> requests since it entered
+        self._totals: collections.Counter[Adapter] = collections.Counter()  # all requests per adapter: ranks the top
+        self._series: dict[Adapter, int] = {}  # adapter in the top -> requests since it entered
         self._other = 0
 
-    def count(self, adapter: str) -> None:
+    def count(self, adapter: Adapter) -> None:
         with self._lock:
             self._totals[adapter] += 1
             if adapter not in self._series:
@@ -110,10 +117,10 @@ class _AdapterRequests(Collector):
             self._series[adapter] += 1
 
     def collect(self):
-        family = CounterMetricFamily("adapterserve_adapter_requests", "Requests per adapter (the busiest; rest: other)",
-                                     labels=["adapter"])
+        family = CounterMetricFamily("adapterserve_adapter_requests", 'Requests per adapter (the busiest; the rest: '
+                                     'adapter="")', labels=["tenant", "adapter"])
         with self._lock:
-            samples = [*self._series.items(), ("other", self._other)]
+            samples = [*self._series.items(), (REST, self._other)]
         for adapter, count in samples:
-            family.add_metric([adapter], count)
+            family.add_metric(list(adapter), count)
         yield family

@@ -43,7 +43,7 @@ class ServerConfig:
     max_message_mb: int = 16
     reflection: bool = True
     vllm_compat_metrics: bool = False
-    metrics_per_adapter: int = 0  # request counts of the N busiest adapters (the rest: "other"); 0: none
+    metrics_per_adapter: int = 0  # request counts of the N busiest adapters (the rest: adapter=""); 0: none
 
 
 class AdapterServer:

@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from engine.cli import main
 from engine.client import RpcError
 from engine.scheduler import SchedulerConfig
+from engine.service.metrics import REST
 from engine.types import ServerInfo
 from minilm import TEXTS
 
@@ -240,13 +241,29 @@ def test_per_adapter_counts_are_opt_in_and_keep_the_busiest(start_server, minilm
         client.classify(TEXTS, "topics")  # ties with sentiment: counted as other
         with pytest.raises(RpcError):
             client.classify(TEXTS, "nope")  # unknown ids are never counted
-        assert _adapter_requests(running) == {"sentiment": 1, "other": 1}
+        assert _adapter_requests(running) == {("", "sentiment"): 1, REST: 1}
         client.classify(TEXTS, "topics")  # now the busiest: takes the one series, starting afresh
-        assert _adapter_requests(running) == {"topics": 1, "other": 1}
+        assert _adapter_requests(running) == {("", "topics"): 1, REST: 1}
 
 
-def _adapter_requests(running) -> dict[str, float]:
-    return {s.labels["adapter"]: s.value for s in _scrape(running)["adapterserve_adapter_requests"].samples
+def test_per_adapter_counts_name_the_owner_tenant(start_server, minilm_setup):
+    running = start_server(metrics_per_adapter=5)
+    operator, acme, globex = running.client(), running.client(tenant="acme"), running.client(tenant="globex")
+    with operator, acme, globex:
+        operator.load_adapter(str(minilm_setup.folders["sentiment"]), name="sentiment")  # shared
+        acme.load_adapter(str(minilm_setup.folders["sentiment"]), name="own")
+        operator.load_adapter(str(minilm_setup.folders["topics"]), name="own", tenant="globex")
+        acme.classify(TEXTS, "sentiment")  # acme calls a shared adapter: counted for it, not for acme
+        acme.classify(TEXTS, "own")
+        globex.classify(TEXTS, "own")
+        globex.classify(TEXTS, "own")  # the same name, another tenant's adapter: its own series
+        assert _adapter_requests(running) == {("", "sentiment"): 1, ("acme", "own"): 1, ("globex", "own"): 2,
+                                              REST: 0}
+
+
+def _adapter_requests(running) -> dict[tuple[str, str], float]:
+    samples = _scrape(running)["adapterserve_adapter_requests"].samples
+    return {(s.labels["tenant"], s.labels["adapter"]): s.value for s in samples
             if s.name == "adapterserve_adapter_requests_total"}
 
 
