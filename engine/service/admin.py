@@ -72,6 +72,8 @@ class AdapterServicer(Servicer, pb_grpc.AdapterServiceServicer):
 
     @rpc(Role.ADMIN, smaller=paging.smaller_pages)
     async def ListAdapters(self, request: pb.ListAdaptersRequest, ctx: RpcContext) -> pb.ListAdaptersResponse:
+        if request.omit_adapters and not request.include_catalog:  # a listing of nothing: surely not what was meant
+            raise InvalidRequest("omit_adapters lists the catalog alone and needs include_catalog", "omit_adapters")
         tenant = ctx.tenant(request.tenant)
         size = paging.page_size(request.page_size)
         cursor = paging.read_token(request.page_token, [tenant, request.include_catalog, request.omit_adapters])

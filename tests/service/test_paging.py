@@ -63,6 +63,10 @@ def test_bad_page_requests_are_named(server):
     with pytest.raises(grpc.RpcError) as negative:
         _list(server.target, page_size=-1)
     assert negative.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "page_size must be 0" in negative.value.details()
+    with pytest.raises(grpc.RpcError) as nothing:
+        _list(server.target, omit_adapters=True)  # was an empty reply
+    assert nothing.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "omit_adapters lists the catalog alone and needs include_catalog" in nothing.value.details()
     numbers = {"listing": ["", False], "adapters_after": [1], "catalog_after": None}  # keys that are not names
     deep = base64.urlsafe_b64encode(b"[" * 5000).decode()  # json's decoder recursed past Python's limit: INTERNAL
     for token in ("not-a-token", _token({}), _token(numbers), _token([1]), deep):
