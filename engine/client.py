@@ -2,8 +2,9 @@
 
 Errors arrive as `RpcError` with the gRPC code, the server's ErrorInfo reason and its message.
 Inputs are strings (tokenised by the server) or lists of token ids. Calls that end UNAVAILABLE (a draining
-server, a connection that dropped), and inference calls that end CANCELLED (a stopping server cancels those it had
-not yet started), are retried by gRPC itself, up to 3 attempts with backoff: behind a Kubernetes Service the
+server, a connection that dropped), and calls that change nothing (inference, listings) that end CANCELLED (a
+stopping server cancels those it had not yet started, and those that outlive its grace), are retried by gRPC
+itself, up to 3 attempts with backoff (a request over 256 KiB is sent once): behind a Kubernetes Service the
 channel reconnects to another replica. Calls the server refuses as overloaded
 (RESOURCE_EXHAUSTED with a RetryInfo: its queue is full, every adapter slot is busy) are tried again after the
 delay it asks for, up to 3 attempts; RESOURCE_EXHAUSTED without RetryInfo (a message over the size limit) is not.

@@ -9,11 +9,12 @@ from adapterserve.v1 import inference_service_pb2 as pb
 from engine.types import AdapterInfo, CatalogEntry, Classification, ServerInfo, TokenTag
 
 Inputs = Sequence[str | Sequence[int]]
-# gRPC's own retries (service config). UNAVAILABLE on every method: inference is stateless, a repeated load swaps
-# versions. CANCELLED on inference alone: a server that begins to stop (drain) cancels the calls that had reached it
-# but not yet its handlers, which never ran (seen in test_drain under load); an admin call cancelled after the
-# drain's grace may have done its work, so it is not sent again. The client never cancels a call itself (its
-# timeout ends one DEADLINE_EXCEEDED), so a CANCELLED it sees came from the other end.
+# gRPC's own retries (service config), made only before any reply arrived, and only while the request fits gRPC's
+# retry buffer (grpc.per_rpc_retry_buffer_size, 256 KiB: a larger request is sent once). UNAVAILABLE on every
+# method: inference is stateless, a repeated load swaps versions. CANCELLED on the calls that change nothing
+# (inference, listings, lookups): a server that begins to stop (drain) cancels the calls that reached it but not yet
+# a handler (seen in test_drain under load), and those still running when its grace ends; sent again, they do no
+# harm. An unload, load or average cancelled after the grace may have done its work, so it is not sent again.
 # round_robin: a target naming several replicas (dns:///adapterserve-headless:50051) spreads calls, and retries,
 # over all of them (gRPC's default, pick_first, kept one connection to one pod, a draining one included).
 # -1: replies as large as the server sends (its --max-message-mb decides); gRPC's 4 MiB default refused pages and
@@ -23,12 +24,14 @@ def _retried(codes: list[str]) -> dict:
             "retryableStatusCodes": codes}
 
 
+READ_ONLY = [{"service": "adapterserve.v1.InferenceService"}, {"service": "adapterserve.v1.ServerService"},
+             {"service": "adapterserve.v1.AdapterService", "method": "ListAdapters"},
+             {"service": "adapterserve.v1.AdapterService", "method": "GetAdapter"}]
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", -1), ("grpc.enable_retries", 1),
                    ("grpc.service_config", json.dumps({"loadBalancingConfig": [{"round_robin": {}}], "methodConfig": [
-                       {"name": [{"service": "adapterserve.v1.InferenceService"}],
-                        "retryPolicy": _retried(["UNAVAILABLE", "CANCELLED"])},
-                       {"name": [{"service": "adapterserve.v1.AdapterService"},
-                                 {"service": "adapterserve.v1.ServerService"}],
+                       {"name": READ_ONLY, "retryPolicy": _retried(["UNAVAILABLE", "CANCELLED"])},
+                       # the rest of AdapterService: a method's own entry above wins over its service's
+                       {"name": [{"service": "adapterserve.v1.AdapterService"}],
                         "retryPolicy": _retried(["UNAVAILABLE"])}]}))]
 # Listings come in pages of up to this many (the server's largest): one reply of everything broke gRPC's message
 # limit once there were enough adapters. A page over the limit (REPLY_TOO_LARGE: heads with many labels) is asked
