@@ -1,13 +1,16 @@
-"""Edits of a saved adapter case, and the check that a refused load leaves the engine as it was."""
+"""Copies and edits of the adapters an oracle saved (tests/oracle.py), and the check that a refused load leaves
+the engine as it was."""
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
+from oracle import OracleBase
 
 
-def copy_case(bert, case: str, tmp_path):
-    dst = tmp_path / case
+def copy_case(bert: OracleBase, case: str, dst: Path) -> Path:
+    """Case ``case``'s folder copied to ``dst``, to edit without touching the oracle's."""
     shutil.copytree(bert.cases[case].path, dst)
     return dst
 

@@ -19,6 +19,15 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 
 
+@pytest.fixture(scope="session")
+def bert(tmp_path_factory):
+    """The tiny BERT oracle with every saved adapter case (tests/oracle.py), built (or read from
+    ADAPTERSERVE_ORACLE_DIR) once: the tests read it and edit only copies (adapter_edits.copy_case)."""
+    from oracle import build_oracle  # here: only sessions that use an oracle import transformers
+
+    return build_oracle("bert", tmp_path_factory.mktemp("bert"))
+
+
 def pytest_report_header(config):
     return f"triton mode: {'interpreter' if INTERPRET else 'compiled'}; torch threads: {torch.get_num_threads()}"
 

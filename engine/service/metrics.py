@@ -1,8 +1,8 @@
 """Prometheus metrics on their own registry and HTTP port (names per serving-conventions §3).
 
 Adapter names appear only in the vLLM-compatible ``lora_requests_info`` gauge that inference gateways parse,
-and, when asked for (``serve --metrics-per-adapter``), in per-adapter request counts capped to the busiest
-adapters (§3.5: every label value is a series, and a server may hold thousands of tenant adapters).
+and, when asked for (``serve --metrics-per-adapter``), with their tenants in per-adapter request counts capped to
+the busiest adapters (§3.5: every label value is a series, and a server may hold thousands of tenant adapters).
 """
 import collections
 import threading
@@ -101,7 +101,7 @@ class _AdapterRequests(Collector):
         self._top, self._lock = top, threading.Lock()
         self._totals: collections.Counter[Adapter] = collections.Counter()  # all requests per adapter: ranks the top
         self._series: dict[Adapter, int] = {}  # adapter in the top -> requests since it entered
-        self._other = 0
+        self._rest = 0
 
     def count(self, adapter: Adapter) -> None:
         with self._lock:
@@ -110,7 +110,7 @@ class _AdapterRequests(Collector):
                 if len(self._series) == self._top:
                     least = min(self._series, key=self._totals.__getitem__)
                     if self._totals[least] >= self._totals[adapter]:
-                        self._other += 1
+                        self._rest += 1
                         return
                     del self._series[least]
                 self._series[adapter] = 0
@@ -120,7 +120,7 @@ class _AdapterRequests(Collector):
         family = CounterMetricFamily("adapterserve_adapter_requests", 'Requests per adapter (the busiest; the rest: '
                                      'adapter="")', labels=["tenant", "adapter"])
         with self._lock:
-            samples = [*self._series.items(), (REST, self._other)]
+            samples = [*self._series.items(), (REST, self._rest)]
         for adapter, count in samples:
             family.add_metric(list(adapter), count)
         yield family

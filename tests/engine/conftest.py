@@ -1,13 +1,7 @@
-"""The tiny BERT with every saved adapter case (tests/oracle.py), shared by the validation tests."""
+"""A fresh engine on the shared tiny BERT (the `bert` fixture of tests/conftest.py) for each validation test."""
 import pytest
 
 from engine import Engine
-from oracle import build_oracle
-
-
-@pytest.fixture(scope="module")
-def bert(tmp_path_factory):
-    return build_oracle("bert", tmp_path_factory.mktemp("bert"))
 
 
 @pytest.fixture()

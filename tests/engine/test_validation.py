@@ -14,39 +14,39 @@ from oracle import build_oracle
 
 
 def test_wrong_base_model_type(engine, bert, tmp_path):
-    folder = copy_case(bert, "seq_bn", tmp_path)
+    folder = copy_case(bert, "seq_bn", tmp_path / "seq_bn")
     edit_config(folder, model_type="llama")
     assert_refused(engine, folder, InvalidAdapter, "model_type 'llama'", "base model is 'bert'")
 
 
 def test_wrong_hidden_size(engine, bert, tmp_path):
-    folder = copy_case(bert, "lora_leave1", tmp_path)
+    folder = copy_case(bert, "lora_leave1", tmp_path / "lora_leave1")
     edit_config(folder, hidden_size=768)
     assert_refused(engine, folder, InvalidAdapter, "hidden_size 768", "has 64")
 
 
 def test_unknown_key(engine, bert, tmp_path):
-    folder = copy_case(bert, "seq_bn_rf", tmp_path)
+    folder = copy_case(bert, "seq_bn_rf", tmp_path / "seq_bn_rf")
     key = "bert.encoder.layer.0.output.adapters.seq_bn_rf.extra.weight"
     edit_weights(folder, lambda s: s.__setitem__(key, torch.zeros(3)))
     assert_refused(engine, folder, InvalidAdapter, "unexpected key", "layer.0.output.adapters.seq_bn_rf.extra.weight")
 
 
 def test_missing_key(engine, bert, tmp_path):
-    folder = copy_case(bert, "seq_bn_rf", tmp_path)
+    folder = copy_case(bert, "seq_bn_rf", tmp_path / "seq_bn_rf")
     edit_weights(folder, lambda s: s.pop("bert.encoder.layer.1.output.adapters.seq_bn_rf.adapter_up.bias"))
     assert_refused(engine, folder, InvalidAdapter, "missing key", "layer.1.output.adapters.seq_bn_rf.adapter_up.bias")
 
 
 def test_wrong_shape(engine, bert, tmp_path):
-    folder = copy_case(bert, "ia3", tmp_path)
+    folder = copy_case(bert, "ia3", tmp_path / "ia3")
     key = "bert.encoder.layer.0.attention.self.key.loras.ia3.lora_B"
     edit_weights(folder, lambda s: s.__setitem__(key, torch.ones(32, 1)))
     assert_refused(engine, folder, InvalidAdapter, "shape (32, 1)", "expected (64, 1)", "attention.self.key.loras.ia3")
 
 
 def test_non_finite_values(engine, bert, tmp_path):
-    folder = copy_case(bert, "lora_leave1", tmp_path)
+    folder = copy_case(bert, "lora_leave1", tmp_path / "lora_leave1")
     key = "bert.encoder.layer.0.attention.self.query.loras.lora_leave1.lora_A"
     edit_weights(folder, lambda s: s[key].__setitem__((0, 0), float("nan")))
     assert_refused(engine, folder, InvalidAdapter, "NaN", "query.loras.lora_leave1.lora_A")
@@ -59,14 +59,14 @@ def test_non_finite_values(engine, bert, tmp_path):
 ])
 def test_tensors_that_are_not_dense_weights(engine, bert, tmp_path, kind, make):
     # weights_only unpickles them all; they used to reach the checks and fail there as INTERNAL errors
-    folder = copy_case(bert, "lora_leave1", tmp_path)
+    folder = copy_case(bert, "lora_leave1", tmp_path / "lora_leave1")
     key = "bert.encoder.layer.0.attention.self.query.loras.lora_leave1.lora_A"
     edit_weights(folder, lambda s: s.__setitem__(key, make(s[key])))
     assert_refused(engine, folder, InvalidAdapter, f"{kind} tensor, not dense weights", key.removeprefix("bert."))
 
 
 def test_config_values_beyond_float32_and_deep_nesting(engine, bert, tmp_path):
-    folder = copy_case(bert, "seq_bn", tmp_path)
+    folder = copy_case(bert, "seq_bn", tmp_path / "seq_bn")
     edit_config(folder, **{"config.scaling": -1e300})  # was an INTERNAL error while filling the scaling table
     assert_refused(engine, folder, InvalidAdapter, "scaling -1e+300 overflows float32 (at most 3.403e+38")
     for name in ("adapter_config.json", "head_config.json"):
@@ -79,7 +79,7 @@ def test_config_values_beyond_float32_and_deep_nesting(engine, bert, tmp_path):
 
 def test_ln_before_duplicates_must_agree(engine, bert, tmp_path):
     # the library holds one LayerNorm under two keys and ends up with adapter_down.0's copy; we read the other
-    folder = copy_case(bert, "seq_bn_ln_before", tmp_path)
+    folder = copy_case(bert, "seq_bn_ln_before", tmp_path / "seq_bn_ln_before")
     key = "bert.encoder.layer.1.output.adapters.seq_bn_ln_before.adapter_down.0.bias"
     edit_weights(folder, lambda s: s.__setitem__(key, s[key] + 0.5))  # a tensor of its own: the two share storage
     assert_refused(engine, folder, InvalidAdapter, "differs from adapter_norm_before.bias", key.removeprefix("bert."))
@@ -102,7 +102,7 @@ def test_ln_before_duplicates_must_agree(engine, bert, tmp_path):
 
 
 def test_bin_and_safetensors_side_by_side_must_agree(engine, bert, tmp_path):
-    folder = copy_case(bert, "lora_leave1", tmp_path)
+    folder = copy_case(bert, "lora_leave1", tmp_path / "lora_leave1")
     state = torch.load(folder / "pytorch_adapter.bin", weights_only=True)
     save_file(state, folder / "adapter.safetensors")
     assert engine.load_adapter(folder).method == "lora"  # the same tensors in both: either is right
@@ -132,7 +132,7 @@ def test_bin_and_safetensors_side_by_side_must_agree(engine, bert, tmp_path):
 def test_a_link_to_no_file_is_refused_not_read_as_absent(engine, bert, tmp_path, case, name, link):
     # read as absent, such a head_config.json dropped the head without a word, and a .bin beside adapter.safetensors
     # left the other file to be served alone
-    folder = copy_case(bert, case, tmp_path)
+    folder = copy_case(bert, case, tmp_path / case)
     if name == "pytorch_adapter.bin":  # the safetensors twin is the one that would have been served
         save_file(torch.load(folder / name, weights_only=True), folder / "adapter.safetensors")
     (folder / name).unlink()
@@ -152,7 +152,7 @@ def test_an_adapter_folder_that_is_a_link_to_nothing_is_named_so(engine, tmp_pat
 
 
 def test_bin_keys_must_be_strings(engine, bert, tmp_path):
-    folder = copy_case(bert, "lora_leave1", tmp_path)
+    folder = copy_case(bert, "lora_leave1", tmp_path / "lora_leave1")
     edit_weights(folder, lambda s: s.__setitem__(7, torch.zeros(3)))
     assert_refused(engine, folder, InvalidAdapter, "pytorch_adapter.bin is not a state dict: key 7 is no string")
 
@@ -160,7 +160,7 @@ def test_bin_keys_must_be_strings(engine, bert, tmp_path):
 @pytest.mark.parametrize("name", ["adapter_config.json", "pytorch_adapter.bin", "head_config.json"])
 def test_a_fifo_in_an_adapter_folder_is_refused_at_once(engine, bert, tmp_path, name):
     # opening one waits for a writer forever: each such load held a worker thread, and a few stopped every admin call
-    folder = copy_case(bert, "seq_bn", tmp_path)
+    folder = copy_case(bert, "seq_bn", tmp_path / "seq_bn")
     (folder / name).unlink()
     os.mkfifo(folder / name)
     outcome = []
@@ -175,7 +175,7 @@ def test_a_fifo_in_an_adapter_folder_is_refused_at_once(engine, bert, tmp_path, 
 @pytest.mark.parametrize("name", ["adapter_config.json", "pytorch_adapter.bin"])
 def test_a_directory_in_place_of_an_adapter_file_is_named(engine, bert, tmp_path, name):
     # os.fdopen refused it first, as "[Errno 21] Is a directory: 16" (a descriptor number, not the file)
-    folder = copy_case(bert, "seq_bn", tmp_path)
+    folder = copy_case(bert, "seq_bn", tmp_path / "seq_bn")
     (folder / name).unlink()
     (folder / name).mkdir()
     assert_refused(engine, folder, InvalidAdapter, f"{name} is not a regular file")
@@ -233,14 +233,14 @@ def _raised(fn, *args):
 
 
 def test_truncated_weights_file(engine, bert, tmp_path):
-    folder = copy_case(bert, "par_bn", tmp_path)
+    folder = copy_case(bert, "par_bn", tmp_path / "par_bn")
     data = (folder / "pytorch_adapter.bin").read_bytes()
     (folder / "pytorch_adapter.bin").write_bytes(data[: len(data) // 2])
     assert_refused(engine, folder, InvalidAdapter, "cannot read pytorch_adapter.bin")
 
 
 def test_truncated_safetensors(engine, bert, tmp_path):
-    folder = copy_case(bert, "seq_bn_st", tmp_path)
+    folder = copy_case(bert, "seq_bn_st", tmp_path / "seq_bn_st")
     data = (folder / "adapter.safetensors").read_bytes()
     (folder / "adapter.safetensors").write_bytes(data[:100])
     assert_refused(engine, folder, InvalidAdapter, "cannot read adapter.safetensors")
@@ -252,18 +252,18 @@ class Exploit:
 
 
 def test_pickle_beyond_weights_only_is_refused(engine, bert, tmp_path):
-    folder = copy_case(bert, "seq_bn", tmp_path)
+    folder = copy_case(bert, "seq_bn", tmp_path / "seq_bn")
     torch.save({"x": Exploit()}, folder / "pytorch_adapter.bin")
     assert_refused(engine, folder, InvalidAdapter, "cannot read pytorch_adapter.bin", "UnpicklingError")
 
 
 def test_bad_json_and_missing_files(engine, bert, tmp_path):
-    folder = copy_case(bert, "seq_bn", tmp_path)
+    folder = copy_case(bert, "seq_bn", tmp_path / "seq_bn")
     (folder / "adapter_config.json").write_text("{not json")
     assert_refused(engine, folder, InvalidAdapter, "cannot read adapter_config.json")
     (folder / "adapter_config.json").unlink()
     assert_refused(engine, folder, InvalidAdapter, "missing adapter_config.json")
-    folder = copy_case(bert, "lora_leave1", tmp_path)
+    folder = copy_case(bert, "lora_leave1", tmp_path / "lora_leave1")
     (folder / "pytorch_adapter.bin").unlink()
     assert_refused(engine, folder, InvalidAdapter, "no weights file")
     assert_refused(engine, tmp_path / "nowhere", InvalidAdapter, "no such folder")
@@ -272,7 +272,7 @@ def test_bad_json_and_missing_files(engine, bert, tmp_path):
 
 
 def test_corrupt_head(engine, bert, tmp_path):
-    folder = copy_case(bert, "seq_bn", tmp_path)
+    folder = copy_case(bert, "seq_bn", tmp_path / "seq_bn")
     head = json.loads((folder / "head_config.json").read_text())
     head["config"]["num_labels"] = 7
     (folder / "head_config.json").write_text(json.dumps(head))

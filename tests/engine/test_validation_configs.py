@@ -22,7 +22,7 @@ import engine.adapters.formats as formats
     ({"config.non_linearity": "prelu"}, "activation 'prelu'"),  # a learned slope: no parameter-free function
 ])
 def test_unsupported_bottleneck_options(engine, bert, tmp_path, changes, fragment):
-    folder = copy_case(bert, "seq_bn_rf", tmp_path)
+    folder = copy_case(bert, "seq_bn_rf", tmp_path / "seq_bn_rf")
     edit_config(folder, **changes)
     assert_refused(engine, folder, UnsupportedAdapter, fragment)
 
@@ -35,7 +35,7 @@ def test_unsupported_bottleneck_options(engine, bert, tmp_path, changes, fragmen
     ("seq_bn_rf", {"config.reduction_factor": {"3": 2}}, "reduction_factor for layer 0"),
 ])
 def test_invalid_or_unsupported_options(engine, bert, tmp_path, case, changes, fragment):
-    folder = copy_case(bert, case, tmp_path)
+    folder = copy_case(bert, case, tmp_path / case)
     edit_config(folder, **changes)
     with pytest.raises((InvalidAdapter, UnsupportedAdapter), match=fragment.replace("(", r"\(")):
         engine.load_adapter(folder)
@@ -58,7 +58,7 @@ NAN, INF = float("nan"), float("inf")
     ("ia3", {"config.r": 2}, InvalidAdapter, "composition_mode 'scale' (IA3) needs r = 1, got r=2"),  # as the library
 ])
 def test_malformed_config_values(engine, bert, tmp_path, case, changes, error, fragment):
-    folder = copy_case(bert, case, tmp_path)
+    folder = copy_case(bert, case, tmp_path / case)
     edit_config(folder, **changes)
     assert_refused(engine, folder, error, fragment)
 
@@ -81,7 +81,7 @@ def test_malformed_config_values(engine, bert, tmp_path, case, changes, error, f
     ({"num_labels": 2 ** 20, "label2id": None}, InvalidAdapter, "num_labels makes 1048576 label names; a head may"),
 ])
 def test_malformed_head_config(engine, bert, tmp_path, changes, error, fragment):
-    folder = copy_case(bert, "seq_bn", tmp_path)
+    folder = copy_case(bert, "seq_bn", tmp_path / "seq_bn")
     head = json.loads((folder / "head_config.json").read_text())
     head["config"].update(changes)
     (folder / "head_config.json").write_text(json.dumps(head))
@@ -103,14 +103,14 @@ def test_malformed_head_config(engine, bert, tmp_path, changes, error, fragment)
     ("peft_ia3", {"feedforward_modules": "("}, "feedforward_modules holds an invalid regular expression"),
 ])
 def test_malformed_peft_config(engine, bert, tmp_path, case, changes, fragment):
-    folder = copy_case(bert, case, tmp_path)
+    folder = copy_case(bert, case, tmp_path / case)
     cfg = json.loads((folder / "adapter_config.json").read_text())
     (folder / "adapter_config.json").write_text(json.dumps({**cfg, **changes}))
     assert_refused(engine, folder, InvalidAdapter, fragment)
 
 
 def test_extra_tensors_of_a_peft_lora_module_are_refused(engine, bert, tmp_path):
-    folder = copy_case(bert, "peft_lora_rslora", tmp_path)
+    folder = copy_case(bert, "peft_lora_rslora", tmp_path / "peft_lora_rslora")
     path = next(folder.glob("adapter_model.*"))
     state = load_file(path) if path.suffix == ".safetensors" else torch.load(path, weights_only=True)
     key = next(k for k in state if k.endswith("lora_A.weight")).replace("lora_A.weight", "ia3_l")
@@ -124,12 +124,12 @@ def test_config_errors_no_check_names_are_still_typed(engine, bert, tmp_path, mo
         raise TypeError("'<' not supported between instances of 'str' and 'int'")
 
     monkeypatch.setattr(formats, "read_adapterhub", parser_trips)
-    assert_refused(engine, copy_case(bert, "seq_bn", tmp_path), InvalidAdapter, "malformed config value (TypeError: '<'")
+    assert_refused(engine, copy_case(bert, "seq_bn", tmp_path / "seq_bn"), InvalidAdapter, "malformed config value (TypeError: '<'")
 
 
 def test_values_beyond_the_serving_dtype_are_refused(bert, tmp_path):
     engine = Engine.from_pretrained(bert.path, device="cpu", dtype="float16")
-    folder = copy_case(bert, "lora_leave1", tmp_path)
+    folder = copy_case(bert, "lora_leave1", tmp_path / "lora_leave1")
     key = "bert.encoder.layer.0.attention.self.query.loras.lora_leave1.lora_A"
     edit_weights(folder, lambda s: s[key].__setitem__((0, 0), 1e5))  # finite in float32, inf in float16
     assert_refused(engine, folder, InvalidAdapter, "values overflow the serving dtype torch.float16",
@@ -146,7 +146,7 @@ def test_post_add_residual_on_a_decoder_is_refused(tmp_path):
 
 
 def test_peft_refusals(engine, bert, tmp_path):
-    folder = copy_case(bert, "peft_lora_rslora", tmp_path)
+    folder = copy_case(bert, "peft_lora_rslora", tmp_path / "peft_lora_rslora")
     cfg = json.loads((folder / "adapter_config.json").read_text())
     (folder / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": True}))
     assert_refused(engine, folder, UnsupportedAdapter, "DoRA")

@@ -1,14 +1,9 @@
-"""Fixtures of the lifecycle tests: one tiny BERT oracle per session and engines with chosen budgets (the
-helpers the tests import live in `lifecycle_helpers`: a module named conftest is shadowed by other folders')."""
+"""Fixtures of the lifecycle tests: engines with chosen budgets on the session's tiny BERT oracle (`bert`, in
+tests/conftest.py). The helpers the tests import live in `lifecycle_helpers`: a module named conftest is shadowed
+by other folders'."""
 import pytest
-from oracle import OracleBase, build_oracle
 
 from engine import Engine, EngineConfig
-
-
-@pytest.fixture(scope="session")
-def bert(tmp_path_factory) -> OracleBase:
-    return build_oracle("bert", tmp_path_factory.mktemp("lifecycle-bert"))
 
 
 @pytest.fixture()

@@ -1,18 +1,10 @@
 """Helpers of the lifecycle tests: compare a forward's rows with the oracle (the `adapters` library) row by row."""
-import shutil
-from pathlib import Path
-
 import torch
 from oracle import OracleBase
 
 from engine import Engine
 
 ATOL = 1e-5
-
-
-def copy_case(bert: OracleBase, case: str, dst: Path) -> Path:
-    shutil.copytree(bert.cases[case].path, dst)
-    return dst
 
 
 def run(engine: Engine, bert: OracleBase, names: list[str | None], rows: list[int] | None = None, tenant=None):

@@ -7,7 +7,8 @@ import time
 from collections import Counter
 
 import pytest
-from lifecycle_helpers import ATOL, assert_rows, copy_case, row_error, run
+from adapter_edits import copy_case
+from lifecycle_helpers import ATOL, assert_rows, row_error, run
 
 import engine.adapters.lifecycle as lifecycle
 from engine import AdapterNotFound

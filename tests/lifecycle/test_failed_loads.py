@@ -6,7 +6,8 @@ import re
 
 import pytest
 import torch
-from lifecycle_helpers import assert_rows, copy_case, run
+from adapter_edits import copy_case
+from lifecycle_helpers import assert_rows, run
 
 import engine.adapters.files as files
 from engine import AdapterSourceError, InvalidAdapter, UnsupportedAdapter

@@ -8,7 +8,8 @@ import shutil
 import fsspec
 import huggingface_hub.constants
 import pytest
-from lifecycle_helpers import assert_rows, copy_case, run
+from adapter_edits import copy_case
+from lifecycle_helpers import assert_rows, run
 from fsspec.implementations.memory import MemoryFileSystem
 
 from engine import AdapterSourceError, AdapterSourceRefused, InvalidAdapter

@@ -3,7 +3,8 @@ import threading
 import time
 
 import pytest
-from lifecycle_helpers import assert_rows, copy_case, placement, run
+from adapter_edits import copy_case
+from lifecycle_helpers import assert_rows, placement, run
 
 from engine import AdapterCapacityExceeded, AdapterSourceError
 

@@ -3,21 +3,18 @@ import asyncio
 import json
 import logging
 import threading
-import time
-import urllib.request
 
 import grpc
 import pytest
 import torch
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from prometheus_client.parser import text_string_to_metric_families
 
 from engine.cli import main
 from engine.client import RpcError
 from engine.scheduler import SchedulerConfig
-from engine.service.metrics import REST
 from engine.types import ServerInfo
 from minilm import TEXTS
+from scrape import requests_total, scrape
 
 
 def test_classify_embed_tag_round_trip_and_match_the_library(server, minilm_setup):
@@ -59,7 +56,7 @@ def test_generate_is_unimplemented_with_a_clear_message(server, caplog):
     assert (info.value.code, info.value.reason) == (grpc.StatusCode.UNIMPLEMENTED, "NOT_IMPLEMENTED")
     assert "encoder (bert)" in info.value.message
     # counted and logged like every other call
-    assert _requests_total(_scrape(server))[("GenerateStream", "UNIMPLEMENTED")] == 1
+    assert requests_total(scrape(server))[("GenerateStream", "UNIMPLEMENTED")] == 1
     lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "adapterserve.access"]
     assert [(line["rpc"], line["code"]) for line in lines] == [("GenerateStream", "UNIMPLEMENTED")]
 
@@ -158,34 +155,6 @@ def test_reflection_lists_the_services(server):
     channel.close()
 
 
-def _scrape(server) -> dict:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{server.server.metrics_port}/metrics").read().decode()
-    return {f.name: f for f in text_string_to_metric_families(text)}
-
-
-def _requests_total(families) -> dict[tuple[str, str], float]:
-    return {(s.labels["method"], s.labels["code"]): s.value for s in families["adapterserve_requests"].samples
-            if s.name == "adapterserve_requests_total"}
-
-
-def test_metrics_scrape_and_parse(server):
-    with server.client() as client:
-        client.classify(TEXTS, "sentiment")
-        with pytest.raises(RpcError):
-            client.classify(TEXTS, "nope")
-    families = _scrape(server)
-    requests = _requests_total(families)
-    assert requests[("Classify", "OK")] >= 1 and requests[("Classify", "NOT_FOUND")] >= 1
-    assert not [s for f in families.values() for s in f.samples if s.name.endswith("_created")]
-    for name in ("adapterserve_request_duration_seconds", "adapterserve_batch_rows", "adapterserve_batch_distinct_adapters",
-                 "adapterserve_prompt_tokens", "adapterserve_adapters_resident", "adapterserve_lora_requests_info",
-                 "adapterserve_request_queue_time_seconds"):
-        assert name in families, name
-    assert "adapterserve_adapter_requests" not in families  # per-adapter series only when asked for
-    lora = families["adapterserve_lora_requests_info"].samples[0]
-    assert lora.labels["max_lora"] == "64" and lora.value > 1.7e9
-
-
 def test_a_row_over_the_token_budget_is_named(start_server):
     running = start_server(scheduler=SchedulerConfig(max_batch_tokens=8))
     with running.client() as client, pytest.raises(RpcError) as refused:
@@ -208,63 +177,8 @@ def test_a_request_over_the_token_budget_runs_in_parts(start_server, minilm_setu
     assert [r.label for r in results] == [w.label for w in want]
     assert all(abs(r.scores[k] - w.scores[k]) < 1e-5 for r, w in zip(results, want) for k in w.scores)
     assert min(len(ids) for ids in engine.tokenizer(texts)["input_ids"]) * len(texts) > 40  # over one forward's budget
-    batches = _scrape(running)["adapterserve_batch_rows"].samples
+    batches = scrape(running)["adapterserve_batch_rows"].samples
     assert max(s.value for s in batches if s.name == "adapterserve_batch_rows_count") >= 4  # 2 forwards each, at least
-
-
-def test_every_failed_load_is_counted(server, minilm_setup, tmp_path):
-    def loads() -> dict[str, float]:
-        return {s.labels["result"]: s.value for s in _scrape(server)["adapterserve_adapter_loads"].samples
-                if s.name == "adapterserve_adapter_loads_total"}
-
-    before = loads()
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    (broken / "adapter_config.json").write_text("{broken")
-    with server.client() as admin:
-        for source, code in (("", grpc.StatusCode.INVALID_ARGUMENT),  # refused before any file is read
-                             (str(broken), grpc.StatusCode.FAILED_PRECONDITION)):
-            with pytest.raises(RpcError) as failed:
-                admin.load_adapter(source, name="x")
-            assert failed.value.code == code
-        admin.load_adapter(str(minilm_setup.folders["plain"]), name="again")
-    after = loads()
-    assert after["error"] - before.get("error", 0) == 2 and after["ok"] - before["ok"] == 1
-
-
-def test_per_adapter_counts_are_opt_in_and_keep_the_busiest(start_server, minilm_setup):
-    running = start_server(metrics_per_adapter=1)
-    with running.client() as client:
-        for name in ("sentiment", "topics"):
-            client.load_adapter(str(minilm_setup.folders[name]), name=name)
-        client.classify(TEXTS, "sentiment")
-        client.classify(TEXTS, "topics")  # ties with sentiment: counted as other
-        with pytest.raises(RpcError):
-            client.classify(TEXTS, "nope")  # unknown ids are never counted
-        assert _adapter_requests(running) == {("", "sentiment"): 1, REST: 1}
-        client.classify(TEXTS, "topics")  # now the busiest: takes the one series, starting afresh
-        assert _adapter_requests(running) == {("", "topics"): 1, REST: 1}
-
-
-def test_per_adapter_counts_name_the_owner_tenant(start_server, minilm_setup):
-    running = start_server(metrics_per_adapter=5)
-    operator, acme, globex = running.client(), running.client(tenant="acme"), running.client(tenant="globex")
-    with operator, acme, globex:
-        operator.load_adapter(str(minilm_setup.folders["sentiment"]), name="sentiment")  # shared
-        acme.load_adapter(str(minilm_setup.folders["sentiment"]), name="own")
-        operator.load_adapter(str(minilm_setup.folders["topics"]), name="own", tenant="globex")
-        acme.classify(TEXTS, "sentiment")  # acme calls a shared adapter: counted for it, not for acme
-        acme.classify(TEXTS, "own")
-        globex.classify(TEXTS, "own")
-        globex.classify(TEXTS, "own")  # the same name, another tenant's adapter: its own series
-        assert _adapter_requests(running) == {("", "sentiment"): 1, ("acme", "own"): 1, ("globex", "own"): 2,
-                                              REST: 0}
-
-
-def _adapter_requests(running) -> dict[tuple[str, str], float]:
-    samples = _scrape(running)["adapterserve_adapter_requests"].samples
-    return {(s.labels["tenant"], s.labels["adapter"]): s.value for s in samples
-            if s.name == "adapterserve_adapter_requests_total"}
 
 
 def test_async_client_round_trip(server, minilm_setup):
@@ -284,26 +198,6 @@ def test_async_client_round_trip(server, minilm_setup):
     assert [r.label for r in results] == [w.label for w in want]
     assert {i.name for i in infos} == {"sentiment", "topics", "ner", "plain"}
     assert missing.code == grpc.StatusCode.NOT_FOUND
-
-
-def test_calls_that_outlive_their_deadline_are_counted_and_logged(server, caplog):
-    from adapterserve.v1 import inference_service_pb2 as pb
-    from adapterserve.v1 import inference_service_pb2_grpc as pb_grpc
-
-    caplog.set_level(logging.INFO, logger="adapterserve.access")
-    request = pb.EmbedRequest(inputs=[pb.Input(text="word " * 200)] * 32)  # ~6,500 tokens: a second of CPU work
-    with grpc.insecure_channel(server.target) as channel:
-        with pytest.raises(grpc.RpcError) as info:
-            pb_grpc.InferenceServiceStub(channel).Embed(request, timeout=0.1)
-    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    deadline, counted = time.monotonic() + 10, {}
-    while time.monotonic() < deadline and ("Embed", "DEADLINE_EXCEEDED") not in counted:
-        time.sleep(0.05)  # the server notices the expiry just after the client
-        counted = _requests_total(_scrape(server))
-    assert counted.get(("Embed", "DEADLINE_EXCEEDED")) == 1, counted
-    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "adapterserve.access"]
-    late = [line for line in lines if line["code"] == "DEADLINE_EXCEEDED"]
-    assert len(late) == 1 and late[0]["peer"].startswith("ipv4:127.0.0.1:"), lines  # gRPC's peer() is "" by then
 
 
 def test_a_tenant_beyond_ascii_travels_in_the_binary_header(server, minilm_setup):
@@ -344,15 +238,6 @@ def test_client_timeouts_and_closed_clients(server):
             await client.embed(["hi"])
 
     asyncio.run(closed_async())
-
-
-def test_residency_gauge_is_read_at_scrape_time(server, minilm_setup):
-    def resident() -> dict[str, float]:
-        return {s.labels["tier"]: s.value for s in _scrape(server)["adapterserve_adapters_resident"].samples}
-
-    before = resident()["device"]
-    minilm_setup.engine.load_adapter(minilm_setup.folders["sentiment"], name="loaded-in-process")  # no admin RPC
-    assert resident()["device"] == before + 1
 
 
 def test_auth_off_operators_load_server_folders_for_a_tenant(server, minilm_setup):
