@@ -46,8 +46,9 @@ class AdapterServicer(Servicer, pb_grpc.AdapterServiceServicer):
         source = request.source
         if ctx.principal.tenant is not None:  # a tenant's admin must not make the server read its own file system
             if not _remote_source(source):
-                raise PermissionDenied("tenant keys may load from the adapter store (store://), the hub or remote "
-                                       "URLs, not from server paths")
+                raise PermissionDenied("tenant keys may load from the adapter store (store://), the hub (hf://, "
+                                       f"org/name) or {', '.join(sorted(REMOTE_SCHEMES))} URLs, not from server paths "
+                                       "or other filesystems")
             if "://" not in source:  # "org/name" is a hub id here, even where a server folder of that name exists
                 source = "hf://" + source
         return await asyncio.to_thread(self.engine.load_adapter, source, request.name or None, tenant, request.pin)
@@ -121,11 +122,19 @@ def _adapter_key(info: AdapterInfo) -> paging.Key:
     return [info.tenant or "", info.name]  # shared adapters ("") first
 
 
+# Network filesystems a tenant key may load from. A list of those allowed, not of those refused: fsspec reaches the
+# server's own files through many protocols besides file:// (local://, and chains such as simplecache::file://
+# or zip://x::file://, which loaded server files for a tenant admin: found by a probe), and others are in-process
+# (memory://)
+REMOTE_SCHEMES = frozenset({"http", "https", "s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"})
+
+
 def _remote_source(source: str) -> bool:
-    """store://, hf://, org/name hub ids and non-file URLs; not local paths or file:// URLs."""
-    scheme, sep, rest = source.partition("://")
+    """store://, hf://, org/name hub ids and URLs of a network filesystem; no local path, no other protocol, and no
+    fsspec chain ("::", whose later links may be local)."""
+    scheme, sep, _ = source.partition("://")
     if sep:
-        return scheme not in ("file", "local")
+        return "::" not in source and scheme in REMOTE_SCHEMES | {"store", "hf"}
     return not source.startswith((".", "/", "~")) and source.count("/") == 1
 
 

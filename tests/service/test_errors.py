@@ -47,7 +47,9 @@ def test_authentication_and_permissions(authed):
     with authed.client("acme-admin") as acme_admin:
         _expect(grpc.StatusCode.PERMISSION_DENIED, "PERMISSION_DENIED",
                 lambda: acme_admin.load_adapter("store://x", tenant="globex"))
-        for server_path in ("/etc", "file:///etc", "../adapters/x"):
+        for server_path in ("/etc", "file:///etc", "../adapters/x", "local:///etc", "FILE:///etc", "memory://x",
+                            "simplecache::file:///etc", "filecache::file:///etc", "zip://a::file:///tmp/a.zip",
+                            "https://example.com/a::file:///etc"):  # fsspec chains: their later links may be local
             err = _expect(grpc.StatusCode.PERMISSION_DENIED, "PERMISSION_DENIED",
                           lambda: acme_admin.load_adapter(server_path))
             assert "not from server paths" in err.message
