@@ -88,10 +88,8 @@ class AdapterLifecycle:
         check_tenant(tenant)
         for source in sources:  # an empty name would be a row without adapter in the lookup below
             check_name(source, "a source adapter name", "sources")
-        if not overwrite_ok and self.registry.holds(name, tenant):  # the library's overwrite_ok=False
-            owner = "shared" if tenant is None else f"for tenant {tenant!r}"
-            raise InvalidRequest(f"adapter {name!r} is already loaded ({owner}); replacing it with the average needs "
-                                 "overwrite_ok (CLI: --overwrite)", "name")
+        if not overwrite_ok and self.registry.holds(name, tenant):  # the library's overwrite_ok=False; checked
+            raise _name_taken(name, tenant)  # again as it is published, for averages racing to the same name
         records = self.registry.acquire_rows(list(sources), [tenant] * len(sources))  # nothing frees them meanwhile
         try:
             specs = [self.tiers.host_spec(r.key) for r in records]
@@ -99,7 +97,8 @@ class AdapterLifecycle:
             self._release(records)
         spec = average_specs(name, specs, list(weights), combine_strategy, svd_rank, self.target)
         label = ", ".join(f"{s}*{w:g}" for s, w in zip(sources, weights))
-        return self._publish(replace(spec, source=f"average[{combine_strategy}]({label})"), tenant, False, None, None)
+        return self._publish(replace(spec, source=f"average[{combine_strategy}]({label})"), tenant, False, None, None,
+                             overwrite_ok)
 
     def unload(self, name: str, tenant: str | None) -> None:
         check_tenant(tenant)
@@ -160,9 +159,10 @@ class AdapterLifecycle:
         return AdmittedBatch(row_slots, build_adapter_batch(row_slots, self.pool), heads)
 
     def _publish(self, spec: AdapterSpec, tenant: str | None, pin: bool, read: Callable[[], AdapterSpec] | None,
-                 folder: AdapterFolder | None) -> AdapterInfo:
+                 folder: AdapterFolder | None, overwrite_ok: bool = True) -> AdapterInfo:
         """Places a validated version (the only steps that can still fail: values the serving dtype cannot hold,
-        or a pinned one finding no slot), then swaps it in under its name."""
+        a pinned one finding no slot, or the name taken meanwhile without ``overwrite_ok``), then swaps it in
+        under its name."""
         spec.check_representable(self.pool.dtype)
         head = spec.head
         info = AdapterInfo(spec.name, tenant, spec.method.value, folder.source if folder else spec.source,
@@ -172,9 +172,14 @@ class AdapterLifecycle:
         if folder is not None and folder.owned:
             with self._downloads_lock:
                 self._downloads[record.key] = folder
-        replaced, unused = self.registry.register(record)
-        if unused:
-            self._free(replaced)
+        if not overwrite_ok:
+            if not self.registry.register_new(record):
+                self.tiers.drop(record.key)
+                raise _name_taken(spec.name, tenant)
+        else:
+            replaced, unused = self.registry.register(record)
+            if unused:
+                self._free(replaced)
         return self._describe(record) or replace(info, tier="source")  # None: already unloaded by another thread
 
     def _read_again(self, folder: AdapterFolder, name: str, stamp: tuple) -> AdapterSpec:
@@ -212,3 +217,9 @@ def _check_tenants(tenants: list[str | None]) -> None:
     """Each row's tenant follows the name rule: "" would find only shared adapters, as no tenant does."""
     for tenant in tenants:
         check_tenant(tenant)
+
+
+def _name_taken(name: str, tenant: str | None) -> InvalidRequest:
+    owner = "shared" if tenant is None else f"for tenant {tenant!r}"
+    return InvalidRequest(f"adapter {name!r} is already loaded ({owner}); replacing it with the average needs "
+                          "overwrite_ok (CLI: --overwrite)", "name")

@@ -40,6 +40,16 @@ class AdapterRegistry:
             old.retired = True
             return old, old.refs == 0
 
+    def register_new(self, record: AdapterRecord) -> bool:
+        """Makes ``record`` visible unless its tenant already has an adapter of that name (then False): the check
+        and the insert under one lock hold, so of two racing callers only one gets the name."""
+        key = (record.info.tenant, record.info.name)
+        with self._lock:
+            if key in self._records:
+                return False
+            self._records[key] = record
+            return True
+
     def acquire_rows(self, names: list[str | None], tenants: list[str | None]) -> list[AdapterRecord | None]:
         """One record per row (None where no adapter is named), all taken under one lock hold so that a
         batch sees one registry state: two rows naming the same adapter always get the same version.

@@ -146,3 +146,35 @@ def test_a_forward_never_waits_for_another_adapters_files(make_engine, bert, tmp
         release.set()
         loader.join(20)
     assert_rows(bert, run(engine, bert, ["slow"]), ["seq_bn"])
+
+
+def test_of_averages_racing_to_one_new_name_one_gets_it(make_engine, bert, monkeypatch):
+    """Without overwrite_ok: each saw the name free, then the later ones replaced the first (found by a probe)."""
+    engine = make_engine(max_device_adapters=4)
+    engine.load_adapter(bert.cases["lora"].path, name="a")
+    engine.load_adapter(bert.cases["lora"].path, name="b")  # one config: they average
+    both_checked, average = threading.Barrier(2, timeout=10), lifecycle.average_specs
+
+    def after_both_checked(*args):  # both past the early name check before either publishes
+        both_checked.wait()
+        return average(*args)
+    monkeypatch.setattr(lifecycle, "average_specs", after_both_checked)
+    outcomes = []
+
+    def make_average(weights):
+        try:
+            outcomes.append(engine.average_adapters("mix", ["a", "b"], weights).source)
+        except Exception as exc:  # noqa: BLE001 - compared below
+            outcomes.append(exc)
+    threads = [threading.Thread(target=make_average, args=(w,)) for w in ([1.0, 0.0], [0.0, 1.0])]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    won = [o for o in outcomes if isinstance(o, str)]
+    lost = [o for o in outcomes if not isinstance(o, str)]
+    assert len(won) == 1 and len(lost) == 1, outcomes
+    assert "adapter 'mix' is already loaded (shared); replacing it with the average needs overwrite_ok" in str(lost[0])
+    assert engine.get_adapter("mix").source == won[0]  # the winner's version stays
+    assert sorted(a.name for a in engine.list_adapters()) == ["a", "b", "mix"]
+    assert engine.pool.num_free == 1  # the loser's slot was freed
