@@ -53,7 +53,12 @@ class EngineLoop:
 
     def _run(self) -> None:
         while not (self._stop.is_set() and self.scheduler.num_waiting == 0):
-            batch = self.scheduler.schedule(timeout=0.05)
+            try:
+                batch = self.scheduler.schedule(timeout=0.05)
+            except Exception:  # a bug must not end the loop: every later request would wait forever
+                log.exception("scheduling failed")
+                time.sleep(0.05)
+                continue
             self.metrics.waiting.set(self.scheduler.num_waiting)
             if batch:
                 self.step(batch)

@@ -179,8 +179,7 @@ class Scheduler:
             except AdapterServeError as exc:
                 queue.remove(request)
                 self._size -= 1
-                if not request.future.cancelled():
-                    request.future.set_exception(exc)
+                _fail(request, exc)
         return None
 
     def _purge_dead(self) -> None:
@@ -200,5 +199,12 @@ class Scheduler:
 
     @staticmethod
     def _fail_expired(request: Request) -> None:
-        if not request.future.cancelled():
-            request.future.set_exception(DeadlineExpired(f"request {request.request_id or '?'} expired in the queue"))
+        _fail(request, DeadlineExpired(f"request {request.request_id or '?'} expired in the queue"))
+
+
+def _fail(request: Request, exc: AdapterServeError) -> None:
+    """Fails a queued request unless it was cancelled. It is claimed first (RUNNING), in one step that a cancel
+    cannot split: checking cancelled() and then setting the exception let the asyncio side's cancel() land in
+    between, and set_exception then raised InvalidStateError out of schedule(), in the engine loop (a probe)."""
+    if request.future.set_running_or_notify_cancel():
+        request.future.set_exception(exc)

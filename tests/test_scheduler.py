@@ -1,5 +1,6 @@
 """Scheduler alone (no torch work): fairness across tenants, budgets, queue bound, deadlines, cancellation."""
 import time
+from concurrent.futures import Future
 
 import pytest
 
@@ -132,3 +133,49 @@ def test_the_parts_of_one_request_are_admitted_together():
     with pytest.raises(QueueFull):
         sched.add_parts([_req("b"), _req("b")])  # all or none
     assert sched.num_waiting == 5
+
+
+class CancelledJustAfterEachCheck(Future):
+    """A future the asyncio side cancels right after every cancelled() check, as a client's deadline can."""
+
+    def cancelled(self):
+        self.cancel()
+        return False  # what the check saw, an instant before the cancel
+
+
+@pytest.mark.parametrize("why", ["expired", "unreadable adapter"])
+def test_a_cancel_racing_the_schedulers_failure_of_a_request_is_no_error(why):
+    """set_exception on a future cancelled after the check raised InvalidStateError out of schedule(): in the
+    engine loop's thread, which then ended (found by a probe)."""
+    def ready(request):
+        raise AdapterSourceError("x", "its folder is gone")
+    sched = Scheduler(SchedulerConfig(max_wait_s=0), ready if why != "expired" else lambda request: True)
+    request = _req("a", deadline=time.monotonic() - 1 if why == "expired" else None)
+    request.future = CancelledJustAfterEachCheck()
+    sched.add(request)
+    assert sched.schedule(timeout=1) == [] and sched.num_waiting == 0
+    assert request.future.done() and not request.future.running()  # cancelled, as its caller asked
+
+
+def test_the_engine_loop_outlives_a_scheduling_bug(caplog):
+    from engine.loop import EngineLoop
+    from engine.service.metrics import Metrics
+
+    class Faulty(Scheduler):
+        calls = 0
+
+        def schedule(self, timeout):
+            self.calls += 1
+            if self.calls == 1:
+                raise RuntimeError("a bug")
+            return super().schedule(timeout)
+    sched = Faulty(SchedulerConfig())
+    loop = EngineLoop(None, sched, Metrics())  # no batch reaches the engine here
+    loop.start()
+    deadline = time.monotonic() + 10
+    while sched.calls < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    alive = loop._thread.is_alive()
+    loop.stop(5)
+    assert sched.calls >= 3 and alive  # it went on scheduling after the bug
+    assert "scheduling failed" in caplog.text and "a bug" in caplog.text
