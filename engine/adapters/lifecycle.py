@@ -34,7 +34,7 @@ from engine.adapters.tiers import AdapterTiers, Residency, TierBudget, device_by
 from engine.batch import AdapterBatch
 from engine.batcher import build_adapter_batch
 from engine.config import EngineConfig
-from engine.errors import AdapterNotFound, AdapterSourceError, InvalidRequest
+from engine.errors import AdapterNotFound, AdapterSourceError, InvalidAdapter, InvalidRequest
 from engine.names import check_name, check_tenant
 from engine.types import AdapterInfo, CatalogEntry
 
@@ -88,6 +88,10 @@ class AdapterLifecycle:
         check_tenant(tenant)
         for source in sources:  # an empty name would be a row without adapter in the lookup below
             check_name(source, "a source adapter name", "sources")
+        twice = sorted({s for s in sources if sources.count(s) > 1})
+        if twice:  # the library maps names to weights in a dict: the last weight alone would count
+            raise InvalidRequest(f"sources name {', '.join(map(repr, twice))} more than once; give each adapter once, "
+                                 "with the sum of its weights", "sources")
         if not overwrite_ok and self.registry.holds(name, tenant):  # the library's overwrite_ok=False; checked
             raise _name_taken(name, tenant)  # again as it is published, for averages racing to the same name
         records = self.registry.acquire_rows(list(sources), [tenant] * len(sources))  # nothing frees them meanwhile
@@ -96,6 +100,11 @@ class AdapterLifecycle:
         finally:
             self._release(records)
         spec = average_specs(name, specs, list(weights), combine_strategy, svd_rank, self.target)
+        try:
+            spec.check_representable(self.pool.dtype)
+        except InvalidAdapter as exc:  # each source fitted the serving dtype: the weights made the average overflow
+            raise InvalidRequest(f"with the weights {list(weights)} (normalised to sum to 1) the average overflows: "
+                                 f"{exc}", "weights") from None
         label = ", ".join(f"{s}*{w:g}" for s, w in zip(sources, weights))
         return self._publish(replace(spec, source=f"average[{combine_strategy}]({label})"), tenant, False, None, None,
                              overwrite_ok)
