@@ -92,8 +92,8 @@ class AdapterLifecycle:
         if twice:  # the library maps names to weights in a dict: the last weight alone would count
             raise InvalidRequest(f"sources name {', '.join(map(repr, twice))} more than once; give each adapter once, "
                                  "with the sum of its weights", "sources")
-        if not overwrite_ok and self.registry.holds(name, tenant):  # the library's overwrite_ok=False; checked
-            raise _name_taken(name, tenant)  # again as it is published, for averages racing to the same name
+        if not overwrite_ok and self.registry.own(name, tenant) is not None:  # the library's overwrite_ok=False,
+            raise _name_taken(name, tenant)  # checked again as it is published, for averages racing to one name
         records = self.registry.acquire_rows(list(sources), [tenant] * len(sources))  # nothing frees them meanwhile
         try:
             specs = [self.tiers.host_spec(r.key) for r in records]
@@ -177,7 +177,9 @@ class AdapterLifecycle:
         info = AdapterInfo(spec.name, tenant, spec.method.value, folder.source if folder else spec.source,
                            spec.num_params, head.head_type.value if head else None, head.labels if head else (), -1)
         record = AdapterRecord(info, next(self._keys))
-        self.tiers.add(Residency(record, read, device_bytes(spec, self.pool.dtype), pin), spec)
+        current = self.registry.own(spec.name, tenant)  # the version this one replaces, if any
+        self.tiers.add(Residency(record, read, device_bytes(spec, self.pool.dtype), pin), spec,
+                       current.key if current is not None and overwrite_ok else None)
         if folder is not None and folder.owned:
             with self._downloads_lock:
                 self._downloads[record.key] = folder

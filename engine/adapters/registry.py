@@ -81,10 +81,10 @@ class AdapterRegistry:
         with self._lock:
             return self._find(name, tenant)
 
-    def holds(self, name: str, tenant: str | None) -> bool:
-        """Whether ``tenant`` (None: shared) has an adapter of that name of its own."""
+    def own(self, name: str, tenant: str | None) -> AdapterRecord | None:
+        """``tenant``'s own version of that name (None: shared), not a shared one it would fall back to."""
         with self._lock:
-            return (tenant, name) in self._records
+            return self._records.get((tenant, name))
 
     def lookup(self, name: str, tenant: str | None) -> AdapterInfo:
         return self.find(name, tenant).info

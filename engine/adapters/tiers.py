@@ -74,15 +74,17 @@ class AdapterTiers:
         self._readers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="adapter-read")
         self._retrim: tuple[float, threading.Timer] | None = None  # a trim due when a held copy's hold ends
 
-    def add(self, entry: Residency, spec: AdapterSpec) -> None:
+    def add(self, entry: Residency, spec: AdapterSpec, replaces: int | None = None) -> None:
         """A freshly read version: onto the device if it fits without evicting anything, else the CPU tier.
-        A pinned one evicts idle versions, or raises `AdapterCapacityExceeded` having changed nothing."""
+        A pinned one evicts idle versions, or raises `AdapterCapacityExceeded` having changed nothing. The version
+        it ``replaces`` (its key; the one its name holds now) may be evicted though pinned, when idle: it is
+        retired next, so a pinned swap on a device full of pinned versions needs no slot of its own."""
         limit = self.budget.max_device_bytes
         if limit is not None and entry.nbytes > limit:
             raise AdapterCapacityExceeded(f"adapter {entry.record.info.name!r} needs {entry.nbytes / 2**20:.2f} MB, "
                                           f"more than the whole device budget of {limit / 2**20:.2f} MB")
         with self._lock:
-            victims = self._victims(entry) if entry.pinned or self._fits(entry) else None
+            victims = self._victims(entry, replaces) if entry.pinned or self._fits(entry) else None
             entry.spec = spec
             if victims is not None:
                 self._to_device(entry, victims)  # if the copy fails (device out of memory), nothing of entry stays
@@ -175,8 +177,9 @@ class AdapterTiers:
         limit = self.budget.max_device_bytes
         return self.pool.num_free > 0 and (limit is None or self._device_bytes + entry.nbytes <= limit)
 
-    def _victims(self, entry: Residency) -> list[Residency]:
-        """Least recently used idle, unpinned versions on the device to evict so that ``entry`` fits."""
+    def _victims(self, entry: Residency, replaces: int | None = None) -> list[Residency]:
+        """Least recently used idle, unpinned versions on the device (and the idle one ``entry`` replaces) to
+        evict so that ``entry`` fits."""
         need_slots = 1 - self.pool.num_free
         limit = self.budget.max_device_bytes
         need_bytes = 0 if limit is None else self._device_bytes + entry.nbytes - limit
@@ -184,7 +187,7 @@ class AdapterTiers:
         for other in self._on_device.values():
             if need_slots <= 0 and need_bytes <= 0:
                 return victims
-            if not other.pinned and other.record.refs == 0:
+            if (not other.pinned or other.key == replaces) and other.record.refs == 0:
                 victims.append(other)
                 need_slots, need_bytes = need_slots - 1, need_bytes - other.nbytes
         if need_slots > 0 or need_bytes > 0:

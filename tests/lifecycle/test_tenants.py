@@ -34,7 +34,7 @@ def test_infos_describe_tier_state_and_pinning(make_engine, bert):
                                                                 "bottleneck")
     other = engine.load_adapter(bert.cases["lora"].path, tenant="acme")
     assert (other.tier, other.slot, other.pinned, other.num_params) == ("source", -1, False, 4096)
-    averaged = engine.average_adapters("mix", ["lora", "lora"], [1.0, 3.0], tenant="acme")
-    assert (averaged.tenant, averaged.tier, averaged.source) == ("acme", "cpu", "average[linear](lora*1, lora*3)")
+    averaged = engine.average_adapters("mix", ["lora"], [1.0], tenant="acme")
+    assert (averaged.tenant, averaged.tier, averaged.source) == ("acme", "cpu", "average[linear](lora*1)")
     with pytest.raises(AdapterNotFound):
         engine.average_adapters("mix2", ["lora"], [1.0], tenant="globex")  # not visible to globex

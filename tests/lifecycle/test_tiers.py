@@ -60,6 +60,20 @@ def test_pinned_adapters_are_never_evicted(make_engine, bert):
     assert all(r.refs == 0 for r in engine.registry._records.values())
 
 
+def test_a_pinned_version_is_swapped_on_a_device_full_of_pinned_ones(make_engine, bert):
+    """It takes the slot of the version it replaces (it needed a free one: RESOURCE_EXHAUSTED, found by a probe)."""
+    engine = make_engine(max_device_adapters=2, max_cpu_adapters=0)
+    engine.load_adapter(bert.cases["seq_bn"].path, name="a", pin=True)
+    engine.load_adapter(bert.cases["lora"].path, name="b", pin=True)
+    swapped = engine.load_adapter(bert.cases["ia3"].path, name="b", pin=True)  # a new version of b
+    assert (swapped.tier, swapped.pinned, swapped.method) == ("device", True, "ia3")
+    assert_rows(bert, run(engine, bert, ["a", "b"]), ["seq_bn", "ia3"])
+    with pytest.raises(AdapterCapacityExceeded, match="all 2 adapter slots"):  # a new name still needs a slot
+        engine.load_adapter(bert.cases["par_bn"].path, name="c", pin=True)
+    assert [(i.name, i.tier) for i in engine.list_adapters()] == [("a", "device"), ("b", "device")]
+    assert engine.pool.num_free == 0
+
+
 def test_adapters_in_use_are_never_evicted(make_engine, bert):
     engine = make_engine(max_device_adapters=2)
     for name in ("lora", "ia3", "par_bn"):

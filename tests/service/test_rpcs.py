@@ -97,15 +97,15 @@ def test_info_and_input_types_in_the_client_and_the_cli(server, capsys):
 
 def test_average_adapters_over_grpc_and_the_cli(server, minilm_setup, capsys):
     with server.client() as admin:
-        info = admin.average_adapters("avg", [("plain", 1.0), ("plain", 3.0)])
-        assert (info.name, info.method, info.source) == ("avg", "bottleneck", "average[linear](plain*1, plain*3)")
-        # an adapter averaged with itself is itself (the weights are normalised)
+        info = admin.average_adapters("avg", [("plain", 3.0)])
+        assert (info.name, info.method, info.source) == ("avg", "bottleneck", "average[linear](plain*3)")
+        # an adapter averaged alone is itself (the weights are normalised)
         got = torch.tensor(admin.embed(TEXTS, "avg"))
         assert torch.allclose(got, minilm_setup.engine.embed(TEXTS, "plain"), atol=1e-5)
         bad, replace = grpc.StatusCode.INVALID_ARGUMENT, {"overwrite_ok": True}
         for sources, options, code, fragment in (
                 ([("plain", 1.0)], {}, bad, "'avg' is already loaded"),
-                ([("plain", 1.0), ("plain", -1.0)], replace, bad, "sum to 0"),
+                ([("plain", 1.0), ("plain", -1.0)], replace, bad, "sources name 'plain' more than once"),
                 ([("nope", 1.0)], replace, grpc.StatusCode.NOT_FOUND, "'nope'"),
                 ([("topics", 1.0)], {**replace, "combine_strategy": "lora_delta_w_svd"}, bad, "positive svd_rank")):
             with pytest.raises(RpcError) as refused:
@@ -114,8 +114,10 @@ def test_average_adapters_over_grpc_and_the_cli(server, minilm_setup, capsys):
         svd = admin.average_adapters("avg", [("topics", 1.0)], combine_strategy="lora_delta_w_svd", svd_rank=2,
                                      overwrite_ok=True)
         assert (svd.method, svd.source) == ("lora", "average[lora_delta_w_svd](topics*1)")
-    assert main(["adapters", "average", "from-cli", "plain=0.5", "plain=0.5", "--server", server.target]) == 0
-    assert json.loads(capsys.readouterr().out)["source"] == "average[linear](plain*0.5, plain*0.5)"
+    assert main(["adapters", "average", "from-cli", "plain=0.5", "topics=0.5", "--server", server.target]) == 1
+    assert "cannot average adapters with different configurations" in capsys.readouterr().err
+    assert main(["adapters", "average", "from-cli", "plain=0.5", "--server", server.target]) == 0
+    assert json.loads(capsys.readouterr().out)["source"] == "average[linear](plain*0.5)"
 
 
 def test_concurrent_clients_get_the_engines_per_row_results(server, minilm_setup):
