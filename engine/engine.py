@@ -117,12 +117,15 @@ class Engine:
         hot-swaps it as a re-load does."""
         return self.adapters.average(name, sources, weights, tenant, combine_strategy, svd_rank, overwrite_ok)
 
-    def adapters_ready(self, adapters: list[str | None], tenant: str | None | list[str | None] = None) -> bool:
+    def adapters_ready(self, adapters: list[str | None], tenant: str | None | list[str | None] = None,
+                       since: float | None = None) -> bool:
         """True when every named adapter can be served without reading files; otherwise starts bringing the
         missing ones in from their sources and returns False. A scheduler can hold such requests and
         schedule others, so nobody waits for the read; `forward` would wait for it. Raises `AdapterNotFound`
-        for an unknown name, and the read's error when an adapter's last read failed (it is read again)."""
-        return self.adapters.ready(adapters, self._row_tenants(adapters, tenant))
+        for an unknown name, and the read's error when an adapter's last read failed (it is read again);
+        with ``since`` (the request's time.monotonic() when queued), only that of a read begun since then: an
+        older failure is read again first, so the first request after a source is back is served."""
+        return self.adapters.ready(adapters, self._row_tenants(adapters, tenant), since)
 
     # ---- inference ------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, adapters: list[str | None],

@@ -130,12 +130,12 @@ class AdapterLifecycle:
     def catalog(self, base_model: str | None, method: str | None) -> list[CatalogEntry]:
         return self.store.catalog(base_model, method) if self.store is not None else []
 
-    def ready(self, names: list[str | None], tenants: list[str | None]) -> bool:
+    def ready(self, names: list[str | None], tenants: list[str | None], since: float | None = None) -> bool:
         """True when every named adapter can be served without reading files; otherwise starts reading the
         missing ones in the background (a scheduler can hold those requests and run others meanwhile)."""
         _check_tenants(tenants)
         records = [self.registry.find(n, t) for n, t in zip(names, tenants, strict=True) if n]
-        return all([self.tiers.prefetch(r.key) for r in records])  # a list: start every read, not just the first
+        return all([self.tiers.prefetch(r.key, since) for r in records])  # a list: start every read, not just the first
 
     @contextmanager
     def admit(self, names: list[str | None], tenants: list[str | None]) -> Iterator[AdmittedBatch]:

@@ -52,6 +52,7 @@ class Residency:
     slot: int = -1
     reading: Future | None = None
     error: Exception | None = None  # of the last failed read, until one succeeds
+    read_at: float = 0.0  # time.monotonic() when the last read began
     hold_until: float = 0.0  # time.monotonic() until which CPU-tier trims keep its host copy
 
     @property
@@ -139,11 +140,13 @@ class AdapterTiers:
                 pending = self._start_read(entry)
             pending.result()
 
-    def prefetch(self, key: int) -> bool:
+    def prefetch(self, key: int, since: float | None = None) -> bool:
         """True when the version can be served without reading files (its host copy is then held for the
         caller); else starts reading it and returns False. When its last read failed, raises that error (a
         queued request is failed instead of waiting for a read that keeps failing) and reads once more in
-        the background, so a source that is back serves the next request."""
+        the background, so a source that is back serves the next request. With ``since`` (when the asking
+        request was queued), a failed read begun before it is read again instead, and the request waits for
+        that read: it failed the first request after a source was back."""
         with self._lock:
             entry = self._entries.get(key)
             if entry is None:
@@ -151,7 +154,8 @@ class AdapterTiers:
             if entry.spec is not None:
                 entry.hold_until = time.monotonic() + HOLD_S
                 return True
-            failed = entry.error if entry.reading is None else None
+            stale = since is not None and entry.read_at < since
+            failed = entry.error if entry.reading is None and not stale else None
             self._start_read(entry)
             if failed is not None:
                 raise failed if isinstance(failed, AdapterServeError) else AdapterSourceError(
@@ -247,6 +251,7 @@ class AdapterTiers:
 
     def _start_read(self, entry: Residency) -> Future:
         if entry.reading is None:
+            entry.read_at = time.monotonic()
             entry.reading = self._readers.submit(self._read, entry)
         return entry.reading
 

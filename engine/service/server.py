@@ -72,8 +72,10 @@ class AdapterServer:
 
     def _adapter_ready(self, request: Request) -> bool:
         """Hold a request whose adapter is still being read from its source; others go ahead meanwhile. Raises
-        (the scheduler then fails this request only) when it was unloaded while queued or its read failed."""
-        return request.adapter is None or self.engine.adapters_ready([request.adapter], request.tenant)
+        (the scheduler then fails this request only) when it was unloaded while queued or a read begun since it
+        was queued failed."""
+        return request.adapter is None or self.engine.adapters_ready([request.adapter], request.tenant,
+                                                                     since=request.enqueued_at)
 
     def _residency(self) -> dict[str, int]:
         return dict(collections.Counter(info.tier for info in self.engine.list_adapters()))

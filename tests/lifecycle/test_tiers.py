@@ -136,6 +136,33 @@ def test_a_folder_gone_for_a_while_is_read_again_once_back(make_engine, bert, tm
     assert_rows(bert, run(engine, bert, ["x"]), ["lora_leave1"])
 
 
+def test_the_first_request_queued_after_a_folder_is_back_is_served(make_engine, bert, tmp_path):
+    """Through the scheduler's check (adapters_ready with the request's queue time): a request queued before a
+    read failed fails with it; one queued after waits for a new read instead of getting the old error."""
+    folder = tmp_path / "x"
+    engine = _evicted_to_its_folder(make_engine, bert, folder)
+    folder.rename(tmp_path / "elsewhere")
+    queued_before = time.monotonic()
+    assert engine.adapters_ready(["x"], since=queued_before) is False  # starts the read
+    _wait_for_state(engine, "x", "failed")
+    with pytest.raises(AdapterSourceError, match="is gone"):  # that read began after it was queued
+        engine.adapters_ready(["x"], since=queued_before)
+    _wait_for_state(engine, "x", "failed")  # the background read it started fails too
+    (tmp_path / "elsewhere").rename(folder)
+    queued_after = time.monotonic()
+    assert engine.adapters_ready(["x"], since=queued_after) is False  # it used to raise the old error here
+    _wait_for_state(engine, "x", "ready")
+    assert engine.adapters_ready(["x"], since=queued_after) is True
+    assert_rows(bert, run(engine, bert, ["x"]), ["lora_leave1"])
+
+
+def _wait_for_state(engine, name: str, state: str) -> None:
+    deadline = time.monotonic() + 10
+    while engine.get_adapter(name).state != state:
+        assert time.monotonic() < deadline, engine.get_adapter(name)
+        time.sleep(0.01)
+
+
 def test_reads_of_one_version_are_single_flight(make_engine, bert, monkeypatch):
     engine = make_engine(max_device_adapters=1, max_cpu_adapters=0)
     engine.load_adapter(bert.cases["lora"].path)
