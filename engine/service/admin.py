@@ -37,7 +37,7 @@ class AdapterServicer(Servicer, pb_grpc.AdapterServiceServicer):
             raise
         self.metrics.loads.labels("ok").inc()
         self.metrics.load_time.observe(time.perf_counter() - start)
-        return pb.LoadAdapterResponse(adapter=adapter_pb(info))
+        return pb.LoadAdapterResponse(adapter=adapter_pb(info, ctx.principal.tenant))
 
     async def _load(self, request: pb.LoadAdapterRequest, ctx: RpcContext) -> AdapterInfo:
         if not request.source:
@@ -62,7 +62,7 @@ class AdapterServicer(Servicer, pb_grpc.AdapterServiceServicer):
         info = await asyncio.to_thread(self.engine.average_adapters, request.name, names, weights, tenant,
                                        request.combine_strategy or "linear", svd_rank=request.svd_rank or None,
                                        overwrite_ok=request.overwrite_ok)
-        return pb.AverageAdaptersResponse(adapter=adapter_pb(info))
+        return pb.AverageAdaptersResponse(adapter=adapter_pb(info, ctx.principal.tenant))
 
     @rpc(Role.ADMIN)
     async def UnloadAdapter(self, request: pb.UnloadAdapterRequest, ctx: RpcContext) -> pb.UnloadAdapterResponse:
@@ -85,7 +85,7 @@ class AdapterServicer(Servicer, pb_grpc.AdapterServiceServicer):
             catalog, catalog_after, more_catalog = paging.cut(self.engine.catalog(), lambda e: [e.name],
                                                               cursor.catalog_after, size)
             more = more or more_catalog
-        response = pb.ListAdaptersResponse(adapters=[adapter_pb(i) for i in adapters],
+        response = pb.ListAdaptersResponse(adapters=[adapter_pb(i, ctx.principal.tenant) for i in adapters],
                                            catalog=[catalog_entry_pb(e) for e in catalog])
         if more:
             response.next_page_token = paging.write_token(paging.Cursor(cursor.listing, adapters_after, catalog_after))
@@ -96,7 +96,7 @@ class AdapterServicer(Servicer, pb_grpc.AdapterServiceServicer):
         if not request.name:
             raise InvalidRequest("name is required", "name")
         info = self.engine.get_adapter(request.name, ctx.tenant(request.tenant))
-        return pb.GetAdapterResponse(adapter=adapter_pb(info))
+        return pb.GetAdapterResponse(adapter=adapter_pb(info, ctx.principal.tenant))
 
 
 class ServerServicer(Servicer, pb_grpc.ServerServiceServicer):

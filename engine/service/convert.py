@@ -15,8 +15,11 @@ def token_tags_pb(tags: list[TokenTag]) -> pb.TokenTags:
                               for t in tags])
 
 
-def adapter_pb(info: AdapterInfo) -> admin_pb.Adapter:
-    return admin_pb.Adapter(name=info.name, tenant=info.tenant or "", method=info.method, source=info.source,
+def adapter_pb(info: AdapterInfo, reader: str | None) -> admin_pb.Adapter:
+    """``info`` as the key of tenant ``reader`` (None: an operator) sees it: a tenant sees where its own adapters
+    came from, not shared ones' sources (server paths, an operator's bucket)."""
+    source = info.source if reader is None or info.tenant == reader else ""
+    return admin_pb.Adapter(name=info.name, tenant=info.tenant or "", method=info.method, source=source,
                             num_params=info.num_params, head_type=info.head_type or "", labels=list(info.labels),
                             tier=info.tier, state=info.state, pinned=info.pinned)
 

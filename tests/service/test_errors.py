@@ -31,7 +31,7 @@ def authed(start_server, key_file, minilm_setup):
     return running
 
 
-def test_authentication_and_permissions(authed):
+def test_authentication_and_permissions(authed, minilm_setup):
     with authed.client() as anonymous:
         _expect(grpc.StatusCode.UNAUTHENTICATED, "API_KEY_INVALID", lambda: anonymous.classify(TEXTS, "acme-secret"))
     with authed.client("stolen-key") as wrong:
@@ -53,7 +53,11 @@ def test_authentication_and_permissions(authed):
             err = _expect(grpc.StatusCode.PERMISSION_DENIED, "PERMISSION_DENIED",
                           lambda: acme_admin.load_adapter(server_path))
             assert "not from server paths" in err.message
-        assert {a.name for a in acme_admin.list_adapters()} == {"acme-secret", "acme-ner", "shared-sentiment"}
+        listed = {a.name: a.source for a in acme_admin.list_adapters()}
+        assert listed.keys() == {"acme-secret", "acme-ner", "shared-sentiment"}
+        # where its own adapters came from, not the operator's server path of a shared one
+        assert listed["acme-secret"] == str(minilm_setup.folders["sentiment"]) and listed["shared-sentiment"] == ""
+        assert acme_admin.get_adapter("shared-sentiment").source == ""
         # averages: a tenant admin reads what its tenant sees and writes into its own tenant only
         _expect(grpc.StatusCode.PERMISSION_DENIED, "PERMISSION_DENIED",
                 lambda: acme_admin.average_adapters("mix", [("shared-sentiment", 1.0)], tenant="globex"))
