@@ -2,7 +2,9 @@
 
 Requests wait in one FIFO per tenant; `schedule` takes them round-robin over tenants (so one tenant's
 flood cannot starve another), up to a row count and a padded-token budget, waiting at most `max_wait_s`
-for a batch to fill. Expired or cancelled requests are dropped before any compute.
+for a batch to fill. Expired or cancelled requests are dropped before any compute, and so are those whose
+deadline comes before one forward could end (the loop reports how long forwards take): under overload a FIFO
+queue otherwise spends the device on requests that expire while computed, and serves almost none in time.
 """
 import threading
 import time
@@ -85,6 +87,12 @@ class Scheduler:
         self._cond = threading.Condition()
         self._size = 0
         self._closed = False
+        self._forward_s = 0.0  # a moving average of recent forwards' compute time: no request gets less
+
+    def observe_forward(self, seconds: float) -> None:
+        """A forward's compute time, from the engine loop."""
+        with self._cond:
+            self._forward_s = seconds if not self._forward_s else 0.8 * self._forward_s + 0.2 * seconds
 
     def add(self, request: Request) -> None:
         self.add_parts([request])
@@ -186,20 +194,24 @@ class Scheduler:
         """Drops cancelled and expired requests everywhere (they should not hold queue places)."""
         for tenant in list(self._queues):
             queue = self._queues[tenant]
-            for request in [r for r in queue if self._is_dead(r)]:
+            now = time.monotonic()
+            for request in [r for r in queue if self._is_dead(r, now + self._forward_s)]:
                 queue.remove(request)
                 self._size -= 1
-                self._fail_expired(request)
+                self._fail_expired(request, now)
             if not queue:
                 del self._queues[tenant]
 
     @staticmethod
-    def _is_dead(request: Request) -> bool:
-        return request.future.cancelled() or (request.deadline is not None and time.monotonic() > request.deadline)
+    def _is_dead(request: Request, done_by: float) -> bool:
+        """Cancelled, or due before ``done_by`` (when a forward begun now would end)."""
+        return request.future.cancelled() or (request.deadline is not None and done_by > request.deadline)
 
-    @staticmethod
-    def _fail_expired(request: Request) -> None:
-        _fail(request, DeadlineExpired(f"request {request.request_id or '?'} expired in the queue"))
+    def _fail_expired(self, request: Request, now: float) -> None:
+        late = request.deadline is None or now > request.deadline  # None: cancelled, and told nothing
+        why = "expired in the queue" if late else (
+            f"would expire before a forward could end (they take {self._forward_s:.3f} s now)")
+        _fail(request, DeadlineExpired(f"request {request.request_id or '?'} {why}"))
 
 
 def _fail(request: Request, exc: AdapterServeError) -> None:
