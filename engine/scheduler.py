@@ -3,8 +3,10 @@
 Requests wait in one FIFO per tenant; `schedule` takes them round-robin over tenants (so one tenant's
 flood cannot starve another), up to a row count and a padded-token budget, waiting at most `max_wait_s`
 for a batch to fill. Expired or cancelled requests are dropped before any compute, and so are those whose
-deadline comes before one forward could end (the loop reports how long forwards take): under overload a FIFO
-queue otherwise spends the device on requests that expire while computed, and serves almost none in time.
+deadline comes before one forward could end (the loop reports how long forwards take) while other requests can
+still make theirs: under overload a FIFO queue otherwise spends the device on requests that expire while
+computed, and serves almost none in time. When none could (the estimate may be stale: it changes only with
+forwards), nothing is dropped for it.
 """
 import threading
 import time
@@ -81,7 +83,7 @@ class Scheduler:
     def __init__(self, config: SchedulerConfig, ready: Callable[[Request], bool] = lambda request: True):
         """``ready(request)`` says whether a request's adapter can be used without waiting for a read;
         requests that are not ready stay queued while others are scheduled, and requests for which it
-        raises an `AdapterServeError` fail with it."""
+        raises fail with its error (an `AdapterServeError`, or a bug's, which the service answers INTERNAL)."""
         self.config, self._ready = config, ready
         self._queues: OrderedDict[str | None, deque[Request]] = OrderedDict()
         self._cond = threading.Condition()
@@ -184,18 +186,22 @@ class Scheduler:
             try:
                 if self._ready(request):
                     return request
-            except AdapterServeError as exc:
+            except Exception as exc:  # a bug in the check too: this request fails, not every schedule()
                 queue.remove(request)
                 self._size -= 1
                 _fail(request, exc)
         return None
 
     def _purge_dead(self) -> None:
-        """Drops cancelled and expired requests everywhere (they should not hold queue places)."""
+        """Drops cancelled and expired requests everywhere (they should not hold queue places), and those due
+        before a forward could end when some other request is not."""
+        now = time.monotonic()
+        done_by = now + self._forward_s
+        if not any(not self._is_dead(r, done_by) for queue in self._queues.values() for r in queue):
+            done_by = now  # no request could make it by the estimate: drop only the expired, run the rest
         for tenant in list(self._queues):
             queue = self._queues[tenant]
-            now = time.monotonic()
-            for request in [r for r in queue if self._is_dead(r, now + self._forward_s)]:
+            for request in [r for r in queue if self._is_dead(r, done_by)]:
                 queue.remove(request)
                 self._size -= 1
                 self._fail_expired(request, now)
@@ -214,7 +220,7 @@ class Scheduler:
         _fail(request, DeadlineExpired(f"request {request.request_id or '?'} {why}"))
 
 
-def _fail(request: Request, exc: AdapterServeError) -> None:
+def _fail(request: Request, exc: Exception) -> None:
     """Fails a queued request unless it was cancelled. It is claimed first (RUNNING), in one step that a cancel
     cannot split: checking cancelled() and then setting the exception let the asyncio side's cancel() land in
     between, and set_exception then raised InvalidStateError out of schedule(), in the engine loop (a probe)."""

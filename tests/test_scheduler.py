@@ -194,6 +194,32 @@ def test_requests_due_before_a_forward_could_end_are_dropped_before_compute():
     with pytest.raises(DeadlineExpired, match="would expire before a forward could end .they take 1.000 s now."):
         hopeless.future.result(timeout=0)
     sched.observe_forward(0.0)  # a moving average: one fast forward does not make every deadline look easy
-    soon = _req("a", deadline=time.monotonic() + 0.5)
+    soon, later = _req("a", deadline=time.monotonic() + 0.5), _req("b", deadline=time.monotonic() + 30)
     sched.add(soon)
-    assert sched.schedule(timeout=1) == [] and isinstance(soon.future.exception(timeout=0), DeadlineExpired)
+    sched.add(later)
+    assert sched.schedule(timeout=1) == [later] and isinstance(soon.future.exception(timeout=0), DeadlineExpired)
+
+
+def test_a_stale_estimate_never_keeps_every_request_from_running():
+    """A slow first forward (warm-up, a read) once made the estimate exceed every deadline: with no forward run
+    since, it never changed, and every request was refused (review)."""
+    sched = Scheduler(SchedulerConfig(max_wait_s=0))
+    sched.observe_forward(10.0)
+    short = [_req("a", deadline=time.monotonic() + 1) for _ in range(2)]
+    for request in short:
+        sched.add(request)
+    assert sched.schedule(timeout=1) == short  # none could make it by the estimate: all run
+
+
+def test_a_readiness_check_that_breaks_fails_its_request_alone():
+    def ready(request):
+        if request.adapter == "odd":
+            raise KeyError("a bug")
+        return True
+    sched = Scheduler(SchedulerConfig(max_wait_s=0), ready=ready)
+    odd, fine = Request(Task.EMBED, "a", "odd", [EncodedRow((1,), None, None)]), _req("b")
+    sched.add(odd)
+    sched.add(fine)
+    assert sched.schedule(timeout=1) == [fine]  # every schedule() raised, starving all tenants
+    with pytest.raises(KeyError):
+        odd.future.result(timeout=0)
