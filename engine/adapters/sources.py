@@ -21,7 +21,7 @@ from pathlib import Path
 
 from engine.adapters.store import SCHEME as STORE_SCHEME
 from engine.adapters.store import AdapterStore
-from engine.errors import AdapterSourceError, AdapterSourceRefused
+from engine.errors import AdapterSourceError, AdapterSourceRefused, InvalidRequest
 
 URL = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
@@ -79,7 +79,10 @@ class AdapterSources:
     def _from_hub(self, source: str) -> AdapterFolder:
         from huggingface_hub import constants, snapshot_download
 
-        repo, _, revision = source.removeprefix("hf://").partition("@")
+        spec = source.removeprefix("hf://")
+        if not HUB_ID.match(spec) or ".." in re.split(r"[/@]", spec):  # huggingface_hub opens refs/<revision>
+            raise InvalidRequest(f"a hub source is org/name or org/name@revision (no '..'), got {source!r}", "source")
+        repo, _, revision = spec.partition("@")
         revision = self._hub_revision_within_cap(source, repo, revision or None)
         try:
             # offline, say so explicitly: huggingface_hub 1.x otherwise lists a commit-pinned repo online and fails

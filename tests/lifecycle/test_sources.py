@@ -12,7 +12,7 @@ from adapter_edits import copy_case
 from lifecycle_helpers import assert_rows, run
 from fsspec.implementations.memory import MemoryFileSystem
 
-from engine import AdapterSourceError, AdapterSourceRefused, InvalidAdapter
+from engine import AdapterSourceError, AdapterSourceRefused, InvalidAdapter, InvalidRequest
 
 SHA_MAIN, SHA_V2 = "a" * 40, "b" * 40
 
@@ -239,3 +239,9 @@ def test_hugging_face_ids_from_the_offline_cache(make_engine, bert, hub_cache):
     with pytest.raises(AdapterSourceError):
         engine.load_adapter("acme/sentiment@v3")
     assert os.environ["HF_HUB_OFFLINE"] == "1" and len(engine.list_adapters()) == 4
+    (hub_cache / "outside").mkdir()
+    (hub_cache / "models--acme--sentiment" / "refs" / "planted").write_text(str(hub_cache / "outside"))
+    for bad in ("hf://acme/sentiment@../refs/planted", "hf://acme/sentiment@../../../../etc/hostname", "hf://acme/..",
+                "hf:///etc", "hf://acme"):  # huggingface_hub read refs/<revision> offline, outside the refs folder
+        with pytest.raises(InvalidRequest, match="a hub source is org/name or org/name@revision"):
+            engine.load_adapter(bad)
