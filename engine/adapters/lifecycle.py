@@ -13,6 +13,7 @@ What blocks what:
   a millisecond per MB) is the longest a forward may wait for the tiers lock.
 - ``unload``: one registry-lock hold; the version is freed when its last in-flight row is released.
 """
+import collections
 import functools
 import itertools
 import logging
@@ -88,7 +89,7 @@ class AdapterLifecycle:
         check_tenant(tenant)
         for source in sources:  # an empty name would be a row without adapter in the lookup below
             check_name(source, "a source adapter name", "sources")
-        twice = sorted({s for s in sources if sources.count(s) > 1})
+        twice = sorted(s for s, n in collections.Counter(sources).items() if n > 1)  # linear: sources are unbounded
         if twice:  # the library maps names to weights in a dict: the last weight alone would count
             raise InvalidRequest(f"sources name {', '.join(map(repr, twice))} more than once; give each adapter once, "
                                  "with the sum of its weights", "sources")

@@ -208,7 +208,12 @@ class AdapterTiers:
             self._device_bytes -= victim.nbytes
             del self._on_device[victim.key]
             self._on_host[victim.key] = victim
-        entry.slot = self.pool.load(entry.spec)
+        try:
+            entry.slot = self.pool.load(entry.spec)
+        except BaseException:  # the device is out of memory, say: the victims go back (a pinned one among them)
+            for victim in victims:
+                self._back_to_device(victim)
+            raise
         self._device_bytes += entry.nbytes
         self._on_host.pop(entry.key, None)
         self._on_device[entry.key] = entry
@@ -248,6 +253,15 @@ class AdapterTiers:
             if self._retrim is not None and self._retrim[1] is timer:  # not a newer one, scheduled meanwhile
                 self._retrim = None
             self._trim_cpu()
+
+    def _back_to_device(self, victim: Residency) -> None:
+        try:
+            victim.slot = self.pool.load(victim.spec)
+        except Exception:  # it stays on the host, served from there once a slot frees
+            return
+        self._device_bytes += victim.nbytes
+        self._on_host.pop(victim.key, None)
+        self._on_device[victim.key] = victim
 
     def _start_read(self, entry: Residency) -> Future:
         if entry.reading is None:

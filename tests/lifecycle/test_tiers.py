@@ -74,6 +74,25 @@ def test_a_pinned_version_is_swapped_on_a_device_full_of_pinned_ones(make_engine
     assert engine.pool.num_free == 0
 
 
+def test_a_swap_that_cannot_be_copied_to_the_device_leaves_the_pinned_version_there(make_engine, bert, monkeypatch):
+    engine = make_engine(max_device_adapters=2, max_cpu_adapters=0)
+    engine.load_adapter(bert.cases["seq_bn"].path, name="a", pin=True)
+    engine.load_adapter(bert.cases["lora"].path, name="b", pin=True)
+    load, calls = engine.pool.load, []
+
+    def out_of_memory_once(spec):
+        calls.append(spec.name)
+        if len(calls) == 1:
+            raise RuntimeError("CUDA out of memory")
+        return load(spec)
+    monkeypatch.setattr(engine.pool, "load", out_of_memory_once)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        engine.load_adapter(bert.cases["ia3"].path, name="b", pin=True)
+    info = engine.get_adapter("b")  # evicted for the swap, then put back
+    assert (info.method, info.tier, info.pinned) == ("lora", "device", True)
+    assert_rows(bert, run(engine, bert, ["a", "b"]), ["seq_bn", "lora"])
+
+
 def test_adapters_in_use_are_never_evicted(make_engine, bert):
     engine = make_engine(max_device_adapters=2)
     for name in ("lora", "ia3", "par_bn"):
@@ -137,8 +156,8 @@ def test_a_folder_gone_for_a_while_is_read_again_once_back(make_engine, bert, tm
 
 
 def test_the_first_request_queued_after_a_folder_is_back_is_served(make_engine, bert, tmp_path):
-    """Through the scheduler's check (adapters_ready with the request's queue time): a request queued before a
-    read failed fails with it; one queued after waits for a new read instead of getting the old error."""
+    """The scheduler's check (adapters_ready with the request's queue time, as the server calls it): a request
+    queued before a read failed fails with it; one queued after waits for a new read instead of the old error."""
     folder = tmp_path / "x"
     engine = _evicted_to_its_folder(make_engine, bert, folder)
     folder.rename(tmp_path / "elsewhere")
