@@ -3,6 +3,7 @@ import asyncio
 import json
 import logging
 import threading
+import time
 
 import grpc
 import pytest
@@ -283,3 +284,17 @@ def test_catalog_from_the_client_and_the_cli(start_server, minilm_setup, tmp_pat
     assert '"name": "n"' in capsys.readouterr().out
     assert main(["adapters", "unload", "n", "--server", running.target]) == 0
     assert capsys.readouterr().out == ""  # nothing to print (it printed "null")
+
+
+def test_the_queue_readiness_check_passes_each_requests_queue_time(server, monkeypatch):
+    """So that a read which failed before a request was queued cannot fail it (tiers.prefetch(since=...))."""
+    engine, asked = server.server.engine, []
+
+    def ready(adapters, tenant=None, since=None):
+        asked.append(since)
+        return True
+    monkeypatch.setattr(engine, "adapters_ready", ready)
+    before = time.monotonic()
+    with server.client() as client:
+        client.classify(TEXTS, "sentiment")
+    assert asked and all(since is not None and before <= since <= time.monotonic() for since in asked), asked
