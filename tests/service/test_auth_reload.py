@@ -1,5 +1,7 @@
 """The API key file is read again when it changes (a rotated Kubernetes Secret), without a restart."""
 import json
+import os
+import threading
 
 import pytest
 
@@ -37,3 +39,38 @@ def test_a_key_file_binding_a_key_to_no_real_tenant_is_refused(tmp_path, tenant,
     path.write_text(json.dumps({"keys": [{"sha256": hash_key("k"), "tenant": tenant, "role": "admin"}]}))
     with pytest.raises(ValueError, match=f"cannot read API key file .*a key's tenant .*{message}"):
         Authenticator.from_file(path)
+
+
+def test_a_fifo_in_place_of_the_key_file_neither_blocks_nor_drops_the_keys(tmp_path, monkeypatch, caplog):
+    """Its read blocked on the event loop: every call and health check hung for good (found by a probe)."""
+    monkeypatch.setattr(auth, "RELOAD_CHECK_S", 0.0)
+    path = tmp_path / "keys.json"
+    _write(path, "key")
+    authenticator = Authenticator.from_file(path)
+    path.unlink()
+    os.mkfifo(path)
+    outcome = []
+    call = threading.Thread(target=lambda: outcome.append(authenticator.authenticate(
+        {"authorization": "Bearer key"})), daemon=True)
+    call.start()
+    call.join(5)
+    assert not call.is_alive() and outcome[0].tenant == "acme"  # answered at once, with the keys in use
+    assert f"cannot read API key file {path}: it is not a regular file; keeping the 1 keys in use" in caplog.text
+
+
+@pytest.mark.parametrize("keys, message", [
+    ([{"sha256": "ab", "role": "admin"}], "a sha256 holds 64 hex digits, got 'ab'"),  # could never match
+    ([{"sha256": hash_key("k"), "role": "admin"}, {"sha256": hash_key("k"), "tenant": "acme", "role": "inference"}],
+     "is listed twice, with different tenants or roles"),
+])
+def test_key_entries_that_cannot_mean_what_they_say_are_refused(tmp_path, keys, message):
+    path = tmp_path / "keys.json"
+    path.write_text(json.dumps({"keys": keys}))
+    with pytest.raises(ValueError, match=message):
+        Authenticator.from_file(path)
+
+
+def test_a_key_file_with_a_byte_order_mark_is_read(tmp_path):
+    path = tmp_path / "keys.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps({"keys": [{"sha256": hash_key("k"), "role": "admin"}]}).encode())
+    assert Authenticator.from_file(path).authenticate({"authorization": "Bearer k"}).role == Role.ADMIN
