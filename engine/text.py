@@ -61,12 +61,13 @@ def tokenize(tokenizer, texts: Sequence[str], max_len: int, fields: Sequence[str
     return rows
 
 
-def encode_ids(ids: Sequence[int], vocab_size: int, max_len: int) -> EncodedRow:
-    """A pre-tokenised row, checked against the vocabulary and the length limit."""
+def encode_ids(ids: Sequence[int], vocab_size: int, max_len: int, field: str = "token_ids") -> EncodedRow:
+    """A pre-tokenised row, checked against the vocabulary and the length limit; errors name ``field``."""
     if not 0 < len(ids) <= max_len:
-        raise InvalidRequest(f"token_ids must hold 1..{max_len} ids, got {len(ids)}")
-    if min(ids) < 0 or max(ids) >= vocab_size:
-        raise InvalidRequest(f"token_ids must lie in 0..{vocab_size - 1}")
+        raise InvalidRequest(f"{field} must hold 1..{max_len} ids, got {len(ids)}", field)
+    wrong = next((n for n, i in enumerate(ids) if not 0 <= i < vocab_size), None)
+    if wrong is not None:
+        raise InvalidRequest(f"{field} must lie in 0..{vocab_size - 1}, got {ids[wrong]} at position {wrong}", field)
     return EncodedRow(tuple(int(i) for i in ids), None, None)
 
 

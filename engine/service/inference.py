@@ -113,10 +113,7 @@ class InferenceServicer(Servicer, pb_grpc.InferenceServiceServicer):
                 text_rows.append(len(rows))
                 rows.append(None)
             elif kind == "token_ids":
-                try:
-                    rows.append(encode_ids(list(item.token_ids.ids), vocab, limit))
-                except InvalidRequest as exc:
-                    raise InvalidRequest(str(exc), f"inputs[{i}].token_ids") from None
+                rows.append(encode_ids(list(item.token_ids.ids), vocab, limit, f"inputs[{i}].token_ids"))
             else:
                 raise InvalidRequest(f"inputs[{i}] has neither text nor token_ids", f"inputs[{i}]")
         if texts:

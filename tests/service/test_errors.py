@@ -235,6 +235,14 @@ def test_error_details_name_the_resource_and_the_field(authed):
             assert bad_text.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert f"inputs[1].text must hold 1..100000 characters, got {length}" in bad_text.value.details()
             assert _details(bad_text.value)["BadRequest"].field_violations[0].field == "inputs[1].text"
+        for ids, message in (([5, 30522, 7], "inputs[1].token_ids must lie in 0..30521, got 30522 at position 1"),
+                             ([-1], "inputs[1].token_ids must lie in 0..30521, got -1 at position 0"),
+                             ([], "inputs[1].token_ids must hold 1..512 ids, got 0")):
+            with pytest.raises(grpc.RpcError) as bad_ids:  # the message names the input, as for texts
+                stub.Embed(pb.EmbedRequest(inputs=[pb.Input(text="hi"), pb.Input(token_ids=pb.TokenIds(ids=ids))]),
+                           metadata=key)
+            assert bad_ids.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in bad_ids.value.details()
+            assert _details(bad_ids.value)["BadRequest"].field_violations[0].field == "inputs[1].token_ids"
         with pytest.raises(grpc.RpcError) as anonymous:  # the streaming RPC checks the caller like the others
             list(stub.GenerateStream(pb.GenerateStreamRequest(input=pb.Input(text="hi"))))
         assert anonymous.value.code() == grpc.StatusCode.UNAUTHENTICATED
