@@ -76,9 +76,10 @@ class _Call:
         self.start = time.perf_counter()
         self.metadata = metadata_of(context)
         self.request_id = getattr(request, "request_id", "") or self.metadata.get("x-request-id") or uuid.uuid4().hex
+        self.principal: Principal | None = None  # once authenticated
 
     def rpc_context(self, role: Role) -> RpcContext:
-        principal = self.servicer.auth.authenticate(self.metadata)
+        self.principal = principal = self.servicer.auth.authenticate(self.metadata)
         principal.check_role(role)
         return RpcContext(principal, self.metadata, self.request_id, self.context)
 
@@ -111,7 +112,8 @@ class _Call:
 
     async def fail(self, exc: Exception) -> None:
         """Every error leaves through the one mapping; aborting raises, ending the handler."""
-        status = to_status(exc, self.request_id)
+        tenant_key = self.principal is not None and self.principal.tenant is not None
+        status = to_status(exc, self.request_id, hide_paths=tenant_key)
         if status.code == grpc.StatusCode.INTERNAL:
             log.exception("rpc %s request %s failed", self.name, self.request_id)
         # recorded before the abort: it sends the status at once, and a client that scrapes

@@ -4,6 +4,7 @@ Every status carries ErrorInfo(reason, domain, metadata); bad requests add BadRe
 retryable overloads add RetryInfo. Unknown exceptions become INTERNAL without leaking internals.
 """
 import logging
+import re
 from dataclasses import dataclass
 
 import grpc
@@ -58,10 +59,17 @@ def mapping_for(exc: Exception) -> Mapping:
     return INTERNAL
 
 
-def to_status(exc: Exception, request_id: str) -> grpc.Status:
-    """The status for ``exc``; messages of unknown errors are replaced (they may hold internals)."""
+# An absolute server path in a message: "/" at the start of a word (not in a URL's "//", nor in "org/name")
+SERVER_PATH = re.compile(r"(?<![\w:/.~])/[^\s'\"()\[\],;:]+")
+
+
+def to_status(exc: Exception, request_id: str, hide_paths: bool = False) -> grpc.Status:
+    """The status for ``exc``; messages of unknown errors are replaced (they may hold internals). With
+    ``hide_paths`` (a tenant's key) absolute server paths in the message read "<server path>": a shared adapter's
+    folder, the store's or the hub cache's place are the operator's business."""
     mapping = mapping_for(exc)
-    message = _cut(str(exc)) if mapping is not INTERNAL else f"internal error (request {request_id}); see server logs"
+    text = SERVER_PATH.sub("<server path>", str(exc)) if hide_paths else str(exc)
+    message = _cut(text) if mapping is not INTERNAL else f"internal error (request {request_id}); see server logs"
     info = error_details_pb2.ErrorInfo(reason=mapping.reason, domain=DOMAIN, metadata={"requestId": request_id})
     details = [info]
     if isinstance(exc, AdapterNotFound):  # the name as asked for: a 5000-character one overflowed the trailers too

@@ -246,3 +246,37 @@ def test_error_details_name_the_resource_and_the_field(authed):
         with pytest.raises(grpc.RpcError) as anonymous:  # the streaming RPC checks the caller like the others
             list(stub.GenerateStream(pb.GenerateStreamRequest(input=pb.Input(text="hi"))))
         assert anonymous.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_tenant_keys_get_errors_without_server_paths(authed, monkeypatch):
+    from engine.errors import AdapterSourceError
+
+    def gone(*args):
+        raise AdapterSourceError("/srv/adapters/shared/sentiment", "its folder '/srv/adapters/shared/sentiment' is "
+                                 "gone; load it again from where it is now")
+    monkeypatch.setattr(authed.server.engine, "load_adapter", gone)
+    with authed.client("acme-admin") as tenant_admin:
+        err = _expect(grpc.StatusCode.FAILED_PRECONDITION, "ADAPTER_SOURCE_UNAVAILABLE",
+                      lambda: tenant_admin.load_adapter("store://sentiment"))
+    assert err.message == ("adapter source <server path>: its folder '<server path>' is gone; load it again from "
+                           "where it is now")
+    with authed.client("root-admin") as operator:  # the operator's own paths, in full
+        err = _expect(grpc.StatusCode.FAILED_PRECONDITION, "ADAPTER_SOURCE_UNAVAILABLE",
+                      lambda: operator.load_adapter("store://sentiment"))
+    assert "'/srv/adapters/shared/sentiment' is gone" in err.message
+
+
+@pytest.mark.parametrize("message, shown", [
+    ("invalid adapter /x/y: missing adapter_config.json", "invalid adapter <server path>: missing adapter_config.json"),
+    ("adapter source hf://acme/x@v2: not on the hub", "adapter source hf://acme/x@v2: not on the hub"),  # theirs
+    ("adapter source store://bert/x: gone", "adapter source store://bert/x: gone"),
+    ("adapter source https://h:8/a/b: cannot list it", "adapter source https://h:8/a/b: cannot list it"),
+    ("tenant keys may load from org/name ids", "tenant keys may load from org/name ids"),
+])
+def test_what_a_tenant_key_is_shown_of_a_path(message, shown):
+    from engine.errors import AdapterSourceError
+    from engine.service.status import to_status
+
+    error = AdapterSourceError("x", "y")
+    error.args = (message,)
+    assert to_status(error, "r1", hide_paths=True).details == shown
