@@ -9,6 +9,14 @@ from adapterserve.v1 import inference_service_pb2 as pb
 from engine.types import AdapterInfo, CatalogEntry, Classification, ServerInfo, TokenTag
 
 Inputs = Sequence[str | Sequence[int]]
+
+
+def _retried(codes: list[str]) -> dict:
+    """A gRPC retry policy for ``codes``: 3 attempts, backoff 0.2 s doubling up to 2 s."""
+    return {"maxAttempts": 3, "initialBackoff": "0.2s", "maxBackoff": "2s", "backoffMultiplier": 2,
+            "retryableStatusCodes": codes}
+
+
 # gRPC's own retries (service config), made only before any reply arrived, and only while the request fits gRPC's
 # retry buffer (grpc.per_rpc_retry_buffer_size, 256 KiB: a larger request is sent once). UNAVAILABLE on every
 # method: inference is stateless, a repeated load swaps versions. CANCELLED on the calls that change nothing
@@ -19,11 +27,6 @@ Inputs = Sequence[str | Sequence[int]]
 # over all of them (gRPC's default, pick_first, kept one connection to one pod, a draining one included).
 # -1: replies as large as the server sends (its --max-message-mb decides); gRPC's 4 MiB default refused pages and
 # replies the server had checked against its own 16 MB, with no reason the pager could act on
-def _retried(codes: list[str]) -> dict:
-    return {"maxAttempts": 3, "initialBackoff": "0.2s", "maxBackoff": "2s", "backoffMultiplier": 2,
-            "retryableStatusCodes": codes}
-
-
 READ_ONLY = [{"service": "adapterserve.v1.InferenceService"}, {"service": "adapterserve.v1.ServerService"},
              {"service": "adapterserve.v1.AdapterService", "method": "ListAdapters"},
              {"service": "adapterserve.v1.AdapterService", "method": "GetAdapter"}]

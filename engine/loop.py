@@ -102,8 +102,9 @@ class EngineLoop:
         for request in batch:
             self.metrics.queue_time.observe(now - request.enqueued_at)
         out = self.engine.forward(ids, mask, adapters, types, tenants)
-        self.metrics.compute_time.observe(time.monotonic() - now)
-        self.scheduler.observe_forward(time.monotonic() - now)
+        elapsed = time.monotonic() - now
+        self.metrics.compute_time.observe(elapsed)
+        self.scheduler.observe_forward(elapsed)
         self.metrics.batch_rows.observe(len(rows))
         self.metrics.batch_adapters.observe(len({a for a in adapters if a}))
         self.metrics.tokens.inc(int(mask.sum()))

@@ -65,8 +65,8 @@ def encode_ids(ids: Sequence[int], vocab_size: int, max_len: int, field: str = "
     """A pre-tokenised row, checked against the vocabulary and the length limit; errors name ``field``."""
     if not 0 < len(ids) <= max_len:
         raise InvalidRequest(f"{field} must hold 1..{max_len} ids, got {len(ids)}", field)
-    wrong = next((n for n, i in enumerate(ids) if not 0 <= i < vocab_size), None)
-    if wrong is not None:
+    if min(ids) < 0 or max(ids) >= vocab_size:  # the position is looked for only then: this runs for every input
+        wrong = next(n for n, i in enumerate(ids) if not 0 <= i < vocab_size)
         raise InvalidRequest(f"{field} must lie in 0..{vocab_size - 1}, got {ids[wrong]} at position {wrong}", field)
     return EncodedRow(tuple(int(i) for i in ids), None, None)
 

@@ -178,20 +178,19 @@ class AdapterLifecycle:
         info = AdapterInfo(spec.name, tenant, spec.method.value, folder.source if folder else spec.source,
                            spec.num_params, head.head_type.value if head else None, head.labels if head else (), -1)
         record = AdapterRecord(info, next(self._keys))
-        current = self.registry.own(spec.name, tenant)  # the version this one replaces, if any
+        current = self.registry.own(spec.name, tenant) if overwrite_ok else None  # the version this one replaces
         self.tiers.add(Residency(record, read, device_bytes(spec, self.pool.dtype), pin), spec,
-                       current.key if current is not None and overwrite_ok else None)
+                       current.key if current is not None else None)
         if folder is not None and folder.owned:
             with self._downloads_lock:
                 self._downloads[record.key] = folder
-        if not overwrite_ok:
-            if not self.registry.register_new(record):
-                self.tiers.drop(record.key)
-                raise _name_taken(spec.name, tenant)
-        else:
+        if overwrite_ok:
             replaced, unused = self.registry.register(record)
             if unused:
                 self._free(replaced)
+        elif not self.registry.register_new(record):
+            self.tiers.drop(record.key)
+            raise _name_taken(spec.name, tenant)
         return self._describe(record) or replace(info, tier="source")  # None: already unloaded by another thread
 
     def _read_again(self, folder: AdapterFolder, name: str, stamp: tuple) -> AdapterSpec:

@@ -209,11 +209,18 @@ class AdapterTiers:
             del self._on_device[victim.key]
             self._on_host[victim.key] = victim
         try:
-            entry.slot = self.pool.load(entry.spec)
+            self._onto_device(entry)
         except BaseException:  # the device is out of memory, say: the victims go back (a pinned one among them)
             for victim in victims:
-                self._back_to_device(victim)
+                try:
+                    self._onto_device(victim)
+                except Exception:  # it stays on the host, served from there once a slot frees
+                    pass
             raise
+
+    def _onto_device(self, entry: Residency) -> None:
+        """Copies a version with a host copy into a free slot and files it on the device."""
+        entry.slot = self.pool.load(entry.spec)
         self._device_bytes += entry.nbytes
         self._on_host.pop(entry.key, None)
         self._on_device[entry.key] = entry
@@ -253,15 +260,6 @@ class AdapterTiers:
             if self._retrim is not None and self._retrim[1] is timer:  # not a newer one, scheduled meanwhile
                 self._retrim = None
             self._trim_cpu()
-
-    def _back_to_device(self, victim: Residency) -> None:
-        try:
-            victim.slot = self.pool.load(victim.spec)
-        except Exception:  # it stays on the host, served from there once a slot frees
-            return
-        self._device_bytes += victim.nbytes
-        self._on_host.pop(victim.key, None)
-        self._on_device[victim.key] = victim
 
     def _start_read(self, entry: Residency) -> Future:
         if entry.reading is None:

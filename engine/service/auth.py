@@ -111,12 +111,11 @@ def _read_keys(path: Path) -> tuple[KeyEntry, ...]:
         data = json.loads(_regular_file_text(path))
         entries = tuple(KeyEntry(bytes.fromhex(k["sha256"]), Principal(k.get("tenant"), Role(k["role"])))
                         for k in data["keys"])
+        principals: dict[bytes, Principal] = {}
         for entry in entries:
             check_tenant(entry.principal.tenant, "a key's tenant")
             if len(entry.digest) != hashlib.sha256().digest_size:  # it could never match: a typo, say so
                 raise ValueError(f"a sha256 holds 64 hex digits, got {entry.digest.hex()!r}")
-        principals: dict[bytes, Principal] = {}
-        for entry in entries:
             if principals.setdefault(entry.digest, entry.principal) != entry.principal:
                 raise ValueError(f"the key {entry.digest.hex()[:12]}... is listed twice, with different tenants or "
                                  "roles")

@@ -221,9 +221,8 @@ def test_a_failed_read_is_reported_to_the_next_readiness_check_and_retried(make_
 
     monkeypatch.setattr(lifecycle, "read_adapter", flaky_read)
     assert engine.adapters_ready(["lora"]) is False  # starts the read, which fails
+    _wait_for_state(engine, "lora", "failed")
     deadline = time.monotonic() + 10
-    while engine.get_adapter("lora").state != "failed" and time.monotonic() < deadline:
-        time.sleep(0.01)
     # a queued request is failed with the read's error instead of being held forever; the read is retried
     with pytest.raises(AdapterSourceError, match="reading it again failed: OSError"):
         engine.adapters_ready(["lora"])
