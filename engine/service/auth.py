@@ -9,7 +9,9 @@ File format (plaintext keys are never stored)::
 Keys arrive as ``authorization: Bearer <key>`` metadata. With auth off every caller is an operator (it may
 load from server paths) and picks a tenant with the request's tenant field or ``x-tenant-id`` metadata.
 The file is read again when it changes (a rotated Kubernetes Secret), looked at no more than once per
-``RELOAD_CHECK_S``; a changed file that cannot be read keeps the keys in use.
+``RELOAD_CHECK_S``; a changed file that cannot be read keeps the keys in use. The file is looked at on a worker
+thread that a call waits for only ``RELOAD_WAIT_S``: a read stalled on its mount (NFS, a hung CSI driver) leaves
+the keys in use instead of holding the event loop, and with it every call and health check.
 """
 import hashlib
 import hmac
@@ -28,6 +30,7 @@ from engine.names import check_tenant
 
 log = logging.getLogger("adapterserve.auth")
 RELOAD_CHECK_S = 1.0
+RELOAD_WAIT_S = 0.2  # a local read takes microseconds, so a rotation still applies to the call that sees it
 
 
 class Role(Enum):
@@ -68,6 +71,7 @@ class Authenticator:
         self.entries = entries  # None: auth off
         self.path = path  # the key file, watched for changes
         self._stamp, self._checked, self._lock = _stamp(path), time.monotonic(), threading.Lock()
+        self._reload: threading.Thread | None = None  # the last look at the file, on a worker thread
 
     @property
     def enabled(self) -> bool:
@@ -95,15 +99,23 @@ class Authenticator:
         if self.path is None or now - self._checked < RELOAD_CHECK_S:
             return
         with self._lock:
-            self._checked, stamp = now, _stamp(self.path)
-            if stamp == self._stamp:
-                return
-            self._stamp = stamp  # a bad file is reported once, not on every check
-            try:
-                self.entries = _read_keys(self.path)
-                log.info("API key file %s changed: %d keys", self.path, len(self.entries))
-            except ValueError as exc:
-                log.error("%s; keeping the %d keys in use", exc, len(self.entries))
+            if self._reload is not None and self._reload.is_alive():
+                return  # the last look at the file has not come back (a stalled mount): keep the keys in use
+            self._checked = now
+            self._reload = reload = threading.Thread(target=self._read_if_changed, name="api-key-reload", daemon=True)
+            reload.start()
+        reload.join(RELOAD_WAIT_S)
+
+    def _read_if_changed(self) -> None:
+        stamp = _stamp(self.path)
+        if stamp == self._stamp:
+            return
+        self._stamp = stamp  # a bad file is reported once, not on every check
+        try:
+            self.entries = _read_keys(self.path)
+            log.info("API key file %s changed: %d keys", self.path, len(self.entries))
+        except ValueError as exc:
+            log.error("%s; keeping the %d keys in use", exc, len(self.entries))
 
 
 def _read_keys(path: Path) -> tuple[KeyEntry, ...]:

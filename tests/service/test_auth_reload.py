@@ -58,6 +58,31 @@ def test_a_fifo_in_place_of_the_key_file_neither_blocks_nor_drops_the_keys(tmp_p
     assert f"cannot read API key file {path}: it is not a regular file; keeping the 1 keys in use" in caplog.text
 
 
+def test_a_key_file_on_a_stalled_mount_holds_no_call(tmp_path, monkeypatch):
+    """A stat that never returns (a hung NFS mount) held the event loop: the look at the file runs on a worker thread
+    that a call waits for only RELOAD_WAIT_S, and no second one starts while it is stuck."""
+    monkeypatch.setattr(auth, "RELOAD_CHECK_S", 0.0)
+    path = tmp_path / "keys.json"
+    _write(path, "old-key")
+    authenticator = Authenticator.from_file(path)
+    mount_back, stats = threading.Event(), []
+    real_stamp = auth._stamp
+    monkeypatch.setattr(auth, "_stamp", lambda p: stats.append(p) or mount_back.wait() and real_stamp(p))
+    _write(path, "new-key")
+    outcome = []
+    calls = threading.Thread(target=lambda: outcome.extend(authenticator.authenticate(
+        {"authorization": "Bearer old-key"}) for _ in range(3)), daemon=True)
+    calls.start()
+    calls.join(5)
+    assert not calls.is_alive() and [p.tenant for p in outcome] == ["acme"] * 3  # the keys in use
+    assert len(stats) == 1  # one stuck look, not one per call
+    mount_back.set()
+    authenticator._reload.join(5)
+    assert authenticator.authenticate({"authorization": "Bearer new-key"}).tenant == "acme"
+    with pytest.raises(Unauthenticated):
+        authenticator.authenticate({"authorization": "Bearer old-key"})
+
+
 @pytest.mark.parametrize("keys, message", [
     ([{"sha256": "ab", "role": "admin"}], "a sha256 holds 64 hex digits, got 'ab'"),  # could never match
     ([{"sha256": hash_key("k"), "role": "admin"}, {"sha256": hash_key("k"), "tenant": "acme", "role": "inference"}],
