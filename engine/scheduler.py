@@ -80,11 +80,14 @@ def split_rows(rows: list[EncodedRow], max_rows: int, max_tokens: int) -> list[l
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, ready: Callable[[Request], bool] = lambda request: True):
+    def __init__(self, config: SchedulerConfig, ready: Callable[[Request], bool] = lambda request: True,
+                 max_adapters: int | None = None):
         """``ready(request)`` says whether a request's adapter can be used without waiting for a read;
         requests that are not ready stay queued while others are scheduled, and requests for which it
-        raises fail with its error (an `AdapterServeError`, or a bug's, which the service answers INTERNAL)."""
-        self.config, self._ready = config, ready
+        raises fail with its error (an `AdapterServeError`, or a bug's, which the service answers INTERNAL).
+        ``max_adapters``: distinct adapters one batch may name, the engine's device slots (a batch naming more
+        fails whole in the forward, and the loop then runs its requests one by one); None: no limit."""
+        self.config, self._ready, self._max_adapters = config, ready, max_adapters
         self._queues: OrderedDict[str | None, deque[Request]] = OrderedDict()
         self._cond = threading.Condition()
         self._size = 0
@@ -139,8 +142,8 @@ class Scheduler:
     def schedule(self, timeout: float) -> list[Request]:
         """Blocks up to ``timeout`` for work; returns one batch (possibly empty)."""
         with self._cond:
-            if not self._cond.wait_for(lambda: self._size > 0 or self._closed, timeout):
-                return []
+            if not self._cond.wait_for(lambda: self._size > 0, timeout):  # closed too: the loop ran flat out
+                return []  # for the whole drain, and took the GIL from the calls it was letting finish
             fill_by = time.monotonic() + self.config.max_wait_s
             while self._size < self.config.max_batch_rows and not self._closed:
                 remaining = fill_by - time.monotonic()
@@ -155,7 +158,7 @@ class Scheduler:
         """Round-robin: each pass over the tenants takes one ready request from each; a tenant that was
         served moves to the back, so the next batch starts with the others."""
         self._purge_dead()  # expired or cancelled requests never reach compute
-        batch, rows, longest = [], 0, 0
+        batch, rows, longest, adapters = [], 0, 0, set()
         progress = True
         while progress:
             progress = False
@@ -166,12 +169,14 @@ class Scheduler:
                     continue  # its adapters are still being read: its place in line is kept
                 new_longest = max(longest, request.longest)
                 new_rows = rows + len(request.rows)
-                if new_rows > self.config.max_batch_rows or new_rows * new_longest > self.config.max_batch_tokens:
+                new_adapters = adapters | {(request.tenant, request.adapter)} if request.adapter else adapters
+                if (new_rows > self.config.max_batch_rows or new_rows * new_longest > self.config.max_batch_tokens
+                        or self._max_adapters is not None and len(new_adapters) > self._max_adapters):
                     return batch  # this tenant stays in front and goes first in the next batch
                 queue.remove(request)
                 self._size -= 1
                 batch.append(request)
-                rows, longest, progress = new_rows, new_longest, True
+                rows, longest, adapters, progress = new_rows, new_longest, new_adapters, True
                 if queue:
                     self._queues.move_to_end(tenant)
                 else:
@@ -194,10 +199,10 @@ class Scheduler:
 
     def _purge_dead(self) -> None:
         """Drops cancelled and expired requests everywhere (they should not hold queue places), and those due
-        before a forward could end when some other request is not."""
+        before a forward could end when some other request could run now and is not."""
         now = time.monotonic()
         done_by = now + self._forward_s
-        if not any(not self._is_dead(r, done_by) for queue in self._queues.values() for r in queue):
+        if not any(not self._is_dead(r, done_by) and self._runs_now(r) for queue in self._queues.values() for r in queue):
             done_by = now  # no request could make it by the estimate: drop only the expired, run the rest
         for tenant in list(self._queues):
             queue = self._queues[tenant]
@@ -207,6 +212,16 @@ class Scheduler:
                 self._fail_expired(request, now)
             if not queue:
                 del self._queues[tenant]
+
+    def _runs_now(self, request: Request) -> bool:
+        """Whether its adapter is ready: one waiting for a read cannot run in the next forward, so it must not keep
+        the others from running either (a stale estimate then dropped every ready request, and no forward came
+        to correct it, for as long as the read took). A failing check counts as not ready; `_first_ready` fails
+        the request."""
+        try:
+            return self._ready(request)
+        except Exception:
+            return False
 
     @staticmethod
     def _is_dead(request: Request, done_by: float) -> bool:

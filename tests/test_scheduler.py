@@ -223,3 +223,39 @@ def test_a_readiness_check_that_breaks_fails_its_request_alone():
     assert sched.schedule(timeout=1) == [fine]  # every schedule() raised, starving all tenants
     with pytest.raises(KeyError):
         odd.future.result(timeout=0)
+
+
+def test_a_request_waiting_for_a_read_does_not_keep_a_stale_estimate_from_running_the_others():
+    """It counted as one that could make its deadline, so every ready request due within the stale estimate was
+    dropped, no forward ran to correct it, for as long as the read took (review)."""
+    sched = Scheduler(SchedulerConfig(max_wait_s=0), ready=lambda request: request.adapter != "being-read")
+    sched.observe_forward(10.0)
+    waiting = Request(Task.EMBED, "a", "being-read", [EncodedRow((1,), None, None)])  # no deadline
+    short = [_req("b", deadline=time.monotonic() + 2) for _ in range(3)]
+    for request in (waiting, *short):
+        sched.add(request)
+    assert sched.schedule(timeout=1) == short
+    assert sched.num_waiting == 1 and not waiting.future.done()
+
+
+def test_a_batch_names_no_more_adapters_than_the_device_has_slots():
+    """A batch naming more failed whole in the forward (AdapterCapacityExceeded), and the loop then ran its
+    requests one by one (review)."""
+    sched = Scheduler(SchedulerConfig(max_wait_s=0), max_adapters=2)
+    requests = [Request(Task.EMBED, tenant, adapter, [EncodedRow((1,), None, None)])
+                for tenant, adapter in (("t", "a"), ("t", "b"), ("u", "a"), ("t", None), ("t", "c"), ("t", "a"))]
+    for request in requests:
+        sched.add(request)
+    batches = [sched.schedule(timeout=1) for _ in range(3)]
+    assert batches[0] == requests[:3:2]  # t's "a", u's "a" (another adapter): t's "b" would make a third
+    assert all(len({(r.tenant, r.adapter) for r in batch if r.adapter}) <= 2 for batch in batches)
+    assert sorted(map(id, sum(batches, []))) == sorted(map(id, requests)) and sched.num_waiting == 0
+
+
+def test_a_closed_scheduler_with_nothing_queued_waits_instead_of_spinning():
+    """Closed and empty, schedule() returned at once: the engine loop ran flat out for the whole drain (review)."""
+    sched = Scheduler(SchedulerConfig(max_wait_s=0))
+    sched.close()
+    start = time.monotonic()
+    assert sched.schedule(timeout=0.2) == []
+    assert time.monotonic() - start >= 0.19

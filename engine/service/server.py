@@ -51,7 +51,8 @@ class AdapterServer:
         self.engine, self.config = engine, config
         self.auth = Authenticator.from_file(config.api_keys)
         self.metrics = Metrics(vllm_compat=config.vllm_compat_metrics, per_adapter_top=config.metrics_per_adapter)
-        self.scheduler = Scheduler(scheduler_config, ready=self._adapter_ready)
+        self.scheduler = Scheduler(scheduler_config, ready=self._adapter_ready,
+                                   max_adapters=engine.config.max_device_adapters)
         self.loop = EngineLoop(engine, self.scheduler, self.metrics)
         self.health = health.aio.HealthServicer()
         self.inference = InferenceServicer(engine, self.scheduler, self.auth, self.metrics, self.message_bytes)
