@@ -13,7 +13,7 @@ import torch
 
 from engine.engine import Engine
 from engine.errors import AdapterServeError
-from engine.scheduler import Request, Scheduler
+from engine.scheduler import DeadlineExpired, Request, Scheduler
 from engine.service.metrics import Metrics
 from engine.text import pad_rows
 from engine.types import RowHead
@@ -67,6 +67,9 @@ class EngineLoop:
         live = [r for r in batch if r.future.set_running_or_notify_cancel()]  # cancelled ones are dropped here
         if not live:
             return
+        now = time.monotonic()
+        for request in live:  # here, not in _forward: a request re-run alone was counted twice
+            self.metrics.queue_time.observe(now - request.enqueued_at)
         self.metrics.running.set(len(live))
         self.running_adapters = frozenset(r.adapter for r in live if r.adapter)
         try:
@@ -86,6 +89,10 @@ class EngineLoop:
         self.running_adapters = frozenset()
 
     def _step_alone(self, request: Request) -> None:
+        if request.deadline is not None and time.monotonic() > request.deadline:  # its client has given up
+            request.future.set_exception(DeadlineExpired(f"request {request.request_id or '?'} expired while its "
+                                                         "batch, which failed, was run again request by request"))
+            return
         try:
             request.future.set_result(self._forward([request])[0])
         except Exception as exc:
@@ -99,8 +106,6 @@ class EngineLoop:
         tenants = [r.tenant for r in batch for _ in r.rows]
         ids, mask, types = pad_rows(rows, self.engine.pad_token_id, not self.engine.info.is_decoder)
         now = time.monotonic()
-        for request in batch:
-            self.metrics.queue_time.observe(now - request.enqueued_at)
         out = self.engine.forward(ids, mask, adapters, types, tenants)
         elapsed = time.monotonic() - now
         self.metrics.compute_time.observe(elapsed)
