@@ -13,14 +13,14 @@ then find the copy gone and read it again itself while every other request waits
 
 Locking: one lock guards the entries, the LRU orders and every pool call (slot writes and batch
 metadata). It is held only for bookkeeping, host->device slot copies and metadata builds, never for
-file I/O: reads from a source run on the reader threads, and whoever needs the result waits on its
-future outside the lock. Reads are single-flight per version. The work per batch grows with its rows
-and evictions, not with the number of registered adapters.
+file I/O: reads from a source run on their own threads (one per version being read), and whoever needs
+the result waits on its future outside the lock. Reads are single-flight per version. The work per batch
+grows with its rows and evictions, not with the number of registered adapters.
 """
 import threading
 import time
 from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Callable
 
@@ -72,7 +72,6 @@ class AdapterTiers:
         self._on_device: OrderedDict[int, Residency] = OrderedDict()  # least recently used first
         self._on_host: OrderedDict[int, Residency] = OrderedDict()  # the CPU tier, oldest first
         self._device_bytes = 0
-        self._readers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="adapter-read")
         self._retrim: tuple[float, threading.Timer] | None = None  # a trim due when a held copy's hold ends
 
     def add(self, entry: Residency, spec: AdapterSpec, replaces: int | None = None) -> None:
@@ -262,25 +261,30 @@ class AdapterTiers:
             self._trim_cpu()
 
     def _start_read(self, entry: Residency) -> Future:
+        """One read per version at a time, each on its own thread: with a shared pool of two, two reads hung on
+        a stalled mount or download held back every other adapter's read, and the requests waiting for them."""
         if entry.reading is None:
             entry.read_at = time.monotonic()
-            entry.reading = self._readers.submit(self._read, entry)
+            entry.reading = future = Future()
+            threading.Thread(target=self._read, args=(entry, future), name=f"adapter-read-{entry.key}",
+                             daemon=True).start()
         return entry.reading
 
-    def _read(self, entry: Residency) -> AdapterSpec:
+    def _read(self, entry: Residency, future: Future) -> None:
         try:
             spec = entry.read()
-        except Exception as exc:
+        except BaseException as exc:
             with self._lock:
                 entry.reading, entry.error = None, exc
-            raise
+            future.set_exception(exc)
+            return
         with self._lock:
             entry.reading, entry.error = None, None
             if entry.key in self._entries and entry.spec is None:
                 entry.spec, entry.hold_until = spec, time.monotonic() + HOLD_S  # for the request that asked
                 self._on_host[entry.key] = entry
                 self._trim_cpu()
-        return spec
+        future.set_result(spec)
 
 
 def device_bytes(spec: AdapterSpec, dtype: torch.dtype) -> int:

@@ -205,6 +205,38 @@ def test_reads_of_one_version_are_single_flight(make_engine, bert, monkeypatch):
     assert len(reads) == 1
 
 
+def test_reads_hung_on_their_source_hold_back_no_other_adapters_read(make_engine, bert, monkeypatch):
+    """Reads shared a pool of two threads: two hung on a stalled mount kept a third adapter's read from starting,
+    and its requests waited for those other files (review)."""
+    engine = make_engine(max_device_adapters=1, max_cpu_adapters=0)
+    for case in ("lora", "ia3", "seq_bn", "par_bn"):
+        engine.load_adapter(bert.cases[case].path)
+    at_source = [i.name for i in engine.list_adapters() if i.tier == "source"]
+    assert len(at_source) == 3
+    import engine.adapters.lifecycle as lifecycle
+
+    original, mount_back = lifecycle.read_adapter, threading.Event()
+    hung_paths = {str(bert.cases[name].path) for name in at_source[:2]}
+
+    def stalled_read(*args):
+        if str(args[0]) in hung_paths:
+            mount_back.wait(30)
+        return original(*args)
+
+    monkeypatch.setattr(lifecycle, "read_adapter", stalled_read)
+    try:
+        assert not any(engine.adapters_ready([name]) for name in at_source[:2])
+        assert engine.adapters_ready([at_source[2]]) is False  # its read starts beside the hung ones
+        deadline = time.monotonic() + 10
+        while not engine.adapters_ready([at_source[2]]):
+            assert time.monotonic() < deadline, engine.get_adapter(at_source[2])
+            time.sleep(0.01)
+        assert [engine.get_adapter(name).state for name in at_source[:2]] == ["loading"] * 2
+        assert_rows(bert, run(engine, bert, [at_source[2]]), [at_source[2]])
+    finally:
+        mount_back.set()
+
+
 def test_a_failed_read_is_reported_to_the_next_readiness_check_and_retried(make_engine, bert, monkeypatch):
     engine = make_engine(max_device_adapters=1, max_cpu_adapters=0)
     engine.load_adapter(bert.cases["lora"].path)
