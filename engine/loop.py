@@ -107,6 +107,11 @@ class EngineLoop:
         ids, mask, types = pad_rows(rows, self.engine.pad_token_id, not self.engine.info.is_decoder)
         now = time.monotonic()
         out = self.engine.forward(ids, mask, adapters, types, tenants)
+        # on the host here, in this thread: a CUDA forward returns once its kernels are queued, so the copies are
+        # what waits for them (the time measured then is the device's), and a logit's .tolist() on the asyncio
+        # thread would have held the event loop until the device was done
+        embeddings = out.embeddings.cpu()
+        logits = tuple(None if x is None else x.cpu() for x in out.logits)
         elapsed = time.monotonic() - now
         self.metrics.compute_time.observe(elapsed)
         self.scheduler.observe_forward(elapsed)
@@ -116,6 +121,6 @@ class EngineLoop:
         outputs, start = [], 0
         for request in batch:
             end = start + len(request.rows)
-            outputs.append(RequestOutput(out.logits[start:end], out.embeddings[start:end].cpu(), out.heads[start:end]))
+            outputs.append(RequestOutput(logits[start:end], embeddings[start:end], out.heads[start:end]))
             start = end
         return outputs
