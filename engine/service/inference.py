@@ -1,5 +1,6 @@
 """InferenceService: admission (adapter lookup, tokenising, limits), then wait for the engine loop."""
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 
 from adapterserve.v1 import inference_service_pb2 as pb
 from adapterserve.v1 import inference_service_pb2_grpc as pb_grpc
@@ -23,6 +24,10 @@ class InferenceServicer(Servicer, pb_grpc.InferenceServiceServicer):
         super().__init__(auth, metrics, max_reply_bytes)
         self.engine, self.scheduler = engine, scheduler
         self.draining = False
+        # Tokenising runs here, off the event loop: a request of 64 long texts held it ~3 s, and health checks with
+        # it (readiness failed under load). One thread: a fast tokenizer set to truncate is borrowed mutably per
+        # call, and two threads in it at once raise "Already borrowed".
+        self._tokenizing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
 
     @rpc(Role.INFERENCE)
     async def Classify(self, request: pb.ClassifyRequest, ctx: RpcContext) -> pb.ClassifyResponse:
@@ -77,7 +82,7 @@ class InferenceServicer(Servicer, pb_grpc.InferenceServiceServicer):
         """Queues the request, in parts when it exceeds one forward's token budget, and waits for all of them."""
         if self.draining:
             raise ShuttingDown("the server is draining; retry on another replica")
-        rows = self._encode(inputs)
+        rows = await asyncio.get_running_loop().run_in_executor(self._tokenizing, self._encode, inputs)
         budget = self.scheduler.config.max_batch_tokens
         for i, row in enumerate(rows):
             if len(row.ids) > budget:  # a part of its own would not fit one forward either

@@ -298,3 +298,30 @@ def test_the_queue_readiness_check_passes_each_requests_queue_time(server, monke
     with server.client() as client:
         client.classify(TEXTS, "sentiment")
     assert asked and all(since is not None and before <= since <= time.monotonic() for since in asked), asked
+
+
+def test_tokenising_a_large_request_holds_no_other_call(server, monkeypatch):
+    """Tokenising ran on the event loop: one request of 64 long texts held it ~3 s, health checks included, and
+    readiness probes failed under load (review)."""
+    import engine.service.inference as inference
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    real, started = inference.tokenize, threading.Event()
+
+    def slow_tokenize(*args):
+        started.set()
+        time.sleep(2)
+        return real(*args)
+
+    monkeypatch.setattr(inference, "tokenize", slow_tokenize)
+    with server.client() as client:
+        embed = threading.Thread(target=lambda: client.embed(["a slow text"]), daemon=True)
+        embed.start()
+        assert started.wait(10)
+        channel = grpc.insecure_channel(server.target)
+        begin = time.monotonic()
+        status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5).status
+        assert status == health_pb2.HealthCheckResponse.SERVING and time.monotonic() - begin < 1
+        channel.close()
+        embed.join(20)
+        assert not embed.is_alive()
