@@ -42,3 +42,19 @@ def test_services_speak_h2c_and_select_the_pods():
         assert service["spec"]["selector"].items() <= pod_labels.items()
         grpc_port = next(p for p in service["spec"]["ports"] if p["name"] == "grpc")
         assert grpc_port["appProtocol"] == "kubernetes.io/h2c"
+
+
+def test_the_envoy_fragment_routes_by_adapter_to_ready_pods_without_cutting_calls():
+    envoy = yaml.safe_load((K8S.parent / "envoy" / "adapter-affinity.yaml").read_text())
+    route = envoy["route_config"]["virtual_hosts"][0]["routes"][0]
+    assert route["match"]["prefix"] == "/adapterserve.v1.InferenceService/"  # no admin call is sent again
+    action = route["route"]
+    assert action["hash_policy"] == [{"header": {"header_name": "x-adapter-id"}}]  # what engine.client sends
+    assert action["timeout"] == "0s" and action["max_stream_duration"] == {"grpc_timeout_header_max": "0s"}
+    assert {"unavailable", "cancelled"} <= set(action["retry_policy"]["retry_on"].split(","))
+    cluster = envoy["clusters"][0]
+    _, container = _container()
+    assert cluster["health_checks"][0]["grpc_health_check"]["service_name"] == container["readinessProbe"]["grpc"][
+        "service"]
+    port = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
+    assert port["address"].startswith("adapterserve-headless.") and port["port_value"] == 50051
