@@ -4,6 +4,7 @@ Loads run in a worker thread, so reading and validating a large adapter never bl
 the engine loop; the engine makes the new adapter visible atomically when it is ready.
 """
 import asyncio
+import functools
 import platform
 import time
 from importlib import metadata
@@ -29,15 +30,19 @@ class AdapterServicer(Servicer, pb_grpc.AdapterServiceServicer):
 
     @rpc(Role.ADMIN)
     async def LoadAdapter(self, request: pb.LoadAdapterRequest, ctx: RpcContext) -> pb.LoadAdapterResponse:
-        start = time.perf_counter()
-        try:  # every call that passed auth is counted, refused requests included
-            info = await self._load(request, ctx)
-        except Exception:
+        load = asyncio.ensure_future(self._load(request, ctx))
+        load.add_done_callback(functools.partial(self._count_load, time.perf_counter()))
+        # shielded: a client that gives up cannot stop the load's thread, so the load is counted when it ends
+        info = await asyncio.shield(load)
+        return pb.LoadAdapterResponse(adapter=adapter_pb(info, ctx.principal.tenant))
+
+    def _count_load(self, start: float, load: asyncio.Future) -> None:
+        """Every call that passed auth is counted, refused requests included."""
+        if load.cancelled() or load.exception() is not None:
             self.metrics.loads.labels("error").inc()
-            raise
+            return
         self.metrics.loads.labels("ok").inc()
         self.metrics.load_time.observe(time.perf_counter() - start)
-        return pb.LoadAdapterResponse(adapter=adapter_pb(info, ctx.principal.tenant))
 
     async def _load(self, request: pb.LoadAdapterRequest, ctx: RpcContext) -> AdapterInfo:
         if not request.source:

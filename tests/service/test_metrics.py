@@ -3,6 +3,7 @@ per-adapter request counts (`serve --metrics-per-adapter N`): the N busiest adap
 import json
 import logging
 import random
+import threading
 import time
 
 import grpc
@@ -92,6 +93,34 @@ def test_every_failed_load_is_counted(server, minilm_setup, tmp_path):
         admin.load_adapter(str(minilm_setup.folders["plain"]), name="again")
     after = loads()
     assert after["error"] - before.get("error", 0) == 2 and after["ok"] - before["ok"] == 1
+
+
+def test_a_load_whose_client_gave_up_is_counted_when_it_ends(server, minilm_setup, monkeypatch):
+    """The load goes on in its thread after the client's deadline; it was counted neither ok nor error (review)."""
+    def loads() -> float:
+        return next(s.value for s in scrape(server)["adapterserve_adapter_loads"].samples
+                    if s.name == "adapterserve_adapter_loads_total" and s.labels["result"] == "ok")
+
+    engine, before, done = server.server.engine, loads(), threading.Event()
+    real = engine.load_adapter
+
+    def slow_load(*args):
+        time.sleep(1.5)
+        try:
+            return real(*args)
+        finally:
+            done.set()
+
+    monkeypatch.setattr(engine, "load_adapter", slow_load)
+    with server.client(timeout=0.5) as admin:
+        with pytest.raises(RpcError) as gave_up:
+            admin.load_adapter(str(minilm_setup.folders["plain"]), name="late")
+    assert gave_up.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert done.wait(10)
+    deadline = time.monotonic() + 5
+    while loads() == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert loads() == before + 1 and engine.get_adapter("late").name == "late"
 
 
 def test_per_adapter_counts_are_opt_in_and_keep_the_busiest(start_server, minilm_setup):
