@@ -5,6 +5,7 @@ is visible; a forward admits its rows' adapters (acquire, bring onto the device,
 ONE pass over the model and releases them. Adapter lifecycle and what blocks what:
 `engine.adapters.lifecycle`.
 """
+import logging
 from pathlib import Path
 
 import torch
@@ -24,6 +25,8 @@ from engine.text import CLASSIFY_HEADS, TAG_HEADS, classifications, encode_texts
 from engine.types import AdapterInfo, CatalogEntry, Classification, ForwardOutput, RowHead, TokenTag
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+log = logging.getLogger("adapterserve.engine")
 
 
 class Engine:
@@ -53,7 +56,7 @@ class Engine:
         if self.max_seq_len > self.model.max_tokens:  # past the position table: IndexError in the embeddings
             raise ValueError(f"max_seq_len {self.max_seq_len} exceeds the {self.model.max_tokens} tokens a row of "
                              f"this {self.info.model_type} model holds")
-        self._tokenizer = None
+        self._tokenizer, self.tokenizer_problem = _load_tokenizer(self.model_dir)  # problem: None, or why not
 
     @classmethod
     def from_pretrained(cls, model: str | Path | None = None, device: str = "auto", dtype: str | None = None,
@@ -64,13 +67,11 @@ class Engine:
 
     @property
     def tokenizer(self):
+        """The base model folder's tokenizer; a base without one serves token ids only."""
         if self._tokenizer is None:
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
-            if tokenizer.pad_token_id is None:  # GPT-2 style tokenizers: pad (right) with EOS
-                tokenizer.pad_token = tokenizer.eos_token
-            self._tokenizer = tokenizer
+            raise InvalidRequest(f"the base model has no tokenizer ({self.tokenizer_problem}): texts cannot be "
+                                 "tokenised nor tags named; Classify and Embed take token ids",
+                                 "inputs")
         return self._tokenizer
 
     @property
@@ -81,7 +82,7 @@ class Engine:
         vocab = self.model_config.vocab_size
         pad = getattr(self.model_config, "pad_token_id", None)
         if not (isinstance(pad, int) and 0 <= pad < vocab):
-            pad = self.tokenizer.pad_token_id
+            pad = self._tokenizer.pad_token_id if self._tokenizer is not None else None
         return pad if isinstance(pad, int) and 0 <= pad < vocab else 0
 
     # ---- adapters -------------------------------------------------------------------------------
@@ -241,3 +242,20 @@ class Engine:
         types = getattr(self.model_config, "type_vocab_size", vocab)  # GPT-2 embeds token types with its vocabulary
         if token_type_ids is not None and (bool((token_type_ids < 0).any()) or bool((token_type_ids >= types).any())):
             raise InvalidRequest(f"token_type_ids must lie in 0..{types - 1}", "token_type_ids")
+
+
+def _load_tokenizer(model_dir: Path):
+    """(the model folder's tokenizer, None) or (None, why there is none), read at start: read on first use, a
+    folder without one started, then its warm-up died with a traceback (GPT-2) or every text request failed
+    INTERNAL (a probe)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except Exception as exc:  # transformers raises TypeError, AttributeError, OSError... for missing files
+        log.warning("no tokenizer in the model folder %s (%s: %s): only token ids can be served", model_dir,
+                    type(exc).__name__, exc)
+        return None, "its folder holds no tokenizer files that transformers can read"
+    if tokenizer.pad_token_id is None:  # GPT-2 style tokenizers: pad (right) with EOS
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer, None

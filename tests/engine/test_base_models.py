@@ -255,3 +255,17 @@ def test_hub_ids_from_the_offline_cache(tmp_path, monkeypatch):
         assert torch.equal(got.last_hidden_state, want.last_hidden_state), model
     with pytest.raises(ModelLoadError, match=f"cannot resolve base model 'acme/tiny-bert@{'d' * 40}'"):
         Engine.from_pretrained(f"acme/tiny-bert@{'d' * 40}", device="cpu")
+
+
+def test_a_base_without_a_tokenizer_serves_token_ids_and_names_what_texts_lack(tiny, caplog):
+    """Read on first use, a missing tokenizer let a GPT-2 folder start and then kill the server's warm-up with a
+    traceback, and made every text request INTERNAL on Llama (a probe)."""
+    arch, model, path, pad = tiny  # save_pretrained wrote no tokenizer
+    engine = Engine.from_pretrained(path, device="cpu")
+    assert f"no tokenizer in the model folder {path}" in caplog.text
+    ids, mask = _batch(100, pad)
+    out = engine.forward(ids, mask, [None] * 3)
+    assert _max_diff(out.last_hidden_state, _reference(model, ids, mask), mask) < 1e-5
+    assert 0 <= engine.pad_token_id < 100  # the warm-up's padding needs no tokenizer
+    with pytest.raises(InvalidRequest, match="the base model has no tokenizer .*texts cannot be tokenised"):
+        engine.embed(["a text"])
