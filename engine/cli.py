@@ -16,7 +16,13 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=os.environ.get("ADAPTERSERVE_LOG_LEVEL", "INFO"), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    return args.run(args)
+    try:
+        code = args.run(args)
+        sys.stdout.flush()  # here, where a reader that left is caught, not at exit
+        return code
+    except BrokenPipeError:  # `adapterserve embed ... | head`: the reader left; no traceback (Python's own recipe)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush must not fail again
+        return 1
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -212,10 +218,24 @@ def _hash_key(args) -> int:
     return 0
 
 
-def _call(args, action) -> int:
-    from engine.client import Client, RpcError
+def _client(args):
+    """The client the command's flags describe; None, having said why, when they cannot make one."""
+    from engine.client import Client
 
-    with Client(args.server, api_key=args.api_key, tenant=args.tenant, timeout=args.timeout) as client:
+    try:
+        return Client(args.server, api_key=args.api_key, tenant=args.tenant, timeout=args.timeout)
+    except ValueError as exc:  # an API key or tenant no gRPC header can carry
+        print(f"adapterserve: error: {exc}", file=sys.stderr)
+        return None
+
+
+def _call(args, action) -> int:
+    from engine.client import RpcError
+
+    client = _client(args)
+    if client is None:
+        return 2
+    with client:
         try:
             result = action(client)
         except RpcError as exc:
@@ -227,9 +247,12 @@ def _call(args, action) -> int:
 
 
 def _generate(args) -> int:
-    from engine.client import Client, RpcError
+    from engine.client import RpcError
 
-    with Client(args.server, api_key=args.api_key, tenant=args.tenant, timeout=args.timeout) as client:
+    client = _client(args)
+    if client is None:
+        return 2
+    with client:
         try:
             for piece in client.generate(args.prompt, args.adapter or None):
                 print(piece, end="", flush=True)

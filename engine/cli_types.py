@@ -44,6 +44,9 @@ def address(text: str) -> str:
     """argparse type: the server's host:port; gRPC would only fail on an empty one after logging internals."""
     if not text.strip():
         raise argparse.ArgumentTypeError(f"the server address must be host:port, got {text!r}")
+    tail = text.rpartition(":")[2]
+    if tail.isdigit() and int(tail) > 65535:  # gRPC takes it modulo 65536: localhost:99999 reached port 34463
+        raise argparse.ArgumentTypeError(f"a port is 0-65535, got {tail} in {text!r}")
     return text
 
 

@@ -105,6 +105,9 @@ def _tenant_header(tenant: str) -> tuple[str, str | bytes]:
 
 class _Base:
     def __init__(self, channel, api_key: str | None, tenant: str | None, timeout: float | None):
+        if api_key and not (api_key.isascii() and api_key.isprintable()):  # gRPC logged C-core internals, then
+            channel.close()  # INTERNAL "Invalid metadata", on every call (a probe)
+            raise ValueError("an API key must be printable ASCII: it travels as a gRPC text header")
         self.channel, self.timeout, self.closed = channel, _timeout(timeout), False
         self.metadata = tuple(([("authorization", f"Bearer {api_key}")] if api_key else [])
                               + ([_tenant_header(tenant)] if tenant else []))

@@ -84,6 +84,7 @@ def test_serve_gives_the_signal_handlers_back_to_an_in_process_caller():
     (["embed", "hi", "--timeout", "nan"], "argument --timeout: must be a finite number, got nan"),
     (["embed", "hi", "--adapter", ""], "argument --adapter: an adapter name must be a non-empty string"),
     (["embed", "hi", "--server", " "], "argument --server: the server address must be host:port, got ' '"),
+    (["info", "--server", "localhost:99999"], "argument --server: a port is 0-65535, got 99999"),  # reached 34463
     (["embed", "hi", "--tenant", " acme"], "argument --tenant: a tenant must not hold control characters, invisible"),
     (["adapters", "load", "/tmp/x", "--name", ""], "argument --name: an adapter name must be a non-empty string"),
     (["adapters", "average", "x", "a=b"], "argument ADAPTER=WEIGHT: expects ADAPTER=WEIGHT, got 'a=b'"),
@@ -112,3 +113,23 @@ def test_hash_key_prints_a_key_file_entry(capsys):
     assert main(["hash-key", "secret", "--tenant", "acme", "--role", "admin"]) == 0
     entry = json.loads(capsys.readouterr().out)
     assert entry == {"sha256": hashlib.sha256(b"secret").hexdigest(), "tenant": "acme", "role": "admin"}
+
+
+@pytest.mark.parametrize("key", ["ké", "a\nb"])
+def test_an_api_key_no_grpc_header_can_carry_is_one_line_error(key, capsys):
+    """gRPC logged C-core internals, then INTERNAL 'Invalid metadata' (a probe)."""
+    assert main(["info", "--api-key", key, "--server", "localhost:1"]) == 2
+    err = capsys.readouterr().err
+    assert err == "adapterserve: error: an API key must be printable ASCII: it travels as a gRPC text header\n"
+
+
+def test_output_to_a_reader_that_left_is_no_traceback():
+    """`adapterserve embed ... | head -1` ended in a BrokenPipeError traceback (a probe)."""
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-m", "engine.cli", "hash-key", "k" * 100_000],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    child.stdout.close()  # the reader leaves before the output is written
+    err = child.stderr.read().decode()
+    assert child.wait(60) == 1 and "Traceback" not in err, err
