@@ -14,7 +14,7 @@ from typing import Callable
 
 import grpc
 
-from engine.errors import ReplyTooLarge
+from engine.errors import InvalidRequest, ReplyTooLarge
 from engine.service.auth import Authenticator, Principal, Role
 from engine.service.metrics import Metrics
 from engine.service.status import to_status
@@ -50,6 +50,7 @@ class Servicer:
 
 TENANT_HEADER = "x-tenant-id"
 TENANT_HEADER_BIN = "x-tenant-id-bin"  # UTF-8 bytes: gRPC sends only printable ASCII in text headers
+MAX_REQUEST_ID_CHARS = 256  # the id goes into every log line and reply: a 5 MB one made a 5 MB log line (a probe)
 
 
 def metadata_of(context: grpc.aio.ServicerContext) -> dict[str, str]:
@@ -75,12 +76,17 @@ class _Call:
         self.peer = context.peer()  # now: once the call is cancelled or past its deadline, gRPC reports ""
         self.start = time.perf_counter()
         self.metadata = metadata_of(context)
-        self.request_id = getattr(request, "request_id", "") or self.metadata.get("x-request-id") or uuid.uuid4().hex
+        given = getattr(request, "request_id", "") or self.metadata.get("x-request-id") or ""
+        self.bad_request_id = given and (len(given) > MAX_REQUEST_ID_CHARS or not given.isprintable())
+        self.request_id = uuid.uuid4().hex if not given or self.bad_request_id else given  # a bad one is not logged
         self.principal: Principal | None = None  # once authenticated
 
     def rpc_context(self, role: Role) -> RpcContext:
         self.principal = principal = self.servicer.auth.authenticate(self.metadata)
         principal.check_role(role)
+        if self.bad_request_id:  # refused here, where errors are answered through the one mapping
+            raise InvalidRequest(f"request_id must be 1..{MAX_REQUEST_ID_CHARS} printable characters (the server "
+                                 f"named this call {self.request_id})", "request_id")
         return RpcContext(principal, self.metadata, self.request_id, self.context)
 
     def record(self, code: grpc.StatusCode) -> None:

@@ -280,3 +280,18 @@ def test_what_a_tenant_key_is_shown_of_a_path(message, shown):
     error = AdapterSourceError("x", "y")
     error.args = (message,)
     assert to_status(error, "r1", hide_paths=True).details == shown
+
+
+@pytest.mark.parametrize("request_id", ["y" * 257, "two\nlines"])
+def test_a_request_id_no_log_line_should_carry_is_refused(authed, caplog, request_id):
+    """A 5 MB request_id was answered OK and made a 5 MB access log line (a probe)."""
+    key = (("authorization", "Bearer acme-key"),)
+    with grpc.insecure_channel(authed.target) as channel:
+        stub = pb_grpc.InferenceServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Embed(pb.EmbedRequest(inputs=[pb.Input(text="hi")], request_id=request_id), metadata=key)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "request_id must be 1..256 printable characters" in info.value.details()
+        assert request_id not in caplog.text
+        fine = "y" * 256
+        assert stub.Embed(pb.EmbedRequest(inputs=[pb.Input(text="hi")], request_id=fine), metadata=key).request_id == fine
