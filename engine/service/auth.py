@@ -113,7 +113,9 @@ class Authenticator:
         self._stamp = stamp  # a bad file is reported once, not on every check
         try:
             self.entries = _read_keys(self.path)
-            log.info("API key file %s changed: %d keys", self.path, len(self.entries))
+            none = not self.entries
+            log.log(logging.WARNING if none else logging.INFO, "API key file %s changed: %d keys%s", self.path,
+                    len(self.entries), "; every call will be refused" if none else "")
         except ValueError as exc:
             log.error("%s; keeping the %d keys in use", exc, len(self.entries))
 

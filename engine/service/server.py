@@ -116,7 +116,9 @@ class AdapterServer:
         if not self.auth.enabled:
             log.warning("authentication is OFF: every caller is an operator (pass --api-keys to enable it)")
         else:
-            log.info("authentication is on: %d API keys from %s", len(self.auth.entries), self.auth.path)
+            none = not self.auth.entries  # an empty key list is valid JSON, and refuses everyone
+            log.log(logging.WARNING if none else logging.INFO, "authentication is on: %d API keys from %s%s",
+                    len(self.auth.entries), self.auth.path, "; every call will be refused" if none else "")
         self.loop.start()
         await asyncio.to_thread(self._warm_up)
         for name in ("", *SERVICES):

@@ -99,3 +99,14 @@ def test_a_key_file_with_a_byte_order_mark_is_read(tmp_path):
     path = tmp_path / "keys.json"
     path.write_bytes(b"\xef\xbb\xbf" + json.dumps({"keys": [{"sha256": hash_key("k"), "role": "admin"}]}).encode())
     assert Authenticator.from_file(path).authenticate({"authorization": "Bearer k"}).role == Role.ADMIN
+
+
+def test_a_key_file_emptied_warns_that_every_call_is_refused(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(auth, "RELOAD_CHECK_S", 0.0)
+    path = tmp_path / "keys.json"
+    _write(path, "key")
+    authenticator = Authenticator.from_file(path)
+    path.write_text(json.dumps({"keys": []}))
+    with pytest.raises(Unauthenticated):
+        authenticator.authenticate({"authorization": "Bearer key"})
+    assert [r.levelname for r in caplog.records if "every call will be refused" in r.message] == ["WARNING"]
