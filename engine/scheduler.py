@@ -202,7 +202,8 @@ class Scheduler:
         before a forward could end when some other request could run now and is not."""
         now = time.monotonic()
         done_by = now + self._forward_s
-        if not any(not self._is_dead(r, done_by) and self._runs_now(r) for queue in self._queues.values() for r in queue):
+        if not any(not self._is_dead(r, done_by) and self._runs_now(r)
+                   for queue in self._queues.values() for r in queue):
             done_by = now  # no request could make it by the estimate: drop only the expired, run the rest
         for tenant in list(self._queues):
             queue = self._queues[tenant]

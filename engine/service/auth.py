@@ -94,6 +94,12 @@ class Authenticator:
                 return entry.principal
         raise Unauthenticated("unknown API key")
 
+    def log_keys(self, what: str) -> None:
+        """``what``: N keys; a warning when there are none (valid JSON, and every call is refused)."""
+        none = not self.entries
+        log.log(logging.WARNING if none else logging.INFO, "%s: %d API keys%s", what, len(self.entries),
+                "; every call will be refused" if none else "")
+
     def _reload_if_changed(self) -> None:
         now = time.monotonic()
         if self.path is None or now - self._checked < RELOAD_CHECK_S:
@@ -113,9 +119,7 @@ class Authenticator:
         self._stamp = stamp  # a bad file is reported once, not on every check
         try:
             self.entries = _read_keys(self.path)
-            none = not self.entries
-            log.log(logging.WARNING if none else logging.INFO, "API key file %s changed: %d keys%s", self.path,
-                    len(self.entries), "; every call will be refused" if none else "")
+            self.log_keys(f"API key file {self.path} changed")
         except ValueError as exc:
             log.error("%s; keeping the %d keys in use", exc, len(self.entries))
 

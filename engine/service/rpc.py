@@ -77,7 +77,7 @@ class _Call:
         self.start = time.perf_counter()
         self.metadata = metadata_of(context)
         given = getattr(request, "request_id", "") or self.metadata.get("x-request-id") or ""
-        self.bad_request_id = given and (len(given) > MAX_REQUEST_ID_CHARS or not given.isprintable())
+        self.bad_request_id = bool(given) and (len(given) > MAX_REQUEST_ID_CHARS or not given.isprintable())
         self.request_id = uuid.uuid4().hex if not given or self.bad_request_id else given  # a bad one is not logged
         self.principal: Principal | None = None  # once authenticated
 

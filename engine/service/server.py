@@ -116,9 +116,7 @@ class AdapterServer:
         if not self.auth.enabled:
             log.warning("authentication is OFF: every caller is an operator (pass --api-keys to enable it)")
         else:
-            none = not self.auth.entries  # an empty key list is valid JSON, and refuses everyone
-            log.log(logging.WARNING if none else logging.INFO, "authentication is on: %d API keys from %s%s",
-                    len(self.auth.entries), self.auth.path, "; every call will be refused" if none else "")
+            self.auth.log_keys(f"authentication is on, from {self.auth.path}")
         self.loop.start()
         await asyncio.to_thread(self._warm_up)
         for name in ("", *SERVICES):

@@ -294,4 +294,5 @@ def test_a_request_id_no_log_line_should_carry_is_refused(authed, caplog, reques
         assert "request_id must be 1..256 printable characters" in info.value.details()
         assert request_id not in caplog.text
         fine = "y" * 256
-        assert stub.Embed(pb.EmbedRequest(inputs=[pb.Input(text="hi")], request_id=fine), metadata=key).request_id == fine
+        reply = stub.Embed(pb.EmbedRequest(inputs=[pb.Input(text="hi")], request_id=fine), metadata=key)
+        assert reply.request_id == fine
