@@ -252,7 +252,9 @@ def _load_tokenizer(model_dir: Path):
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    except Exception as exc:  # transformers raises TypeError, AttributeError, OSError... for missing files
+        if len(tokenizer) <= len(set(tokenizer.all_special_ids)):  # transformers 5 makes one without any files
+            raise ValueError("the tokenizer it makes holds no vocabulary beyond its special tokens")
+    except Exception as exc:  # transformers 4 raises TypeError, AttributeError, OSError... for missing files
         log.warning("no tokenizer in the model folder %s (%s: %s): only token ids can be served", model_dir,
                     type(exc).__name__, exc)
         return None, "its folder holds no tokenizer files that transformers can read"
