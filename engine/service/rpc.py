@@ -14,7 +14,7 @@ from typing import Callable
 
 import grpc
 
-from engine.errors import InvalidRequest, ReplyTooLarge
+from engine.errors import AdapterServeError, InvalidRequest, ReplyTooLarge, Unauthenticated
 from engine.service.auth import Authenticator, Principal, Role
 from engine.service.metrics import Metrics
 from engine.service.status import to_status
@@ -53,19 +53,40 @@ TENANT_HEADER_BIN = "x-tenant-id-bin"  # UTF-8 bytes: gRPC sends only printable 
 MAX_REQUEST_ID_CHARS = 256  # the id goes into every log line and reply: a 5 MB one made a 5 MB log line (a probe)
 
 
-def metadata_of(context: grpc.aio.ServicerContext) -> dict[str, str]:
-    """Text metadata by lower-case key; a tenant sent as UTF-8 in ``x-tenant-id-bin`` reads as ``x-tenant-id``
-    (bytes that are no UTF-8 become U+FFFD, a tenant nobody holds) unless that header came as well."""
-    metadata, tenant_bin = {}, None
+# Headers that choose who calls, for whom and with what: sent twice, which one counts would depend on
+# the order a proxy and a client wrote them in, so a second copy is refused.
+SINGLE_HEADERS = ("authorization", TENANT_HEADER, TENANT_HEADER_BIN, "x-adapter-id", "x-request-id")
+
+
+def metadata_of(context: grpc.aio.ServicerContext) -> tuple[dict[str, str], AdapterServeError | None]:
+    """Text metadata by lower-case key, with a tenant sent as UTF-8 in ``x-tenant-id-bin`` read as
+    ``x-tenant-id``; and the error to answer if they are wrong, or None: a header of SINGLE_HEADERS sent twice
+    (authorization: Unauthenticated), bytes in ``x-tenant-id-bin`` that are no UTF-8 (decoding them with
+    replacement made different byte strings one tenant), or both tenant headers naming different tenants."""
+    metadata, tenant_bin, seen, problems, not_utf8 = {}, None, set(), [], False
     for key, value in context.invocation_metadata() or ():
         key = key.lower()
+        if key in seen and key in SINGLE_HEADERS:
+            problems.append(key)
+        seen.add(key)
         if isinstance(value, str):
             metadata[key] = value
         elif key == TENANT_HEADER_BIN:
-            tenant_bin = value.decode("utf-8", errors="replace")
-    if tenant_bin is not None:
-        metadata.setdefault(TENANT_HEADER, tenant_bin)
-    return metadata
+            try:
+                tenant_bin = value.decode("utf-8")
+            except UnicodeDecodeError:
+                not_utf8 = True
+    if "authorization" in problems:  # which key to check is itself in doubt
+        return metadata, Unauthenticated("the authorization header was sent more than once")
+    if problems:
+        return metadata, InvalidRequest(f"the {problems[0]} header was sent more than once", problems[0])
+    if not_utf8:
+        return metadata, InvalidRequest(f"the {TENANT_HEADER_BIN} header holds bytes that are not UTF-8",
+                                        TENANT_HEADER_BIN)
+    if tenant_bin is not None and metadata.setdefault(TENANT_HEADER, tenant_bin) != tenant_bin:
+        return metadata, InvalidRequest(f"the {TENANT_HEADER} and {TENANT_HEADER_BIN} headers name different "
+                                        "tenants", TENANT_HEADER)
+    return metadata, None
 
 
 class _Call:
@@ -75,15 +96,19 @@ class _Call:
         self.servicer, self.name, self.context = servicer, name, context
         self.peer = context.peer()  # now: once the call is cancelled or past its deadline, gRPC reports ""
         self.start = time.perf_counter()
-        self.metadata = metadata_of(context)
+        self.metadata, self.bad_metadata = metadata_of(context)
         given = getattr(request, "request_id", "") or self.metadata.get("x-request-id") or ""
         self.bad_request_id = bool(given) and (len(given) > MAX_REQUEST_ID_CHARS or not given.isprintable())
         self.request_id = uuid.uuid4().hex if not given or self.bad_request_id else given  # a bad one is not logged
         self.principal: Principal | None = None  # once authenticated
 
     def rpc_context(self, role: Role) -> RpcContext:
+        if isinstance(self.bad_metadata, Unauthenticated):
+            raise self.bad_metadata
         self.principal = principal = self.servicer.auth.authenticate(self.metadata)
         principal.check_role(role)
+        if self.bad_metadata is not None:  # after authentication: callers without a key learn nothing more
+            raise self.bad_metadata
         if self.bad_request_id:  # refused here, where errors are answered through the one mapping
             raise InvalidRequest(f"request_id must be 1..{MAX_REQUEST_ID_CHARS} printable characters (the server "
                                  f"named this call {self.request_id})", "request_id")
