@@ -1,18 +1,38 @@
-"""adapterserve engine: one resident base model, a different adapter on every row of a batch."""
-import kernels as _kernels
+"""adapterserve engine: one resident base model, a different adapter on every row of a batch.
 
-if not hasattr(_kernels, "add_lora"):  # checked first: otherwise the failure is an ImportError of some name deep down
-    raise ImportError(
-        f"`import kernels` found {getattr(_kernels, '__file__', _kernels)}, not adapterserve's adapter ops: another "
-        "installed package has the same top-level name, most likely huggingface's `kernels` (a dependency of "
-        "transformers >= 5.25). Uninstall it (`pip uninstall kernels`; adapterserve requires transformers < 5.25, "
-        "which does not need it) and start again.")
+The names below are imported on first use (PEP 562), so that ``engine.client`` and the CLI's client commands
+load without torch: a CLI call took ~4 s, nearly all of it importing torch and transformers it never used.
+"""
+import importlib
+
 from engine.config import EngineConfig
-from engine.engine import Engine
 from engine.errors import (AdapterCapacityExceeded, AdapterNotFound, AdapterServeError, AdapterSourceError,
                            AdapterSourceRefused, InvalidAdapter, InvalidRequest, ModelLoadError, UnsupportedAdapter)
 from engine.types import AdapterInfo, CatalogEntry, Classification, ForwardOutput, Pooling, TokenTag
 
+_LAZY = {"Engine": "engine.engine"}  # what needs torch
+
 __all__ = ["Engine", "EngineConfig", "AdapterInfo", "CatalogEntry", "Classification", "ForwardOutput", "Pooling",
            "TokenTag", "AdapterServeError", "AdapterNotFound", "AdapterCapacityExceeded", "AdapterSourceError",
            "AdapterSourceRefused", "InvalidAdapter", "InvalidRequest", "ModelLoadError", "UnsupportedAdapter"]
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'engine' has no attribute {name!r}")
+    check_kernels()
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value  # found directly from now on
+    return value
+
+
+def check_kernels() -> None:
+    """Checked before the engine's modules: otherwise the failure is an ImportError of some name deep down."""
+    import kernels
+
+    if not hasattr(kernels, "add_lora"):
+        raise ImportError(
+            f"`import kernels` found {getattr(kernels, '__file__', kernels)}, not adapterserve's adapter ops: another "
+            "installed package has the same top-level name, most likely huggingface's `kernels` (a dependency of "
+            "transformers >= 5.25). Uninstall it (`pip uninstall kernels`; adapterserve requires transformers < 5.25, "
+            "which does not need it) and start again.")

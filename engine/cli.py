@@ -148,7 +148,7 @@ def _start_and_serve(args) -> int:
 
 
 def _load_and_serve(args) -> int:
-    from engine.engine import Engine
+    from engine import Engine  # first: checks that `kernels` is ours
     from engine.config import EngineConfig
     from engine.scheduler import SchedulerConfig
     from engine.service.server import AdapterServer, ServerConfig

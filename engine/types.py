@@ -1,8 +1,15 @@
-"""Public result and info types of the in-process API (the gRPC layer converts exactly these)."""
+"""Public result and info types of the in-process API (the gRPC layer converts exactly these).
+
+torch only for annotations: the client imports these types and must not need torch.
+"""
+from __future__ import annotations
+
 from dataclasses import dataclass
 from enum import Enum
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 class Pooling(Enum):

@@ -42,8 +42,28 @@ def test_a_foreign_kernels_package_stops_the_engine_with_an_error_that_names_it(
     # what transformers >= 5.25 installs: huggingface's `kernels`, first on sys.path in an installed console script
     (tmp_path / "kernels").mkdir()
     (tmp_path / "kernels" / "__init__.py").write_text("__version__ = '0.19.1'\n")
-    result = _python("import sys; sys.path.insert(0, sys.argv[1]); import engine", str(tmp_path))
+    result = _python("import sys; sys.path.insert(0, sys.argv[1]); from engine import Engine", str(tmp_path))
     assert result.returncode != 0
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("ImportError: `import kernels` found " + str(tmp_path / "kernels" / "__init__.py")), last
     assert "huggingface's `kernels`" in last and "pip uninstall kernels" in last, last
+
+
+def test_the_client_and_the_cli_client_commands_load_without_torch(tmp_path):
+    # a CLI call took ~4 s importing torch and transformers it never used; a foreign `kernels` package (see
+    # above) does not stop a client either, only the engine
+    (tmp_path / "kernels").mkdir()
+    (tmp_path / "kernels" / "__init__.py").write_text("__version__ = '0.19.1'\n")
+    out = _run(f"""
+        import sys
+        sys.path.insert(0, {str(tmp_path)!r})
+        from engine.client import AsyncClient, Client, RpcError
+        from engine.cli import main
+        print("exit", main(["info", "--server", "127.0.0.1:1", "--timeout", "5"]))  # nobody listens there
+        print(sorted(m for m in ("torch", "transformers", "kernels", "engine.engine") if m in sys.modules))
+        try:
+            from engine import Engine
+        except ImportError as exc:
+            print(str(exc).startswith(f"`import kernels` found {{sys.path[0]}}/kernels/__init__.py"))
+    """)
+    assert out.splitlines() == ["exit 1", "[]", "True"], out
