@@ -6,15 +6,16 @@ load without torch: a CLI call took ~4 s, nearly all of it importing torch and t
 import importlib
 
 from engine.config import EngineConfig
-from engine.errors import (AdapterCapacityExceeded, AdapterNotFound, AdapterServeError, AdapterSourceError,
-                           AdapterSourceRefused, InvalidAdapter, InvalidRequest, ModelLoadError, UnsupportedAdapter)
+from engine.errors import (AdapterCapacityExceeded, AdapterNameTaken, AdapterNotFound, AdapterServeError,
+                           AdapterSourceError, AdapterSourceRefused, InvalidAdapter, InvalidRequest, ModelLoadError,
+                           UnsupportedAdapter)
 from engine.types import AdapterInfo, CatalogEntry, Classification, ForwardOutput, Pooling, TokenTag
 
 _LAZY = {"Engine": "engine.engine"}  # what needs torch
 
 __all__ = ["Engine", "EngineConfig", "AdapterInfo", "CatalogEntry", "Classification", "ForwardOutput", "Pooling",
-           "TokenTag", "AdapterServeError", "AdapterNotFound", "AdapterCapacityExceeded", "AdapterSourceError",
-           "AdapterSourceRefused", "InvalidAdapter", "InvalidRequest", "ModelLoadError", "UnsupportedAdapter"]
+           "TokenTag", "AdapterServeError", "AdapterNameTaken", "AdapterNotFound", "AdapterCapacityExceeded",
+           "AdapterSourceError", "AdapterSourceRefused", "InvalidAdapter", "InvalidRequest", "ModelLoadError", "UnsupportedAdapter"]
 
 
 def __getattr__(name: str):

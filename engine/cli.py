@@ -34,6 +34,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--adapter", action="append", default=[], metavar="NAME=SOURCE",
                        help="load an adapter at start-up (repeatable)")
     serve.add_argument("--adapter-store", help="folder whose sub-folders form the adapter catalog")
+    serve.add_argument("--load-on-demand", action="store_true",
+                       help="a request naming an adapter nobody loaded that the store holds (e.g. bert/sentiment) "
+                            "loads it, shared with every tenant (needs --adapter-store)")
     serve.add_argument("--host", default="0.0.0.0", help="address to listen on (default: %(default)s, all)")
     serve.add_argument("--port", type=arg.port, default=50051,
                        help="gRPC port; 0 picks a free one (default: %(default)s)")
@@ -165,6 +168,8 @@ def _load_and_serve(args) -> int:
     twice = sorted(name for name, count in collections.Counter(name for name, _ in adapters).items() if count > 1)
     if twice:  # the second would silently replace the first
         raise ValueError(f"--adapter names {twice[0]!r} more than once")
+    if args.load_on_demand and not args.adapter_store:
+        raise ValueError("--load-on-demand loads from the adapter store: pass --adapter-store DIR")
     Authenticator.from_file(args.api_keys)  # a bad key file fails now, not after the model has loaded
     config = EngineConfig(model=args.model, device=args.device, dtype=args.dtype, num_threads=args.threads,
                           max_device_adapters=args.max_device_adapters, max_batch_rows=args.max_batch_rows,
@@ -181,7 +186,8 @@ def _load_and_serve(args) -> int:
     server = AdapterServer(engine, ServerConfig(
         host=args.host, port=args.port, metrics_port=None if args.metrics_port < 0 else args.metrics_port,
         api_keys=args.api_keys, grace_s=args.grace_seconds, vllm_compat_metrics=args.vllm_compat_metrics,
-        metrics_per_adapter=args.metrics_per_adapter, max_message_mb=args.max_message_mb),
+        metrics_per_adapter=args.metrics_per_adapter, max_message_mb=args.max_message_mb,
+        load_on_demand=args.load_on_demand),
         SchedulerConfig(max_queue=args.max_queue, max_batch_rows=args.max_batch_rows,
                         max_batch_tokens=args.max_batch_tokens, max_wait_s=args.max_wait_ms / 1000))
 

@@ -87,12 +87,13 @@ class Engine:
 
     # ---- adapters -------------------------------------------------------------------------------
     def load_adapter(self, source: str | Path, name: str | None = None, tenant: str | None = None,
-                     pin: bool = False) -> AdapterInfo:
+                     pin: bool = False, overwrite_ok: bool = True) -> AdapterInfo:
         """Fetches, validates and registers an adapter; re-loading a name swaps to the new version
-        atomically (in-flight rows finish on the old one). ``source``: a folder, ``store://<path>``,
-        ``org/name[@revision]`` (Hugging Face), or an fsspec URL (`engine.adapters.sources`). A pinned
-        adapter is placed on the device now and never evicted."""
-        return self.adapters.load(source, name, tenant, pin)
+        atomically (in-flight rows finish on the old one), or, without ``overwrite_ok``, raises
+        AdapterNameTaken. ``source``: a folder, ``store://<path>``, ``org/name[@revision]`` (Hugging Face),
+        or an fsspec URL (`engine.adapters.sources`). A pinned adapter is placed on the device now and never
+        evicted."""
+        return self.adapters.load(source, name, tenant, pin, overwrite_ok)
 
     def unload_adapter(self, name: str, tenant: str | None = None) -> None:
         """New requests get AdapterNotFound at once; memory is freed when in-flight rows are done."""

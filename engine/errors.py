@@ -72,6 +72,10 @@ class InvalidRequest(AdapterServeError):
         super().__init__(message)
 
 
+class AdapterNameTaken(InvalidRequest):
+    """A load or average without overwrite_ok found the name already loaded for its tenant."""
+
+
 class ReplyTooLarge(AdapterServeError):
     """A reply would exceed the server's message limit (gRPC RESOURCE_EXHAUSTED); a smaller request fits."""
 

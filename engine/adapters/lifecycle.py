@@ -35,7 +35,7 @@ from engine.adapters.tiers import AdapterTiers, Residency, TierBudget, device_by
 from engine.batch import AdapterBatch
 from engine.batcher import build_adapter_batch
 from engine.config import EngineConfig
-from engine.errors import AdapterNotFound, AdapterSourceError, InvalidAdapter, InvalidRequest
+from engine.errors import AdapterNameTaken, AdapterNotFound, AdapterSourceError, InvalidAdapter, InvalidRequest
 from engine.names import check_name, check_tenant
 from engine.types import AdapterInfo, CatalogEntry
 
@@ -61,7 +61,8 @@ class AdapterLifecycle:
         self._downloads_lock = threading.Lock()
         self._downloads: dict[int, AdapterFolder] = {}  # version key -> its downloaded folder, deleted with it
 
-    def load(self, source: str | Path, name: str | None, tenant: str | None, pin: bool) -> AdapterInfo:
+    def load(self, source: str | Path, name: str | None, tenant: str | None, pin: bool,
+             overwrite_ok: bool = True) -> AdapterInfo:
         if name is not None:
             check_name(name)
         check_tenant(tenant)
@@ -78,7 +79,7 @@ class AdapterLifecycle:
                 log.warning("adapter %s: ignoring the saved weights of %s, which feed no output served here (no "
                             "head reads the pooler of a PEFT adapter)", folder.source, ", ".join(spec.unserved_modules))
             read = functools.partial(self._read_again, folder, spec.name, stamp)
-            return self._publish(spec, tenant, pin, read, folder)
+            return self._publish(spec, tenant, pin, read, folder, overwrite_ok)
         except BaseException:
             self.sources.discard(folder)
             raise
@@ -94,7 +95,8 @@ class AdapterLifecycle:
             raise InvalidRequest(f"sources name {', '.join(map(repr, twice))} more than once; give each adapter once, "
                                  "with the sum of its weights", "sources")
         if not overwrite_ok and self.registry.own(name, tenant) is not None:  # the library's overwrite_ok=False,
-            raise _name_taken(name, tenant)  # checked again as it is published, for averages racing to one name
+            raise _name_taken(name, tenant, " with the average")  # checked again as it is published, for averages
+            # racing to one name
         records = self.registry.acquire_rows(list(sources), [tenant] * len(sources))  # nothing frees them meanwhile
         try:
             specs = [self.tiers.host_spec(r.key) for r in records]
@@ -108,7 +110,7 @@ class AdapterLifecycle:
                                  f"{exc}", "weights") from None
         label = ", ".join(f"{s}*{w:g}" for s, w in zip(sources, weights))
         return self._publish(replace(spec, source=f"average[{combine_strategy}]({label})"), tenant, False, None, None,
-                             overwrite_ok)
+                             overwrite_ok, " with the average")
 
     def unload(self, name: str, tenant: str | None) -> None:
         check_tenant(tenant)
@@ -169,7 +171,7 @@ class AdapterLifecycle:
         return AdmittedBatch(row_slots, build_adapter_batch(row_slots, self.pool), heads)
 
     def _publish(self, spec: AdapterSpec, tenant: str | None, pin: bool, read: Callable[[], AdapterSpec] | None,
-                 folder: AdapterFolder | None, overwrite_ok: bool = True) -> AdapterInfo:
+                 folder: AdapterFolder | None, overwrite_ok: bool, replacing: str = "") -> AdapterInfo:
         """Places a validated version (the only steps that can still fail: values the serving dtype cannot hold,
         a pinned one finding no slot, or the name taken meanwhile without ``overwrite_ok``), then swaps it in
         under its name."""
@@ -190,7 +192,7 @@ class AdapterLifecycle:
                 self._free(replaced)
         elif not self.registry.register_new(record):
             self.tiers.drop(record.key)
-            raise _name_taken(spec.name, tenant)
+            raise _name_taken(spec.name, tenant, replacing)
         return self._describe(record) or replace(info, tier="source")  # None: already unloaded by another thread
 
     def _read_again(self, folder: AdapterFolder, name: str, stamp: tuple) -> AdapterSpec:
@@ -230,7 +232,8 @@ def _check_tenants(tenants: list[str | None]) -> None:
         check_tenant(tenant)
 
 
-def _name_taken(name: str, tenant: str | None) -> InvalidRequest:
+def _name_taken(name: str, tenant: str | None, replacing: str) -> AdapterNameTaken:
+    """``replacing``: how, e.g. " with the average"."""
     owner = "shared" if tenant is None else f"for tenant {tenant!r}"
-    return InvalidRequest(f"adapter {name!r} is already loaded ({owner}); replacing it with the average needs "
-                          "overwrite_ok (CLI: --overwrite)", "name")
+    return AdapterNameTaken(f"adapter {name!r} is already loaded ({owner}); replacing it{replacing} needs "
+                            "overwrite_ok (CLI: --overwrite)", "name")

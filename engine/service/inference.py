@@ -6,12 +6,13 @@ from adapterserve.v1 import inference_service_pb2 as pb
 from adapterserve.v1 import inference_service_pb2_grpc as pb_grpc
 
 from engine.engine import Engine
-from engine.errors import InvalidRequest, NotImplementedYet, ShuttingDown
+from engine.errors import AdapterNotFound, InvalidRequest, NotImplementedYet, ShuttingDown
 from engine.loop import RequestOutput
 from engine.scheduler import Request, Scheduler, Task, split_rows
 from engine.service.auth import Authenticator, Role
 from engine.service.convert import classification_pb, token_tags_pb
 from engine.service.metrics import Metrics
+from engine.service.on_demand import OnDemandLoader
 from engine.service.rpc import RpcContext, Servicer, rpc
 from engine.text import (CLASSIFY_HEADS, TAG_HEADS, EncodedRow, check_text, classifications, encode_ids, require_head,
                          token_tags, tokenize)
@@ -20,9 +21,9 @@ from engine.types import AdapterInfo
 
 class InferenceServicer(Servicer, pb_grpc.InferenceServiceServicer):
     def __init__(self, engine: Engine, scheduler: Scheduler, auth: Authenticator, metrics: Metrics,
-                 max_reply_bytes: int):
+                 max_reply_bytes: int, on_demand: OnDemandLoader | None = None):
         super().__init__(auth, metrics, max_reply_bytes)
-        self.engine, self.scheduler = engine, scheduler
+        self.engine, self.scheduler, self.on_demand = engine, scheduler, on_demand
         self.draining = False
         # Tokenising runs here, off the event loop: a request of 64 long texts held it ~3 s, and health checks with
         # it (readiness failed under load). One thread: a fast tokenizer set to truncate is borrowed mutably per
@@ -32,7 +33,7 @@ class InferenceServicer(Servicer, pb_grpc.InferenceServiceServicer):
     @rpc(Role.INFERENCE)
     async def Classify(self, request: pb.ClassifyRequest, ctx: RpcContext) -> pb.ClassifyResponse:
         adapter, tenant = self._adapter(request.adapter_id, ctx, required=True)
-        require_head(adapter, self._lookup(adapter, tenant).head_type, CLASSIFY_HEADS, "Classify")
+        require_head(adapter, (await self._lookup(adapter, tenant)).head_type, CLASSIFY_HEADS, "Classify")
         _, output = await self._submit(Task.CLASSIFY, request.inputs, adapter, tenant, ctx)
         results = classifications(output.logits, output.heads, adapter, "Classify")
         return pb.ClassifyResponse(results=[classification_pb(c) for c in results], request_id=ctx.request_id)
@@ -41,7 +42,7 @@ class InferenceServicer(Servicer, pb_grpc.InferenceServiceServicer):
     async def Embed(self, request: pb.EmbedRequest, ctx: RpcContext) -> pb.EmbedResponse:
         adapter, tenant = self._adapter(request.adapter_id, ctx, required=False)
         if adapter:
-            self._lookup(adapter, tenant)
+            await self._lookup(adapter, tenant)
         _, output = await self._submit(Task.EMBED, request.inputs, adapter, tenant, ctx)
         return pb.EmbedResponse(embeddings=[pb.Embedding(values=row) for row in output.embeddings.float().tolist()],
                                 request_id=ctx.request_id)
@@ -49,7 +50,7 @@ class InferenceServicer(Servicer, pb_grpc.InferenceServiceServicer):
     @rpc(Role.INFERENCE)
     async def Tag(self, request: pb.TagRequest, ctx: RpcContext) -> pb.TagResponse:
         adapter, tenant = self._adapter(request.adapter_id, ctx, required=True)
-        require_head(adapter, self._lookup(adapter, tenant).head_type, TAG_HEADS, "Tag")
+        require_head(adapter, (await self._lookup(adapter, tenant)).head_type, TAG_HEADS, "Tag")
         rows, output = await self._submit(Task.TAG, request.inputs, adapter, tenant, ctx)
         tags = token_tags(output.logits, output.heads, rows, self.engine.tokenizer, adapter, "Tag")
         return pb.TagResponse(results=[token_tags_pb(t) for t in tags], request_id=ctx.request_id)
@@ -70,10 +71,16 @@ class InferenceServicer(Servicer, pb_grpc.InferenceServiceServicer):
             raise InvalidRequest("adapter_id is required (body or x-adapter-id metadata)", "adapter_id")
         return adapter, ctx.tenant()
 
-    def _lookup(self, adapter: str, tenant: str | None) -> AdapterInfo:
-        """The adapter as the caller's tenant sees it; counted per adapter only once found (unknown ids must not
-        take the bounded per-adapter label set)."""
-        info = self.engine.registry.lookup(adapter, tenant)
+    async def _lookup(self, adapter: str, tenant: str | None) -> AdapterInfo:
+        """The adapter as the caller's tenant sees it, loaded from the store first if it is not loaded and the
+        server loads on demand; counted per adapter only once found (unknown ids must not take the bounded
+        per-adapter label set)."""
+        try:
+            info = self.engine.registry.lookup(adapter, tenant)
+        except AdapterNotFound as missing:
+            if self.on_demand is None:
+                raise
+            info = await self.on_demand.lookup(adapter, tenant, missing)
         self.metrics.count_adapter(info.name, info.tenant)
         return info
 

@@ -25,6 +25,7 @@ from engine.service.admin import AdapterServicer, ServerServicer, versions
 from engine.service.auth import Authenticator
 from engine.service.inference import InferenceServicer
 from engine.service.metrics import Metrics
+from engine.service.on_demand import OnDemandLoader
 
 log = logging.getLogger("adapterserve.server")
 INFERENCE_SERVICE = inference_service_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
@@ -44,6 +45,7 @@ class ServerConfig:
     reflection: bool = True
     vllm_compat_metrics: bool = False
     metrics_per_adapter: int = 0  # request counts of the N busiest adapters (the rest: adapter=""); 0: none
+    load_on_demand: bool = False  # load a store adapter the first time a request names it (engine.service.on_demand)
 
 
 class AdapterServer:
@@ -55,7 +57,9 @@ class AdapterServer:
                                    max_adapters=engine.config.max_device_adapters)
         self.loop = EngineLoop(engine, self.scheduler, self.metrics)
         self.health = health.aio.HealthServicer()
-        self.inference = InferenceServicer(engine, self.scheduler, self.auth, self.metrics, self.message_bytes)
+        on_demand = OnDemandLoader(engine, self.metrics) if config.load_on_demand else None
+        self.inference = InferenceServicer(engine, self.scheduler, self.auth, self.metrics, self.message_bytes,
+                                           on_demand)
         self.admin = AdapterServicer(engine, self.auth, self.metrics, self.message_bytes)
         self.server_info = ServerServicer(engine, scheduler_config, self.auth, self.metrics, self.message_bytes)
         self.port: int | None = None

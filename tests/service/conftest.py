@@ -83,9 +83,10 @@ def start_server(minilm_setup):
     started = []
 
     def start(api_keys=None, scheduler=SchedulerConfig(), grace_s=5.0, max_message_mb=16, engine=None,
-              metrics_per_adapter=0):
+              metrics_per_adapter=0, load_on_demand=False):
         config = ServerConfig(host="127.0.0.1", port=0, metrics_port=0, api_keys=api_keys, grace_s=grace_s,
-                              max_message_mb=max_message_mb, metrics_per_adapter=metrics_per_adapter)
+                              max_message_mb=max_message_mb, metrics_per_adapter=metrics_per_adapter,
+                              load_on_demand=load_on_demand)
         running = RunningServer(AdapterServer(engine or minilm_setup.engine, config, scheduler))
         started.append(running)
         return running

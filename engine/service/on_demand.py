@@ -1,0 +1,96 @@
+"""Loading on first use: an inference request naming an adapter that nobody loaded, which the adapter store
+holds, loads it (``serve --adapter-store DIR --load-on-demand``; LoRAX's dynamic adapter loading).
+
+Why: behind an adapter-affinity proxy (deploy/envoy) each adapter goes to a few pods, but which pods changes
+as pods come and go; declaring every adapter on every pod (``--adapter``) makes every pod read every adapter.
+With this, a pod reads only the adapters its requests name. The request names the store folder, e.g.
+``bert/sentiment`` (as ``adapterserve adapters catalog`` lists it); it is loaded from ``store://bert/sentiment``
+under that name as a shared adapter, visible to every tenant like the catalog itself, and then moves through
+the tiers as any other adapter (device slot, host copy, read back from the store).
+
+- One load per name at a time: requests naming it meanwhile wait for that load, none starts its own.
+- A name the store does not hold, or whose load failed, gets the same answer for RETRY_AFTER_S without a new
+  look at the store (a flood of unknown names must not become a flood of file-system reads), remembered for
+  at most MAX_REMEMBERED names.
+- The look and the load run on worker threads, never on the event loop (a stalled mount must not hold it).
+- A tenant's own adapter, or one an operator loaded, is never replaced: the load does not overwrite.
+"""
+import asyncio
+import collections
+import logging
+import time
+
+from engine.adapters.store import SCHEME
+from engine.engine import Engine
+from engine.errors import AdapterNameTaken, AdapterNotFound, AdapterServeError, AdapterSourceError, AdapterSourceRefused
+from engine.names import name_problem
+from engine.service.metrics import Metrics
+from engine.types import AdapterInfo
+
+log = logging.getLogger("adapterserve.on_demand")
+
+RETRY_AFTER_S = 10.0
+MAX_REMEMBERED = 4096
+
+
+class OnDemandLoader:
+    def __init__(self, engine: Engine, metrics: Metrics, retry_after_s: float = RETRY_AFTER_S):
+        if engine.adapters.store is None:
+            raise ValueError("loading adapters on demand needs an adapter store (--adapter-store)")
+        self.engine, self.metrics, self.retry_after_s = engine, metrics, retry_after_s
+        self._loading: dict[str, asyncio.Future] = {}  # name -> its load, True when done, False: not in the store
+        # name -> (when it failed, the error to answer or None for "not in the store"), oldest first
+        self._failed: collections.OrderedDict[str, tuple[float, Exception | None]] = collections.OrderedDict()
+
+    async def lookup(self, name: str, tenant: str | None, missing: AdapterNotFound) -> AdapterInfo:
+        """The adapter ``name`` as ``tenant`` sees it, once loaded from the store; ``missing`` (the registry's
+        answer) when the store holds no such folder."""
+        if name_problem(name) is not None:  # no name an adapter could be loaded under
+            raise missing
+        failed = self._failed.get(name)
+        if failed is not None and time.monotonic() - failed[0] < self.retry_after_s:
+            # each caller gets it with a traceback of its own (raising one object again grows its traceback)
+            raise failed[1].with_traceback(None) if failed[1] is not None else missing
+        load = self._loading.get(name)
+        if load is None:
+            load = self._loading[name] = asyncio.ensure_future(asyncio.to_thread(self._load, name))
+            load.add_done_callback(lambda done: self._done(name, done))
+        if not await asyncio.shield(load):  # shielded: a caller that gives up leaves the load to the others
+            raise missing
+        return self.engine.registry.lookup(name, tenant)  # may raise: unloaded again since
+
+    def _load(self, name: str) -> bool:
+        """Runs on a worker thread: False when the store holds no folder of that name."""
+        source = SCHEME + name
+        store = self.engine.adapters.store
+        try:
+            folder = store.folder(source)
+        except (AdapterSourceError, AdapterSourceRefused, OSError):  # no such folder, one leading outside the store,
+            return False  # or a name no file system takes (a component of over 255 bytes): not ours to load
+        if store.source_of(folder) != source:  # "minilm//x", "../store/minilm/x": one adapter, one name
+            return False
+        try:
+            info = self.engine.load_adapter(source, name=name, overwrite_ok=False)
+        except AdapterNameTaken:  # loaded meanwhile by an operator: theirs stands
+            return True
+        log.info("loaded adapter %r from %s on first use (%s, %d parameters)", name, source, info.method,
+                 info.num_params)
+        return True
+
+    def _done(self, name: str, load: asyncio.Future) -> None:
+        del self._loading[name]
+        if load.cancelled():  # the event loop is closing
+            return
+        error = load.exception()
+        found = error is None and load.result()
+        result = "ok" if found else "not_in_store" if error is None else "error"
+        self.metrics.on_demand_loads.labels(result).inc()
+        if found:
+            self._failed.pop(name, None)
+            return
+        if error is not None and not isinstance(error, AdapterServeError):
+            log.error("loading adapter %r on first use failed", name, exc_info=error)
+        self._failed.pop(name, None)  # to the end: the newest entry is the last one dropped
+        self._failed[name] = (time.monotonic(), error)
+        while len(self._failed) > MAX_REMEMBERED:
+            self._failed.popitem(last=False)

@@ -1,0 +1,137 @@
+"""serve --load-on-demand: a request naming a store adapter nobody loaded loads it once, shared; nothing else."""
+import asyncio
+import logging
+import shutil
+
+import grpc
+import pytest
+
+from engine import Engine, EngineConfig
+from engine.cli import main
+from engine.client import AsyncClient, RpcError
+from engine.service.on_demand import OnDemandLoader
+from minilm import TEXTS
+from scrape import scrape
+
+
+def _loads(running) -> dict[str, float]:
+    family = scrape(running)["adapterserve_adapter_on_demand_loads"]
+    return {s.labels["result"]: s.value for s in family.samples if s.name.endswith("_total")}
+
+
+@pytest.fixture(scope="module")
+def store_engine(minilm_setup, tmp_path_factory):
+    store = tmp_path_factory.mktemp("on_demand") / "store"
+    for name in ("sentiment", "ner", "topics"):
+        shutil.copytree(minilm_setup.folders[name], store / "minilm" / name)
+    shutil.copytree(minilm_setup.folders["sentiment"], store / "broken")
+    (store / "broken" / "adapter_config.json").write_text("{not json")
+    return Engine(EngineConfig(device="cpu", adapter_store=str(store)))
+
+
+@pytest.fixture()
+def on_demand(start_server, store_engine):
+    yield start_server(engine=store_engine, load_on_demand=True)
+    for info in store_engine.list_adapters():
+        store_engine.unload_adapter(info.name, info.tenant)
+
+
+def test_a_store_adapter_is_loaded_on_first_use_once_and_shared(on_demand, store_engine, minilm_setup, caplog):
+    async def many():  # 8 calls at once, before any load ended: one load, every call answered
+        async with AsyncClient(on_demand.target, tenant="acme") as client:
+            return await asyncio.gather(*(client.classify(TEXTS, "minilm/sentiment") for _ in range(8)))
+
+    with caplog.at_level(logging.INFO, "adapterserve.on_demand"):
+        answers = asyncio.run(many())
+    assert [r.message for r in caplog.records].count(
+        "loaded adapter 'minilm/sentiment' from store://minilm/sentiment on first use (bottleneck, "
+        f"{store_engine.get_adapter('minilm/sentiment').num_params} parameters)") == 1
+    assert _loads(on_demand) == {"ok": 1.0}
+    store_engine.load_adapter(str(minilm_setup.folders["sentiment"]), name="explicit")
+    want = store_engine.classify(TEXTS, "explicit")
+    for answer in answers:
+        assert [a.label for a in answer] == [w.label for w in want]
+        for got, expected in zip(answer, want):
+            assert got.scores == pytest.approx(expected.scores, abs=1e-6)
+    info = store_engine.get_adapter("minilm/sentiment")
+    assert (info.tenant, info.source) == (None, "store://minilm/sentiment")  # shared: the catalog is everyone's
+    with on_demand.client(tenant="globex") as globex:
+        assert len(globex.tag(TEXTS, "minilm/ner")) == 3  # Tag and Embed load too
+        assert len(globex.embed(TEXTS, "minilm/topics")) == 3
+    assert _loads(on_demand) == {"ok": 3.0}
+
+
+def test_what_the_store_does_not_hold_is_not_found_and_not_looked_up_again(on_demand, store_engine):
+    with on_demand.client() as client:
+        for name in ("minilm/nope", "../store/minilm/sentiment", "minilm//sentiment", "./minilm/sentiment", "/etc",
+                     "a" * 256, "minilm"):
+            with pytest.raises(RpcError) as info:
+                client.classify(TEXTS, name)
+            assert info.value.code == grpc.StatusCode.NOT_FOUND and "is not loaded" in info.value.message, name
+        with pytest.raises(RpcError) as again:
+            client.classify(TEXTS, "minilm/nope")
+        assert again.value.code == grpc.StatusCode.NOT_FOUND
+    # other names of a store folder are not its name; every name is looked at once: the second "minilm/nope"
+    # not at all (remembered)
+    assert _loads(on_demand) == {"not_in_store": 7.0} and not store_engine.list_adapters()
+
+
+def test_a_broken_store_adapter_answers_its_error_and_is_not_read_for_every_request(on_demand):
+    with on_demand.client() as client:
+        for _ in range(3):
+            with pytest.raises(RpcError) as info:
+                client.classify(TEXTS, "broken")
+            assert info.value.code == grpc.StatusCode.FAILED_PRECONDITION, info.value
+            assert "adapter_config.json" in info.value.message
+    assert _loads(on_demand) == {"error": 1.0}
+    with on_demand.client() as client:
+        assert client.list_adapters() == []
+
+
+def test_the_store_is_looked_at_again_after_the_retry_window(on_demand, store_engine, minilm_setup):
+    with on_demand.client() as client:
+        with pytest.raises(RpcError) as info:
+            client.classify(TEXTS, "later/sentiment")
+        assert info.value.code == grpc.StatusCode.NOT_FOUND
+        shutil.copytree(minilm_setup.folders["sentiment"], store_engine.adapters.store.root / "later" / "sentiment")
+        with pytest.raises(RpcError):  # remembered for RETRY_AFTER_S
+            client.classify(TEXTS, "later/sentiment")
+        on_demand.server.inference.on_demand.retry_after_s = 0.0  # as if that window had passed
+        assert len(client.classify(TEXTS, "later/sentiment")) == 3
+    assert _loads(on_demand) == {"not_in_store": 1.0, "ok": 1.0}
+
+
+def test_loaded_adapters_are_never_replaced_and_without_the_flag_nothing_loads(start_server, store_engine,
+                                                                                 minilm_setup):
+    off = start_server(engine=store_engine)
+    with off.client() as client, pytest.raises(RpcError) as info:
+        client.classify(TEXTS, "minilm/sentiment")
+    assert info.value.code == grpc.StatusCode.NOT_FOUND and not store_engine.list_adapters()
+    running = start_server(engine=store_engine, load_on_demand=True)
+    topics = str(minilm_setup.folders["topics"])
+    try:
+        # a tenant's own adapter of that name is what the tenant gets, and nothing is loaded for it
+        store_engine.load_adapter(topics, name="minilm/sentiment", tenant="acme")
+        with running.client(tenant="acme") as acme:
+            assert set(acme.classify(TEXTS, "minilm/sentiment")[0].scores) == {"art", "geo", "film"}
+        assert _loads(running) == {}
+        with running.client(tenant="globex") as globex:  # another tenant gets the store's, shared
+            assert set(globex.classify(TEXTS, "minilm/sentiment")[0].scores) == {"neg", "pos"}
+        assert store_engine.get_adapter("minilm/sentiment", "acme").source == topics
+        # a shared one an operator loads while a load on first use runs stays: that load does not overwrite
+        store_engine.load_adapter(topics, name="minilm/ner")
+        loader = running.server.inference.on_demand
+        assert loader._load("minilm/ner") is True
+        assert store_engine.get_adapter("minilm/ner").source == topics
+    finally:
+        for adapter in store_engine.list_adapters():
+            store_engine.unload_adapter(adapter.name, adapter.tenant)
+
+
+def test_load_on_demand_needs_a_store(minilm_setup, capsys):
+    from engine.service.metrics import Metrics
+
+    with pytest.raises(ValueError, match="needs an adapter store"):
+        OnDemandLoader(minilm_setup.engine, Metrics())
+    assert main(["serve", "--load-on-demand", "--port", "0"]) == 2
+    assert "--load-on-demand loads from the adapter store: pass --adapter-store DIR" in capsys.readouterr().err
