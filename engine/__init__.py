@@ -21,14 +21,14 @@ __all__ = ["Engine", "EngineConfig", "AdapterInfo", "CatalogEntry", "Classificat
 def __getattr__(name: str):
     if name not in _LAZY:
         raise AttributeError(f"module 'engine' has no attribute {name!r}")
-    check_kernels()
     value = getattr(importlib.import_module(_LAZY[name]), name)
     globals()[name] = value  # found directly from now on
     return value
 
 
 def check_kernels() -> None:
-    """Checked before the engine's modules: otherwise the failure is an ImportError of some name deep down."""
+    """Raises ImportError, naming the package found, unless `import kernels` finds ours (engine.model and
+    engine.adapters call this before anything else)."""
     import kernels
 
     if not hasattr(kernels, "add_lora"):

@@ -151,7 +151,7 @@ def _start_and_serve(args) -> int:
 
 
 def _load_and_serve(args) -> int:
-    from engine import Engine  # first: checks that `kernels` is ours
+    from engine.engine import Engine
     from engine.config import EngineConfig
     from engine.scheduler import SchedulerConfig
     from engine.service.server import AdapterServer, ServerConfig

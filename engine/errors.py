@@ -46,6 +46,10 @@ class AdapterCapacityExceeded(AdapterServeError):
     can be evicted now; or an adapter is larger than the whole device budget."""
 
 
+class AdapterLoadsBusy(AdapterServeError):
+    """Too many adapters are being loaded on first use at once (serve --load-on-demand): try again shortly."""
+
+
 class AdapterSourceError(AdapterServeError):
     """An adapter source cannot be resolved or fetched: no such folder, URL or hub repo, not in the offline
     cache, an I/O error while reading or downloading, fsspec not installed, or files changed since loading."""

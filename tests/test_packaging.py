@@ -3,6 +3,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 
 def _python(code: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args], capture_output=True, text=True,
@@ -38,11 +40,13 @@ def test_transformers_does_not_take_our_kernels_for_hub_kernels():
     assert out.split() == ["True", "False"]
 
 
-def test_a_foreign_kernels_package_stops_the_engine_with_an_error_that_names_it(tmp_path):
+@pytest.mark.parametrize("statement", ["from engine import Engine", "from engine.engine import Engine",
+                                       "from engine.service.server import AdapterServer"])
+def test_a_foreign_kernels_package_stops_the_engine_with_an_error_that_names_it(tmp_path, statement):
     # what transformers >= 5.25 installs: huggingface's `kernels`, first on sys.path in an installed console script
     (tmp_path / "kernels").mkdir()
     (tmp_path / "kernels" / "__init__.py").write_text("__version__ = '0.19.1'\n")
-    result = _python("import sys; sys.path.insert(0, sys.argv[1]); from engine import Engine", str(tmp_path))
+    result = _python(f"import sys; sys.path.insert(0, sys.argv[1]); {statement}", str(tmp_path))
     assert result.returncode != 0
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("ImportError: `import kernels` found " + str(tmp_path / "kernels" / "__init__.py")), last

@@ -40,6 +40,9 @@ from engine.names import check_name, check_tenant
 from engine.types import AdapterInfo, CatalogEntry
 
 log = logging.getLogger(__name__)
+# what an AdapterNameTaken says it would take
+AVERAGE_REPLACES = "replacing it with the average needs overwrite_ok (CLI: --overwrite)"
+LOAD_REPLACES = "replacing it needs overwrite_ok=True"
 
 
 @dataclass(frozen=True)
@@ -95,7 +98,7 @@ class AdapterLifecycle:
             raise InvalidRequest(f"sources name {', '.join(map(repr, twice))} more than once; give each adapter once, "
                                  "with the sum of its weights", "sources")
         if not overwrite_ok and self.registry.own(name, tenant) is not None:  # the library's overwrite_ok=False,
-            raise _name_taken(name, tenant, " with the average")  # checked again as it is published, for averages
+            raise _name_taken(name, tenant, AVERAGE_REPLACES)  # checked again as it is published, for averages
             # racing to one name
         records = self.registry.acquire_rows(list(sources), [tenant] * len(sources))  # nothing frees them meanwhile
         try:
@@ -110,7 +113,7 @@ class AdapterLifecycle:
                                  f"{exc}", "weights") from None
         label = ", ".join(f"{s}*{w:g}" for s, w in zip(sources, weights))
         return self._publish(replace(spec, source=f"average[{combine_strategy}]({label})"), tenant, False, None, None,
-                             overwrite_ok, " with the average")
+                             overwrite_ok, AVERAGE_REPLACES)
 
     def unload(self, name: str, tenant: str | None) -> None:
         check_tenant(tenant)
@@ -171,7 +174,7 @@ class AdapterLifecycle:
         return AdmittedBatch(row_slots, build_adapter_batch(row_slots, self.pool), heads)
 
     def _publish(self, spec: AdapterSpec, tenant: str | None, pin: bool, read: Callable[[], AdapterSpec] | None,
-                 folder: AdapterFolder | None, overwrite_ok: bool, replacing: str = "") -> AdapterInfo:
+                 folder: AdapterFolder | None, overwrite_ok: bool, replacing: str = LOAD_REPLACES) -> AdapterInfo:
         """Places a validated version (the only steps that can still fail: values the serving dtype cannot hold,
         a pinned one finding no slot, or the name taken meanwhile without ``overwrite_ok``), then swaps it in
         under its name."""
@@ -191,7 +194,7 @@ class AdapterLifecycle:
             if unused:
                 self._free(replaced)
         elif not self.registry.register_new(record):
-            self.tiers.drop(record.key)
+            self._free(record)  # its slot or host copy, and the downloaded folder's entry
             raise _name_taken(spec.name, tenant, replacing)
         return self._describe(record) or replace(info, tier="source")  # None: already unloaded by another thread
 
@@ -233,7 +236,6 @@ def _check_tenants(tenants: list[str | None]) -> None:
 
 
 def _name_taken(name: str, tenant: str | None, replacing: str) -> AdapterNameTaken:
-    """``replacing``: how, e.g. " with the average"."""
+    """``replacing``: what it would take (AVERAGE_REPLACES, LOAD_REPLACES)."""
     owner = "shared" if tenant is None else f"for tenant {tenant!r}"
-    return AdapterNameTaken(f"adapter {name!r} is already loaded ({owner}); replacing it{replacing} needs "
-                            "overwrite_ok (CLI: --overwrite)", "name")
+    return AdapterNameTaken(f"adapter {name!r} is already loaded ({owner}); {replacing}", "name")

@@ -20,6 +20,7 @@ from engine.service.auth import Authenticator, Role
 from engine.service.convert import adapter_pb, catalog_entry_pb
 from engine.service.metrics import Metrics
 from engine.service.rpc import RpcContext, Servicer, rpc
+from engine.service.threads import on_own_thread
 from engine.types import AdapterInfo
 
 
@@ -56,7 +57,8 @@ class AdapterServicer(Servicer, pb_grpc.AdapterServiceServicer):
                                        "or other filesystems")
             if "://" not in source:  # "org/name" is a hub id here, even where a server folder of that name exists
                 source = "hf://" + source
-        return await asyncio.to_thread(self.engine.load_adapter, source, request.name or None, tenant, request.pin)
+        load = functools.partial(self.engine.load_adapter, source, request.name or None, tenant, request.pin)
+        return await on_own_thread(load, "adapter-load")
 
     @rpc(Role.ADMIN)
     async def AverageAdapters(self, request: pb.AverageAdaptersRequest, ctx: RpcContext) -> pb.AverageAdaptersResponse:
@@ -64,16 +66,18 @@ class AdapterServicer(Servicer, pb_grpc.AdapterServiceServicer):
             raise InvalidRequest("name is required", "name")
         tenant = ctx.tenant(request.tenant)  # a tenant key reads and writes its own tenant's adapters only
         names, weights = [s.name for s in request.sources], [s.weight for s in request.sources]
-        info = await asyncio.to_thread(self.engine.average_adapters, request.name, names, weights, tenant,
-                                       request.combine_strategy or "linear", svd_rank=request.svd_rank or None,
-                                       overwrite_ok=request.overwrite_ok)
+        average = functools.partial(self.engine.average_adapters, request.name, names, weights, tenant,
+                                    request.combine_strategy or "linear", svd_rank=request.svd_rank or None,
+                                    overwrite_ok=request.overwrite_ok)
+        info = await on_own_thread(average, "adapter-average")
         return pb.AverageAdaptersResponse(adapter=adapter_pb(info, ctx.principal.tenant))
 
     @rpc(Role.ADMIN)
     async def UnloadAdapter(self, request: pb.UnloadAdapterRequest, ctx: RpcContext) -> pb.UnloadAdapterResponse:
         if not request.name:
             raise InvalidRequest("name is required", "name")
-        await asyncio.to_thread(self.engine.unload_adapter, request.name, ctx.tenant(request.tenant))
+        unload = functools.partial(self.engine.unload_adapter, request.name, ctx.tenant(request.tenant))
+        await on_own_thread(unload, "adapter-unload")
         return pb.UnloadAdapterResponse()
 
     @rpc(Role.ADMIN, smaller=paging.smaller_pages)

@@ -8,6 +8,7 @@ from adapterserve.v1 import inference_service_pb2_grpc as pb_grpc
 from engine.engine import Engine
 from engine.errors import AdapterNotFound, InvalidRequest, NotImplementedYet, ShuttingDown
 from engine.loop import RequestOutput
+from engine.names import check_tenant
 from engine.scheduler import Request, Scheduler, Task, split_rows
 from engine.service.auth import Authenticator, Role
 from engine.service.convert import classification_pb, token_tags_pb
@@ -80,6 +81,8 @@ class InferenceServicer(Servicer, pb_grpc.InferenceServiceServicer):
         except AdapterNotFound as missing:
             if self.on_demand is None:
                 raise
+            check_tenant(tenant)  # what would refuse the request anyway refuses it before a load, not after
+            self._refuse_if_draining()
             info = await self.on_demand.lookup(adapter, tenant, missing)
         self.metrics.count_adapter(info.name, info.tenant)
         return info
@@ -87,8 +90,7 @@ class InferenceServicer(Servicer, pb_grpc.InferenceServiceServicer):
     async def _submit(self, task: Task, inputs, adapter, tenant,
                       ctx: RpcContext) -> tuple[list[EncodedRow], RequestOutput]:
         """Queues the request, in parts when it exceeds one forward's token budget, and waits for all of them."""
-        if self.draining:
-            raise ShuttingDown("the server is draining; retry on another replica")
+        self._refuse_if_draining()
         rows = await asyncio.get_running_loop().run_in_executor(self._tokenizing, self._encode, inputs)
         budget = self.scheduler.config.max_batch_tokens
         for i, row in enumerate(rows):
@@ -106,6 +108,10 @@ class InferenceServicer(Servicer, pb_grpc.InferenceServiceServicer):
             for part in parts:
                 part.future.cancel()  # still queued: the scheduler drops it before compute
             raise
+
+    def _refuse_if_draining(self) -> None:
+        if self.draining:
+            raise ShuttingDown("the server is draining; retry on another replica")
 
     def _encode(self, inputs) -> list[EncodedRow]:
         """Checks every input, then tokenises all texts of the request in one tokenizer call."""

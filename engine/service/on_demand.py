@@ -12,25 +12,33 @@ the tiers as any other adapter (device slot, host copy, read back from the store
 - A name the store does not hold, or whose load failed, gets the same answer for RETRY_AFTER_S without a new
   look at the store (a flood of unknown names must not become a flood of file-system reads), remembered for
   at most MAX_REMEMBERED names.
-- The look and the load run on worker threads, never on the event loop (a stalled mount must not hold it).
+- The look and the load run on a daemon thread each, never on the event loop or a pool shared with other
+  work (a stalled mount must hold neither), and for at most MAX_LOADING names at once: beyond that a request is
+  refused RESOURCE_EXHAUSTED, to try again in a second (as when every adapter slot is busy).
+- Unloading such an adapter lasts until a request names it again: with this on, the store decides what is
+  served; take a folder out of the store to stop serving it.
 - A tenant's own adapter, or one an operator loaded, is never replaced: the load does not overwrite.
 """
 import asyncio
 import collections
+import functools
 import logging
 import time
 
 from engine.adapters.store import SCHEME
 from engine.engine import Engine
-from engine.errors import AdapterNameTaken, AdapterNotFound, AdapterServeError, AdapterSourceError, AdapterSourceRefused
+from engine.errors import (AdapterLoadsBusy, AdapterNameTaken, AdapterNotFound, AdapterServeError, AdapterSourceError,
+                           AdapterSourceRefused)
 from engine.names import name_problem
 from engine.service.metrics import Metrics
+from engine.service.threads import on_own_thread
 from engine.types import AdapterInfo
 
 log = logging.getLogger("adapterserve.on_demand")
 
 RETRY_AFTER_S = 10.0
 MAX_REMEMBERED = 4096
+MAX_LOADING = 4
 
 
 class OnDemandLoader:
@@ -49,11 +57,14 @@ class OnDemandLoader:
             raise missing
         failed = self._failed.get(name)
         if failed is not None and time.monotonic() - failed[0] < self.retry_after_s:
-            # each caller gets it with a traceback of its own (raising one object again grows its traceback)
-            raise failed[1].with_traceback(None) if failed[1] is not None else missing
+            raise _copy(failed[1]) if failed[1] is not None else missing
         load = self._loading.get(name)
         if load is None:
-            load = self._loading[name] = asyncio.ensure_future(asyncio.to_thread(self._load, name))
+            if len(self._loading) >= MAX_LOADING:
+                raise AdapterLoadsBusy(f"{MAX_LOADING} adapters are being loaded from the store on first use; "
+                                       f"try {name!r} again in a moment")
+            work = functools.partial(self._load, name)
+            load = self._loading[name] = asyncio.ensure_future(on_own_thread(work, "adapter-on-demand"))
             load.add_done_callback(lambda done: self._done(name, done))
         if not await asyncio.shield(load):  # shielded: a caller that gives up leaves the load to the others
             raise missing
@@ -91,6 +102,16 @@ class OnDemandLoader:
         if error is not None and not isinstance(error, AdapterServeError):
             log.error("loading adapter %r on first use failed", name, exc_info=error)
         self._failed.pop(name, None)  # to the end: the newest entry is the last one dropped
-        self._failed[name] = (time.monotonic(), error)
+        # a copy: the error itself goes on to this load's callers, and its traceback would keep their frames
+        # (their requests, up to the message limit each) for as long as it is remembered
+        self._failed[name] = (time.monotonic(), None if error is None else _copy(error))
         while len(self._failed) > MAX_REMEMBERED:
             self._failed.popitem(last=False)
+
+
+def _copy(error: Exception) -> Exception:
+    """The same error (class, message, fields) without traceback or context: each caller raises one of its own."""
+    fresh = type(error).__new__(type(error))
+    fresh.__dict__.update(error.__dict__)
+    fresh.args = error.args
+    return fresh

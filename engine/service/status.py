@@ -12,9 +12,10 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from engine.errors import (AdapterCapacityExceeded, AdapterNotFound, AdapterServeError, AdapterSourceError,
-                           AdapterSourceRefused, InvalidAdapter, InvalidRequest, ModelLoadError, NotImplementedYet,
-                           PermissionDenied, ReplyTooLarge, ShuttingDown, Unauthenticated, UnsupportedAdapter)
+from engine.errors import (AdapterCapacityExceeded, AdapterLoadsBusy, AdapterNotFound, AdapterServeError,
+                           AdapterSourceError, AdapterSourceRefused, InvalidAdapter, InvalidRequest, ModelLoadError,
+                           NotImplementedYet, PermissionDenied, ReplyTooLarge, ShuttingDown, Unauthenticated,
+                           UnsupportedAdapter)
 from engine.scheduler import DeadlineExpired, QueueFull
 
 DOMAIN = "adapterserve.dev"
@@ -37,6 +38,7 @@ MAPPINGS: tuple[tuple[type[Exception], Mapping], ...] = (
     (AdapterSourceRefused, Mapping(grpc.StatusCode.INVALID_ARGUMENT, "ADAPTER_SOURCE_REFUSED")),
     (AdapterSourceError, Mapping(grpc.StatusCode.FAILED_PRECONDITION, "ADAPTER_SOURCE_UNAVAILABLE")),
     (AdapterCapacityExceeded, Mapping(grpc.StatusCode.RESOURCE_EXHAUSTED, "ADAPTER_SLOTS_EXHAUSTED", 1.0)),
+    (AdapterLoadsBusy, Mapping(grpc.StatusCode.RESOURCE_EXHAUSTED, "ADAPTER_LOADS_BUSY", 1.0)),
     (QueueFull, Mapping(grpc.StatusCode.RESOURCE_EXHAUSTED, "QUEUE_FULL", 0.1)),
     (ReplyTooLarge, Mapping(grpc.StatusCode.RESOURCE_EXHAUSTED, "REPLY_TOO_LARGE")),
     (DeadlineExpired, Mapping(grpc.StatusCode.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED")),

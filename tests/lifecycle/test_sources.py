@@ -12,7 +12,7 @@ from adapter_edits import copy_case
 from lifecycle_helpers import assert_rows, run
 from fsspec.implementations.memory import MemoryFileSystem
 
-from engine import AdapterSourceError, AdapterSourceRefused, InvalidAdapter, InvalidRequest
+from engine import AdapterNameTaken, AdapterSourceError, AdapterSourceRefused, InvalidAdapter, InvalidRequest
 
 SHA_MAIN, SHA_V2 = "a" * 40, "b" * 40
 
@@ -149,6 +149,19 @@ def test_fsspec_urls_download_validate_and_clean_up(make_engine, bert, tmp_path)
     engine.unload_adapter("m")
     engine.unload_adapter("peft_lora_ffn")
     assert list(downloads.iterdir()) == []  # a download lives as long as its adapter
+
+
+def test_a_download_refused_for_a_taken_name_leaves_nothing(make_engine, bert):
+    engine = make_engine()
+    downloads = engine.adapters.sources.download_dir
+    url = f"file://{bert.cases['lora'].path}"
+    engine.load_adapter(url, name="a")
+    for _ in range(2):
+        with pytest.raises(AdapterNameTaken, match="'a' is already loaded .shared.; replacing it needs overwrite_ok"):
+            engine.load_adapter(url, name="a", overwrite_ok=False)
+    assert len(engine.adapters._downloads) == 1 and len(list(downloads.iterdir())) == 1  # an entry per refusal before
+    engine.unload_adapter("a")
+    assert engine.adapters._downloads == {} and list(downloads.iterdir()) == []
 
 
 def test_fsspec_size_cap_and_failed_downloads_leave_nothing(make_engine, bert, tmp_path):

@@ -5,6 +5,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -125,3 +126,36 @@ def test_sigterm_while_the_model_loads_exits_0():
     rest = proc.stderr.read()
     assert proc.wait(60) == 0, rest
     assert "SIGTERM before serving; stopping" in rest and "serving on" not in rest
+
+
+def test_sigterm_exits_while_an_adapter_download_hangs(tmp_path):
+    # a hub that accepts connections and never answers; the load's thread waits on it. asyncio.run joined the
+    # thread pool those loads ran on at exit, so the server exited only when the download gave up
+    silent = socket.create_server(("127.0.0.1", 0))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "0", "HF_HUB_ETAG_TIMEOUT": "60",
+           "HF_HUB_DOWNLOAD_TIMEOUT": "60", "HF_ENDPOINT": f"http://127.0.0.1:{silent.getsockname()[1]}",
+           "HF_HOME": str(tmp_path / "hf")}
+    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--port", "0", "--host", "127.0.0.1",
+                             "--metrics-port", "-1", "--threads", "1", "--grace-seconds", "1"],
+                            stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        port = None
+        for line in proc.stderr:
+            match = re.search(r"serving on 127\.0\.0\.1:(\d+)", line)
+            if match:
+                port = int(match.group(1))
+                break
+        assert port, "server did not start"
+        threading.Thread(target=proc.stderr.read, daemon=True).start()  # keeps the pipe drained
+        with Client(f"127.0.0.1:{port}", timeout=1) as client:
+            for i in range(8):  # more than asyncio's shared pool has workers here
+                with pytest.raises(RpcError) as info:
+                    client.load_adapter(f"someone/adapter-{i}")
+                assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        assert time.monotonic() - started < 10
+    finally:
+        proc.kill()
+        silent.close()

@@ -1,15 +1,19 @@
 """serve --load-on-demand: a request naming a store adapter nobody loaded loads it once, shared; nothing else."""
 import asyncio
+import collections
 import logging
 import shutil
+import threading
+import time
 
 import grpc
 import pytest
 
 from engine import Engine, EngineConfig
+from engine.adapters.store import AdapterStore
 from engine.cli import main
 from engine.client import AsyncClient, RpcError
-from engine.service.on_demand import OnDemandLoader
+from engine.service.on_demand import MAX_LOADING, OnDemandLoader
 from minilm import TEXTS
 from scrape import scrape
 
@@ -135,3 +139,72 @@ def test_load_on_demand_needs_a_store(minilm_setup, capsys):
         OnDemandLoader(minilm_setup.engine, Metrics())
     assert main(["serve", "--load-on-demand", "--port", "0"]) == 2
     assert "--load-on-demand loads from the adapter store: pass --adapter-store DIR" in capsys.readouterr().err
+
+
+def test_a_stalled_store_holds_only_its_own_callers(start_server, store_engine, minilm_setup, monkeypatch):
+    # reads hung on a stalled mount took every worker of asyncio's shared pool: admin loads and the drain waited
+    release, real_folder = threading.Event(), AdapterStore.folder
+
+    def stalled(self, source):
+        if source.startswith("store://stall/"):
+            release.wait(60)
+        return real_folder(self, source)
+
+    monkeypatch.setattr(AdapterStore, "folder", stalled)
+    running = start_server(engine=store_engine, load_on_demand=True, grace_s=2)
+    try:
+        async def flood():
+            async with AsyncClient(running.target, timeout=2) as client:
+                return await asyncio.gather(*(client.classify(TEXTS, f"stall/{i}") for i in range(12)),
+                                            return_exceptions=True)
+
+        codes = collections.Counter(answer.code for answer in asyncio.run(flood()))
+        # MAX_LOADING names wait for their reads; the others are told to come back (after the retries the client
+        # makes within its deadline)
+        assert set(codes) <= {grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}, codes
+        assert codes[grpc.StatusCode.RESOURCE_EXHAUSTED] >= 12 - MAX_LOADING, codes
+        with running.client(timeout=0.5) as admin:  # operators' loads hung on the same mount
+            for i in range(8):
+                with pytest.raises(RpcError) as info:
+                    admin.load_adapter(f"store://stall/{i}", name=f"stalled-{i}")
+                assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+        with running.client(timeout=10) as admin:  # a local folder: nothing to do with the store
+            started = time.monotonic()
+            admin.load_adapter(str(minilm_setup.folders["sentiment"]), name="explicit")
+            assert time.monotonic() - started < 5
+            assert len(admin.classify(TEXTS, "explicit")) == 3
+            with pytest.raises(RpcError) as info:  # until a hung read ends, MAX_LOADING is all the store gets
+                admin.classify(TEXTS, "minilm/sentiment")
+            assert info.value.reason == "ADAPTER_LOADS_BUSY"
+        started = time.monotonic()
+        running.run(running.server.drain())  # with twelve reads still hung
+        assert time.monotonic() - started < 8
+    finally:
+        release.set()
+        for adapter in store_engine.list_adapters():
+            store_engine.unload_adapter(adapter.name, adapter.tenant)
+
+
+def test_requests_refused_anyway_load_nothing_and_unloads_last_until_the_next_request(on_demand, store_engine):
+    with on_demand.client(tenant="acme\u200b") as bad, pytest.raises(RpcError) as info:
+        bad.classify(TEXTS, "minilm/sentiment")
+    assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT and not store_engine.list_adapters()
+    with on_demand.client() as client:
+        client.classify(TEXTS, "minilm/sentiment")
+        client.unload_adapter("minilm/sentiment")
+        assert client.list_adapters() == []
+        assert len(client.classify(TEXTS, "minilm/sentiment")) == 3  # the store decides what is served
+        on_demand.server.inference.draining = True
+        client.unload_adapter("minilm/sentiment")
+        with pytest.raises(RpcError) as info:
+            client.classify(TEXTS, "minilm/sentiment")
+        assert info.value.code == grpc.StatusCode.UNAVAILABLE and client.list_adapters() == []
+    on_demand.server.inference.draining = False
+
+
+def test_a_remembered_error_keeps_no_request(on_demand):
+    with on_demand.client() as client, pytest.raises(RpcError):
+        client.classify(["x" * 100_000], "broken")
+    _, error = on_demand.server.inference.on_demand._failed["broken"]
+    assert "adapter_config.json" in str(error)
+    assert (error.__traceback__, error.__context__, error.__cause__) == (None, None, None)
