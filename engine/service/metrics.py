@@ -41,7 +41,7 @@ class Metrics:
         self.loads = Counter(p + "adapter_loads_total", "LoadAdapter calls past auth, by result", ["result"],
                              registry=r)
         self.on_demand_loads = Counter(p + "adapter_on_demand_loads_total", "Loads from the store on first use, by "
-                                       "result: ok, not_in_store, error", ["result"], registry=r)
+                                       "result: ok, not_in_store, taken, error", ["result"], registry=r)
         self.build_info = Gauge(p + "build_info", "Build and model", ["version", "base_model"], registry=r)
         lora_labels = ["max_lora", "running_lora_adapters", "waiting_lora_adapters"]
         self.lora_info = [Gauge(p + "lora_requests_info", "Running/waiting adapters (vLLM gateway contract)",

@@ -13,8 +13,10 @@ the tiers as any other adapter (device slot, host copy, read back from the store
   look at the store (a flood of unknown names must not become a flood of file-system reads), remembered for
   at most MAX_REMEMBERED names.
 - The look and the load run on a daemon thread each, never on the event loop or a pool shared with other
-  work (a stalled mount must hold neither), and for at most MAX_LOADING names at once: beyond that a request is
-  refused RESOURCE_EXHAUSTED, to try again in a second (as when every adapter slot is busy).
+  work (a stalled mount must hold neither). At most MAX_READS run at once, counted until their thread ends;
+  beyond that a request naming a name not loaded yet is refused RESOURCE_EXHAUSTED, to try again in a second
+  (as when every adapter slot is busy). A load's callers wait at most LOAD_WAIT_S: then the name is answered
+  AdapterSourceError for RETRY_AFTER_S, while its thread, if hung, still holds its read.
 - Unloading such an adapter lasts until a request names it again: with this on, the store decides what is
   served; take a folder out of the store to stop serving it.
 - A tenant's own adapter, or one an operator loaded, is never replaced: the load does not overwrite.
@@ -23,6 +25,7 @@ import asyncio
 import collections
 import functools
 import logging
+import threading
 import time
 
 from engine.adapters.store import SCHEME
@@ -38,15 +41,19 @@ log = logging.getLogger("adapterserve.on_demand")
 
 RETRY_AFTER_S = 10.0
 MAX_REMEMBERED = 4096
-MAX_LOADING = 4
+MAX_READS = 8
+LOAD_WAIT_S = 30.0
+LOADED, NOT_IN_STORE, TAKEN = "ok", "not_in_store", "taken"  # how a load ended: its metric label too
 
 
 class OnDemandLoader:
-    def __init__(self, engine: Engine, metrics: Metrics, retry_after_s: float = RETRY_AFTER_S):
+    def __init__(self, engine: Engine, metrics: Metrics, retry_after_s: float = RETRY_AFTER_S,
+                 wait_s: float = LOAD_WAIT_S):
         if engine.adapters.store is None:
             raise ValueError("loading adapters on demand needs an adapter store (--adapter-store)")
-        self.engine, self.metrics, self.retry_after_s = engine, metrics, retry_after_s
-        self._loading: dict[str, asyncio.Future] = {}  # name -> its load, True when done, False: not in the store
+        self.engine, self.metrics, self.retry_after_s, self.wait_s = engine, metrics, retry_after_s, wait_s
+        self._reads = threading.BoundedSemaphore(MAX_READS)  # released by the read's thread as it ends
+        self._loading: dict[str, asyncio.Future] = {}  # name -> its load: its result (see _load) or error
         # name -> (when it failed, the error to answer or None for "not in the store"), oldest first
         self._failed: collections.OrderedDict[str, tuple[float, Exception | None]] = collections.OrderedDict()
 
@@ -60,43 +67,52 @@ class OnDemandLoader:
             raise _copy(failed[1]) if failed[1] is not None else missing
         load = self._loading.get(name)
         if load is None:
-            if len(self._loading) >= MAX_LOADING:
-                raise AdapterLoadsBusy(f"{MAX_LOADING} adapters are being loaded from the store on first use; "
-                                       f"try {name!r} again in a moment")
-            work = functools.partial(self._load, name)
-            load = self._loading[name] = asyncio.ensure_future(on_own_thread(work, "adapter-on-demand"))
+            if not self._reads.acquire(blocking=False):
+                raise AdapterLoadsBusy(f"{MAX_READS} adapter reads from the store are under way; try {name!r} "
+                                       "again in a moment")
+            load = self._loading[name] = asyncio.ensure_future(self._load_within(name))
             load.add_done_callback(lambda done: self._done(name, done))
-        if not await asyncio.shield(load):  # shielded: a caller that gives up leaves the load to the others
+        if await asyncio.shield(load) == NOT_IN_STORE:  # shielded: a caller that gives up leaves it to the others
             raise missing
         return self.engine.registry.lookup(name, tenant)  # may raise: unloaded again since
 
-    def _load(self, name: str) -> bool:
-        """Runs on a worker thread: False when the store holds no folder of that name."""
-        source = SCHEME + name
-        store = self.engine.adapters.store
+    async def _load_within(self, name: str) -> str:
         try:
-            folder = store.folder(source)
-        except (AdapterSourceError, AdapterSourceRefused, OSError):  # no such folder, one leading outside the store,
-            return False  # or a name no file system takes (a component of over 255 bytes): not ours to load
-        if store.source_of(folder) != source:  # "minilm//x", "../store/minilm/x": one adapter, one name
-            return False
+            return await asyncio.wait_for(on_own_thread(functools.partial(self._load, name), "adapter-on-demand"),
+                                          self.wait_s)
+        except asyncio.TimeoutError:  # the thread runs on, holding its read; if it ends well, the adapter is there
+            raise AdapterSourceError(SCHEME + name, f"the adapter store gave no answer within {self.wait_s:g} s; "
+                                                    f"tried again after {self.retry_after_s:g} s") from None
+
+    def _load(self, name: str) -> str:
+        """Runs on a thread of its own: LOADED, NOT_IN_STORE, or TAKEN (an operator loaded it meanwhile)."""
         try:
-            info = self.engine.load_adapter(source, name=name, overwrite_ok=False)
-        except AdapterNameTaken:  # loaded meanwhile by an operator: theirs stands
-            return True
-        log.info("loaded adapter %r from %s on first use (%s, %d parameters)", name, source, info.method,
-                 info.num_params)
-        return True
+            source = SCHEME + name
+            store = self.engine.adapters.store
+            try:
+                folder = store.folder(source)
+            except (AdapterSourceError, AdapterSourceRefused, OSError):  # no such folder, one outside the store, or
+                return NOT_IN_STORE  # a name no file system takes (a component of over 255 bytes): not ours to load
+            if store.source_of(folder) != source:  # "minilm//x", "../store/minilm/x": one adapter, one name
+                return NOT_IN_STORE
+            try:
+                info = self.engine.load_adapter(source, name=name, overwrite_ok=False)
+            except AdapterNameTaken:  # theirs stands
+                return TAKEN
+            log.info("loaded adapter %r from %s on first use (%s, %d parameters)", name, source, info.method,
+                     info.num_params)
+            return LOADED
+        finally:
+            self._reads.release()
 
     def _done(self, name: str, load: asyncio.Future) -> None:
         del self._loading[name]
         if load.cancelled():  # the event loop is closing
             return
         error = load.exception()
-        found = error is None and load.result()
-        result = "ok" if found else "not_in_store" if error is None else "error"
-        self.metrics.on_demand_loads.labels(result).inc()
-        if found:
+        outcome = "error" if error is not None else load.result()
+        self.metrics.on_demand_loads.labels(outcome).inc()
+        if outcome in (LOADED, TAKEN):
             self._failed.pop(name, None)
             return
         if error is not None and not isinstance(error, AdapterServeError):

@@ -24,6 +24,9 @@ async def on_own_thread(work: Callable[[], T], name: str) -> T:
             result, error = work(), None
         except BaseException as exc:  # handed to the caller, whatever it is
             result, error = None, exc
+            if isinstance(exc, StopIteration):  # a future refuses it (TypeError), and its caller would wait forever
+                error = RuntimeError(f"{name} raised StopIteration")
+                error.__cause__ = exc
         try:
             loop.call_soon_threadsafe(_settle, future, result, error)
         except RuntimeError:  # the event loop closed meanwhile: nobody waits any more

@@ -13,7 +13,7 @@ from engine import Engine, EngineConfig
 from engine.adapters.store import AdapterStore
 from engine.cli import main
 from engine.client import AsyncClient, RpcError
-from engine.service.on_demand import MAX_LOADING, OnDemandLoader
+from engine.service.on_demand import MAX_READS, OnDemandLoader
 from minilm import TEXTS
 from scrape import scrape
 
@@ -106,7 +106,7 @@ def test_the_store_is_looked_at_again_after_the_retry_window(on_demand, store_en
 
 
 def test_loaded_adapters_are_never_replaced_and_without_the_flag_nothing_loads(start_server, store_engine,
-                                                                                 minilm_setup):
+                                                                                 minilm_setup, monkeypatch):
     off = start_server(engine=store_engine)
     with off.client() as client, pytest.raises(RpcError) as info:
         client.classify(TEXTS, "minilm/sentiment")
@@ -123,10 +123,18 @@ def test_loaded_adapters_are_never_replaced_and_without_the_flag_nothing_loads(s
             assert set(globex.classify(TEXTS, "minilm/sentiment")[0].scores) == {"neg", "pos"}
         assert store_engine.get_adapter("minilm/sentiment", "acme").source == topics
         # a shared one an operator loads while a load on first use runs stays: that load does not overwrite
-        store_engine.load_adapter(topics, name="minilm/ner")
-        loader = running.server.inference.on_demand
-        assert loader._load("minilm/ner") is True
+        real_folder = AdapterStore.folder
+
+        def operator_first(self, source):
+            if source == "store://minilm/ner":
+                store_engine.load_adapter(topics, name="minilm/ner")
+            return real_folder(self, source)
+
+        monkeypatch.setattr(AdapterStore, "folder", operator_first)
+        with running.client(tenant="globex") as globex:
+            assert set(globex.classify(TEXTS, "minilm/ner")[0].scores) == {"art", "geo", "film"}
         assert store_engine.get_adapter("minilm/ner").source == topics
+        assert _loads(running) == {"ok": 1.0, "taken": 1.0}  # globex's minilm/sentiment, then this one
     finally:
         for adapter in store_engine.list_adapters():
             store_engine.unload_adapter(adapter.name, adapter.tenant)
@@ -159,10 +167,10 @@ def test_a_stalled_store_holds_only_its_own_callers(start_server, store_engine, 
                                             return_exceptions=True)
 
         codes = collections.Counter(answer.code for answer in asyncio.run(flood()))
-        # MAX_LOADING names wait for their reads; the others are told to come back (after the retries the client
+        # MAX_READS names wait for their reads; the others are told to come back (after the retries the client
         # makes within its deadline)
         assert set(codes) <= {grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}, codes
-        assert codes[grpc.StatusCode.RESOURCE_EXHAUSTED] >= 12 - MAX_LOADING, codes
+        assert codes[grpc.StatusCode.RESOURCE_EXHAUSTED] >= 12 - MAX_READS, codes
         with running.client(timeout=0.5) as admin:  # operators' loads hung on the same mount
             for i in range(8):
                 with pytest.raises(RpcError) as info:
@@ -173,7 +181,7 @@ def test_a_stalled_store_holds_only_its_own_callers(start_server, store_engine, 
             admin.load_adapter(str(minilm_setup.folders["sentiment"]), name="explicit")
             assert time.monotonic() - started < 5
             assert len(admin.classify(TEXTS, "explicit")) == 3
-            with pytest.raises(RpcError) as info:  # until a hung read ends, MAX_LOADING is all the store gets
+            with pytest.raises(RpcError) as info:  # until a hung read ends, MAX_READS is all the store gets
                 admin.classify(TEXTS, "minilm/sentiment")
             assert info.value.reason == "ADAPTER_LOADS_BUSY"
         started = time.monotonic()
@@ -208,3 +216,30 @@ def test_a_remembered_error_keeps_no_request(on_demand):
     _, error = on_demand.server.inference.on_demand._failed["broken"]
     assert "adapter_config.json" in str(error)
     assert (error.__traceback__, error.__context__, error.__cause__) == (None, None, None)
+
+
+def test_callers_wait_for_a_hung_read_at_most_the_wait_limit(on_demand, store_engine, monkeypatch):
+    release, real_folder = threading.Event(), AdapterStore.folder
+    looks = []
+
+    def stalled(self, source):
+        if source == "store://minilm/sentiment":
+            looks.append(source)
+            release.wait(60)
+        return real_folder(self, source)
+
+    monkeypatch.setattr(AdapterStore, "folder", stalled)
+    on_demand.server.inference.on_demand.wait_s = 0.5
+    with on_demand.client() as client:
+        for _ in range(2):  # the second from memory: no second read starts
+            with pytest.raises(RpcError) as info:
+                client.classify(TEXTS, "minilm/sentiment")
+            assert info.value.code == grpc.StatusCode.FAILED_PRECONDITION
+            assert "the adapter store gave no answer within 0.5 s; tried again after 10 s" in info.value.message
+        assert len(looks) == 1
+        release.set()  # the read ends: it loads after all, and the next request finds it
+        deadline = time.monotonic() + 30
+        while not store_engine.list_adapters() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(client.classify(TEXTS, "minilm/sentiment")) == 3
+    assert _loads(on_demand) == {"error": 1.0}
