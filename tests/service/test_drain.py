@@ -65,19 +65,21 @@ def test_health_flips_the_server_closes_its_connections_and_in_flight_work_finis
     pinned.close()
 
 
-@pytest.mark.slow
-def test_sigterm_loses_no_accepted_request(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+def _serve(grace_s: float, env: dict) -> tuple[subprocess.Popen, int]:
+    """`adapterserve serve` in a process of its own, and its port once it serves."""
     proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--port", "0", "--host", "127.0.0.1",
-                             "--metrics-port", "-1", "--threads", "1", "--grace-seconds", "30"],
-                            stderr=subprocess.PIPE, text=True, env=env)
-    port = None
+                             "--metrics-port", "-1", "--threads", "1", "--grace-seconds", str(grace_s)],
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1", **env})
     for line in proc.stderr:
         match = re.search(r"serving on 127\.0\.0\.1:(\d+)", line)
         if match:
-            port = int(match.group(1))
-            break
-    assert port, "server did not start"
+            return proc, int(match.group(1))
+    raise AssertionError(f"server did not start (exit {proc.wait(60)})")
+
+
+@pytest.mark.slow
+def test_sigterm_loses_no_accepted_request(tmp_path):
+    proc, port = _serve(30, {"HF_HUB_OFFLINE": "1"})
     log: list[str] = []
     reading = threading.Thread(target=lambda: log.extend(proc.stderr))  # keeps the pipe drained
     reading.start()
@@ -132,20 +134,10 @@ def test_sigterm_exits_while_an_adapter_download_hangs(tmp_path):
     # a hub that accepts connections and never answers; the load's thread waits on it. asyncio.run joined the
     # thread pool those loads ran on at exit, so the server exited only when the download gave up
     silent = socket.create_server(("127.0.0.1", 0))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "0", "HF_HUB_ETAG_TIMEOUT": "60",
-           "HF_HUB_DOWNLOAD_TIMEOUT": "60", "HF_ENDPOINT": f"http://127.0.0.1:{silent.getsockname()[1]}",
-           "HF_HOME": str(tmp_path / "hf")}
-    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--port", "0", "--host", "127.0.0.1",
-                             "--metrics-port", "-1", "--threads", "1", "--grace-seconds", "1"],
-                            stderr=subprocess.PIPE, text=True, env=env)
+    proc, port = _serve(1, {"HF_HUB_OFFLINE": "0", "HF_HUB_ETAG_TIMEOUT": "60", "HF_HUB_DOWNLOAD_TIMEOUT": "60",
+                            "HF_ENDPOINT": f"http://127.0.0.1:{silent.getsockname()[1]}",
+                            "HF_HOME": str(tmp_path / "hf")})
     try:
-        port = None
-        for line in proc.stderr:
-            match = re.search(r"serving on 127\.0\.0\.1:(\d+)", line)
-            if match:
-                port = int(match.group(1))
-                break
-        assert port, "server did not start"
         threading.Thread(target=proc.stderr.read, daemon=True).start()  # keeps the pipe drained
         with Client(f"127.0.0.1:{port}", timeout=1) as client:
             for i in range(8):  # more than asyncio's shared pool has workers here
