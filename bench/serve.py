@@ -151,10 +151,10 @@ class GrpcClients:
 class ServerProcess:
     """`adapterserve serve` on 127.0.0.1 (free port, no metrics, 1 torch thread); a thread drains its stderr."""
 
-    def __init__(self, folders: dict[str, Path], access_log: bool):
+    def __init__(self, folders: dict[str, Path], access_log: bool, extra: tuple[str, ...] = ()):
         cmd = [sys.executable, "-m", "engine.cli", "serve", "--host", "127.0.0.1", "--port", "0",
                "--metrics-port", "-1", "--threads", "1", *(f"--adapter={n}={d}" for n, d in folders.items()),
-               *([] if access_log else ["--no-access-log"])]
+               *([] if access_log else ["--no-access-log"]), *extra]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
                                      env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
         self.lines, self.odd = [], []  # start-up lines; then warnings, errors and non-OK RPC log lines
