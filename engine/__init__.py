@@ -26,6 +26,10 @@ def __getattr__(name: str):
     return value
 
 
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))  # dir() and help() list Engine before its first use
+
+
 def check_kernels() -> None:
     """Raises ImportError, naming the package found, unless `import kernels` finds ours (engine.model and
     engine.adapters call this before anything else)."""

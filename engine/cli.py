@@ -136,9 +136,15 @@ def _serve(args) -> int:
 
     try:
         return _start_and_serve(args)
-    except (AdapterServeError, ValueError, OSError) as exc:  # bad flags, model, adapters, key file or ports
-        print(f"adapterserve serve: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+    except (AdapterServeError, ValueError, OSError, ImportError) as exc:  # bad flags, model, adapters, key file,
+        # ports, or another package's `kernels` (engine.check_kernels)
+        print(f"adapterserve serve: error: {type(exc).__name__}: {_one_line(exc)}", file=sys.stderr)
         return 2
+
+
+def _one_line(exc: Exception) -> str:
+    """An error's text on one line: some carry a library's multi-line message (torch's weights_only refusal)."""
+    return " ".join(str(exc).split())
 
 
 def _start_and_serve(args) -> int:
@@ -245,7 +251,7 @@ def _call(args, action) -> int:
         try:
             result = action(client)
         except RpcError as exc:
-            print(f"error: {exc}", file=sys.stderr)
+            print(f"error: {_one_line(exc)}", file=sys.stderr)
             return 1
     if result is not None:
         print(json.dumps(_plain(result), indent=2))
@@ -263,7 +269,7 @@ def _generate(args) -> int:
             for piece in client.generate(args.prompt, args.adapter or None):
                 print(piece, end="", flush=True)
         except RpcError as exc:
-            print(f"error: {exc}", file=sys.stderr)
+            print(f"error: {_one_line(exc)}", file=sys.stderr)
             return 1
     print()
     return 0

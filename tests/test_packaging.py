@@ -64,6 +64,8 @@ def test_the_client_and_the_cli_client_commands_load_without_torch(tmp_path):
         from engine.client import AsyncClient, Client, RpcError
         from engine.cli import main
         print("exit", main(["info", "--server", "127.0.0.1:1", "--timeout", "5"]))  # nobody listens there
+        import engine
+        assert "Engine" in dir(engine)  # listed before its first use
         print(sorted(m for m in ("torch", "transformers", "kernels", "engine.engine") if m in sys.modules))
         try:
             from engine import Engine
@@ -71,3 +73,13 @@ def test_the_client_and_the_cli_client_commands_load_without_torch(tmp_path):
             print(str(exc).startswith(f"`import kernels` found {{sys.path[0]}}/kernels/__init__.py"))
     """)
     assert out.splitlines() == ["exit 1", "[]", "True"], out
+
+
+def test_serve_with_a_foreign_kernels_package_says_so_in_one_line(tmp_path):
+    (tmp_path / "kernels").mkdir()
+    (tmp_path / "kernels" / "__init__.py").write_text("__version__ = '0.19.1'\n")
+    result = _python("import sys; sys.path.insert(0, sys.argv[1]); from engine.cli import main; "
+                     "sys.exit(main(['serve', '--port', '0', '--metrics-port', '-1']))", str(tmp_path))
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("adapterserve serve: error: ImportError: `import kernels` found "), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr  # was a traceback, exit 1

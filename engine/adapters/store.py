@@ -41,6 +41,11 @@ class AdapterStore:
                 raise AdapterSourceRefused(source, f"{entry.name} is a symbolic link leading outside the adapter store")
         return folder
 
+    def inside_adapter(self, folder: Path) -> bool:
+        """Whether a folder of the store lies inside another adapter's folder, which the catalog does not list
+        (an adapter folder's subfolders are its own: checkpoints, variants)."""
+        return any((parent / CONFIG).is_file() for parent in folder.parents if parent.is_relative_to(self.root))
+
     def catalog(self, base_model: str | None = None, method: str | None = None) -> list[CatalogEntry]:
         """Every adapter folder, filtered by base model (its saved model name or model type) and method."""
         entries = []

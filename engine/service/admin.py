@@ -20,14 +20,21 @@ from engine.service.auth import Authenticator, Role
 from engine.service.convert import adapter_pb, catalog_entry_pb
 from engine.service.metrics import Metrics
 from engine.service.rpc import RpcContext, Servicer, rpc
-from engine.service.threads import on_own_thread
+from engine.service.threads import ThreadSlots, on_own_thread
 from engine.types import AdapterInfo
+
+
+MAX_LOADS, MAX_LOADS_PER_TENANT = 16, 4  # LoadAdapter and AverageAdapters calls on threads at once
 
 
 class AdapterServicer(Servicer, pb_grpc.AdapterServiceServicer):
     def __init__(self, engine: Engine, auth: Authenticator, metrics: Metrics, max_reply_bytes: int):
         super().__init__(auth, metrics, max_reply_bytes)
         self.engine = engine
+        # each load reads on a thread of its own until it ends, also after its caller gave up: bounded, and per
+        # tenant key, so that one tenant's loads from a URL that never answers cannot pile up threads or take
+        # every slot
+        self._loads = ThreadSlots(MAX_LOADS, MAX_LOADS_PER_TENANT, "adapter loads")
 
     @rpc(Role.ADMIN)
     async def LoadAdapter(self, request: pb.LoadAdapterRequest, ctx: RpcContext) -> pb.LoadAdapterResponse:
@@ -58,7 +65,7 @@ class AdapterServicer(Servicer, pb_grpc.AdapterServiceServicer):
             if "://" not in source:  # "org/name" is a hub id here, even where a server folder of that name exists
                 source = "hf://" + source
         load = functools.partial(self.engine.load_adapter, source, request.name or None, tenant, request.pin)
-        return await on_own_thread(load, "adapter-load")
+        return await self._loads.submit(load, "adapter-load", ctx.principal.tenant)
 
     @rpc(Role.ADMIN)
     async def AverageAdapters(self, request: pb.AverageAdaptersRequest, ctx: RpcContext) -> pb.AverageAdaptersResponse:
@@ -69,7 +76,7 @@ class AdapterServicer(Servicer, pb_grpc.AdapterServiceServicer):
         average = functools.partial(self.engine.average_adapters, request.name, names, weights, tenant,
                                     request.combine_strategy or "linear", svd_rank=request.svd_rank or None,
                                     overwrite_ok=request.overwrite_ok)
-        info = await on_own_thread(average, "adapter-average")
+        info = await self._loads.submit(average, "adapter-average", ctx.principal.tenant)
         return pb.AverageAdaptersResponse(adapter=adapter_pb(info, ctx.principal.tenant))
 
     @rpc(Role.ADMIN)

@@ -18,23 +18,24 @@ the tiers as any other adapter (device slot, host copy, read back from the store
   (as when every adapter slot is busy). A load's callers wait at most LOAD_WAIT_S: then the name is answered
   AdapterSourceError for RETRY_AFTER_S, while its thread, if hung, still holds its read.
 - Unloading such an adapter lasts until a request names it again: with this on, the store decides what is
-  served; take a folder out of the store to stop serving it.
+  served; take a folder out of the store to stop serving it. Only folders the catalog lists load: not one
+  kept inside another adapter's folder.
+- When the drain begins, callers still waiting for a load are refused ShuttingDown (retry elsewhere).
 - A tenant's own adapter, or one an operator loaded, is never replaced: the load does not overwrite.
 """
 import asyncio
 import collections
 import functools
 import logging
-import threading
 import time
 
 from engine.adapters.store import SCHEME
 from engine.engine import Engine
-from engine.errors import (AdapterLoadsBusy, AdapterNameTaken, AdapterNotFound, AdapterServeError, AdapterSourceError,
-                           AdapterSourceRefused)
+from engine.errors import (AdapterNameTaken, AdapterNotFound, AdapterServeError, AdapterSourceError,
+                           AdapterSourceRefused, ShuttingDown)
 from engine.names import name_problem
 from engine.service.metrics import Metrics
-from engine.service.threads import on_own_thread
+from engine.service.threads import ThreadSlots
 from engine.types import AdapterInfo
 
 log = logging.getLogger("adapterserve.on_demand")
@@ -52,7 +53,8 @@ class OnDemandLoader:
         if engine.adapters.store is None:
             raise ValueError("loading adapters on demand needs an adapter store (--adapter-store)")
         self.engine, self.metrics, self.retry_after_s, self.wait_s = engine, metrics, retry_after_s, wait_s
-        self._reads = threading.BoundedSemaphore(MAX_READS)  # released by the read's thread as it ends
+        self._reads = ThreadSlots(MAX_READS, MAX_READS, "adapter reads from the store")
+        self._closed = asyncio.Event()
         self._loading: dict[str, asyncio.Future] = {}  # name -> its load: its result (see _load) or error
         # name -> (when it failed, the error to answer or None for "not in the store"), oldest first
         self._failed: collections.OrderedDict[str, tuple[float, Exception | None]] = collections.OrderedDict()
@@ -67,43 +69,53 @@ class OnDemandLoader:
             raise _copy(failed[1]) if failed[1] is not None else missing
         load = self._loading.get(name)
         if load is None:
-            if not self._reads.acquire(blocking=False):
-                raise AdapterLoadsBusy(f"{MAX_READS} adapter reads from the store are under way; try {name!r} "
-                                       "again in a moment")
-            load = self._loading[name] = asyncio.ensure_future(self._load_within(name))
+            read = self._reads.submit(functools.partial(self._load, name), "adapter-on-demand")  # or AdapterLoadsBusy
+            load = self._loading[name] = asyncio.ensure_future(self._load_within(name, read))
             load.add_done_callback(lambda done: self._done(name, done))
-        if await asyncio.shield(load) == NOT_IN_STORE:  # shielded: a caller that gives up leaves it to the others
+        if not load.done():  # asyncio.wait: a caller that gives up (or is refused) leaves the load to the others
+            closed = asyncio.ensure_future(self._closed.wait())
+            try:
+                await asyncio.wait((load, closed), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                closed.cancel()
+            if not load.done():  # a drain began: the caller retries on another replica, not after a hung read
+                raise ShuttingDown("the server is draining; retry on another replica")
+        if load.result() == NOT_IN_STORE:  # raises the load's error
             raise missing
         return self.engine.registry.lookup(name, tenant)  # may raise: unloaded again since
 
-    async def _load_within(self, name: str) -> str:
+    def close(self) -> None:
+        """The drain began: callers waiting for a load are refused ShuttingDown at once."""
+        self._closed.set()
+
+    async def _load_within(self, name: str, read: asyncio.Future) -> str:
         try:
-            return await asyncio.wait_for(on_own_thread(functools.partial(self._load, name), "adapter-on-demand"),
-                                          self.wait_s)
+            return await asyncio.wait_for(read, self.wait_s)
         except asyncio.TimeoutError:  # the thread runs on, holding its read; if it ends well, the adapter is there
+            log.warning("loading adapter %r on first use: no answer from the adapter store within %g s", name,
+                        self.wait_s)
             raise AdapterSourceError(SCHEME + name, f"the adapter store gave no answer within {self.wait_s:g} s; "
                                                     f"tried again after {self.retry_after_s:g} s") from None
 
     def _load(self, name: str) -> str:
         """Runs on a thread of its own: LOADED, NOT_IN_STORE, or TAKEN (an operator loaded it meanwhile)."""
+        source = SCHEME + name
+        store = self.engine.adapters.store
         try:
-            source = SCHEME + name
-            store = self.engine.adapters.store
-            try:
-                folder = store.folder(source)
-            except (AdapterSourceError, AdapterSourceRefused, OSError):  # no such folder, one outside the store, or
-                return NOT_IN_STORE  # a name no file system takes (a component of over 255 bytes): not ours to load
-            if store.source_of(folder) != source:  # "minilm//x", "../store/minilm/x": one adapter, one name
-                return NOT_IN_STORE
-            try:
-                info = self.engine.load_adapter(source, name=name, overwrite_ok=False)
-            except AdapterNameTaken:  # theirs stands
-                return TAKEN
-            log.info("loaded adapter %r from %s on first use (%s, %d parameters)", name, source, info.method,
-                     info.num_params)
-            return LOADED
-        finally:
-            self._reads.release()
+            folder = store.folder(source)
+        except (AdapterSourceError, AdapterSourceRefused, OSError):  # no such folder, one outside the store, or
+            return NOT_IN_STORE  # a name no file system takes (a component of over 255 bytes): not ours to load
+        if store.source_of(folder) != source:  # "minilm//x", "../store/minilm/x": one adapter, one name
+            return NOT_IN_STORE
+        if store.inside_adapter(folder):  # a checkpoint kept in an adapter's folder: the catalog lists no such
+            return NOT_IN_STORE
+        try:
+            info = self.engine.load_adapter(source, name=name, overwrite_ok=False)
+        except AdapterNameTaken:  # theirs stands
+            return TAKEN
+        log.info("loaded adapter %r from %s on first use (%s, %d parameters)", name, source, info.method,
+                 info.num_params)
+        return LOADED
 
     def _done(self, name: str, load: asyncio.Future) -> None:
         del self._loading[name]

@@ -31,8 +31,12 @@ class RpcContext:
         self.principal, self.metadata, self.request_id, self.grpc = principal, metadata, request_id, grpc_context
 
     def tenant(self, requested: str = "") -> str | None:
-        """The tenant this call acts for: the request's field, else `x-tenant-id` metadata, within the key's scope."""
-        return self.principal.scope(requested or self.metadata.get(TENANT_HEADER) or None)
+        """The tenant this call acts for: the request's field, else `x-tenant-id` metadata (equal if both: which one
+        counted was a matter of precedence nobody reads), within the key's scope."""
+        header = self.metadata.get(TENANT_HEADER) or ""
+        if requested and header and requested != header:
+            raise InvalidRequest(f"tenant {requested!r} differs from the x-tenant-id metadata {header!r}", "tenant")
+        return self.principal.scope(requested or header or None)
 
     def deadline(self) -> float | None:
         """The client deadline as time.monotonic() seconds, or None."""

@@ -156,6 +156,8 @@ class AdapterServer:
         log.info("draining: health NOT_SERVING, no new requests, %.0fs grace", self.config.grace_s)
         await self.health.enter_graceful_shutdown()
         self.inference.draining = True  # a call already past the gRPC server's door is refused by name
+        if self.inference.on_demand is not None:
+            self.inference.on_demand.close()  # and one waiting for a load on first use, which may hang
         self.scheduler.close()
         give_up = time.monotonic() + self.config.grace_s
         await self._grpc.stop(self.config.grace_s)

@@ -4,6 +4,7 @@ import pytest
 from adapterserve.v1 import inference_service_pb2 as pb
 from adapterserve.v1 import inference_service_pb2_grpc as pb_grpc
 
+from engine.client import RpcError
 from minilm import TEXTS
 
 
@@ -66,3 +67,13 @@ def test_two_keys_are_refused_and_keyless_callers_learn_nothing_else(start_serve
     assert err.code() == grpc.StatusCode.UNAUTHENTICATED and "missing API key" in err.details()
     err = _refused(running.target, (acme, ("x-tenant-id", "acme"), ("x-tenant-id", "globex")))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_the_tenant_field_and_the_tenant_header_must_agree(server, minilm_setup):
+    with server.client(tenant="acme") as acme:
+        acme.load_adapter(str(minilm_setup.folders["sentiment"]), name="own", tenant="acme")  # equal: fine
+        with pytest.raises(RpcError) as info:  # which one counted was a matter of precedence: the field did
+            acme.load_adapter(str(minilm_setup.folders["sentiment"]), name="other", tenant="globex")
+        assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert "tenant 'globex' differs from the x-tenant-id metadata 'acme'" in info.value.message
+        assert [a.name for a in acme.list_adapters() if a.tenant] == ["own"]

@@ -243,3 +243,45 @@ def test_callers_wait_for_a_hung_read_at_most_the_wait_limit(on_demand, store_en
             time.sleep(0.05)
         assert len(client.classify(TEXTS, "minilm/sentiment")) == 3
     assert _loads(on_demand) == {"error": 1.0}
+
+
+def test_a_folder_inside_an_adapters_folder_is_not_loaded(on_demand, store_engine, minilm_setup):
+    inner = store_engine.adapters.store.root / "minilm" / "sentiment" / "checkpoint-1"
+    shutil.copytree(minilm_setup.folders["topics"], inner)
+    try:
+        assert "minilm/sentiment/checkpoint-1" not in {e.name for e in store_engine.catalog()}
+        with on_demand.client() as client, pytest.raises(RpcError) as info:
+            client.classify(TEXTS, "minilm/sentiment/checkpoint-1")
+        assert info.value.code == grpc.StatusCode.NOT_FOUND and not store_engine.list_adapters()
+    finally:
+        shutil.rmtree(inner)
+
+
+def test_a_drain_refuses_the_callers_waiting_for_a_hung_read(start_server, store_engine, monkeypatch):
+    release, real_folder = threading.Event(), AdapterStore.folder
+
+    def stalled(self, source):
+        if source == "store://minilm/sentiment":
+            release.wait(60)
+        return real_folder(self, source)
+
+    monkeypatch.setattr(AdapterStore, "folder", stalled)
+    running = start_server(engine=store_engine, load_on_demand=True, grace_s=20)
+    try:
+        async def call_then_drain():
+            async with AsyncClient(running.target, timeout=20) as client:
+                waiting = asyncio.ensure_future(client.classify(TEXTS, "minilm/sentiment"))
+                await asyncio.sleep(1.0)
+                started = time.monotonic()
+                drain = asyncio.wrap_future(asyncio.run_coroutine_threadsafe(running.server.drain(), running.loop))
+                with pytest.raises(RpcError) as info:  # the client retries UNAVAILABLE: on a closed port here
+                    await waiting
+                await drain
+                return info.value.code, time.monotonic() - started
+
+        code, took = asyncio.run(call_then_drain())
+        assert code == grpc.StatusCode.UNAVAILABLE and took < 10, (code, took)  # not the 20 s deadline or grace
+    finally:
+        release.set()
+        for adapter in store_engine.list_adapters():
+            store_engine.unload_adapter(adapter.name, adapter.tenant)
