@@ -23,6 +23,21 @@ def _loads(running) -> dict[str, float]:
     return {s.labels["result"]: s.value for s in family.samples if s.name.endswith("_total")}
 
 
+class StalledStore:
+    """AdapterStore.folder as on a stalled mount for the sources ``hangs`` picks, until ``release`` is set."""
+
+    def __init__(self, monkeypatch, hangs):
+        self.release, self.looks, real_folder = threading.Event(), [], AdapterStore.folder
+
+        def stalled(store, source):
+            if hangs(source):
+                self.looks.append(source)
+                self.release.wait(60)
+            return real_folder(store, source)
+
+        monkeypatch.setattr(AdapterStore, "folder", stalled)
+
+
 @pytest.fixture(scope="module")
 def store_engine(minilm_setup, tmp_path_factory):
     store = tmp_path_factory.mktemp("on_demand") / "store"
@@ -151,14 +166,7 @@ def test_load_on_demand_needs_a_store(minilm_setup, capsys):
 
 def test_a_stalled_store_holds_only_its_own_callers(start_server, store_engine, minilm_setup, monkeypatch):
     # reads hung on a stalled mount took every worker of asyncio's shared pool: admin loads and the drain waited
-    release, real_folder = threading.Event(), AdapterStore.folder
-
-    def stalled(self, source):
-        if source.startswith("store://stall/"):
-            release.wait(60)
-        return real_folder(self, source)
-
-    monkeypatch.setattr(AdapterStore, "folder", stalled)
+    release = StalledStore(monkeypatch, lambda source: source.startswith("store://stall/")).release
     running = start_server(engine=store_engine, load_on_demand=True, grace_s=2)
     try:
         async def flood():
@@ -219,16 +227,8 @@ def test_a_remembered_error_keeps_no_request(on_demand):
 
 
 def test_callers_wait_for_a_hung_read_at_most_the_wait_limit(on_demand, store_engine, monkeypatch):
-    release, real_folder = threading.Event(), AdapterStore.folder
-    looks = []
-
-    def stalled(self, source):
-        if source == "store://minilm/sentiment":
-            looks.append(source)
-            release.wait(60)
-        return real_folder(self, source)
-
-    monkeypatch.setattr(AdapterStore, "folder", stalled)
+    stalled = StalledStore(monkeypatch, lambda source: source == "store://minilm/sentiment")
+    release, looks = stalled.release, stalled.looks
     on_demand.server.inference.on_demand.wait_s = 0.5
     with on_demand.client() as client:
         for _ in range(2):  # the second from memory: no second read starts
@@ -258,14 +258,7 @@ def test_a_folder_inside_an_adapters_folder_is_not_loaded(on_demand, store_engin
 
 
 def test_a_drain_refuses_the_callers_waiting_for_a_hung_read(start_server, store_engine, monkeypatch):
-    release, real_folder = threading.Event(), AdapterStore.folder
-
-    def stalled(self, source):
-        if source == "store://minilm/sentiment":
-            release.wait(60)
-        return real_folder(self, source)
-
-    monkeypatch.setattr(AdapterStore, "folder", stalled)
+    release = StalledStore(monkeypatch, lambda source: source == "store://minilm/sentiment").release
     running = start_server(engine=store_engine, load_on_demand=True, grace_s=20)
     try:
         async def call_then_drain():
