@@ -33,6 +33,7 @@ class InferenceServicer(Servicer, pb_grpc.InferenceServiceServicer):
 
     @rpc(Role.INFERENCE)
     async def Classify(self, request: pb.ClassifyRequest, ctx: RpcContext) -> pb.ClassifyResponse:
+        self._check_count(request.inputs)
         adapter, tenant = self._adapter(request.adapter_id, ctx, required=True)
         require_head(adapter, (await self._lookup(adapter, tenant)).head_type, CLASSIFY_HEADS, "Classify")
         _, output = await self._submit(Task.CLASSIFY, request.inputs, adapter, tenant, ctx)
@@ -41,6 +42,7 @@ class InferenceServicer(Servicer, pb_grpc.InferenceServiceServicer):
 
     @rpc(Role.INFERENCE)
     async def Embed(self, request: pb.EmbedRequest, ctx: RpcContext) -> pb.EmbedResponse:
+        self._check_count(request.inputs)
         adapter, tenant = self._adapter(request.adapter_id, ctx, required=False)
         if adapter:
             await self._lookup(adapter, tenant)
@@ -50,6 +52,7 @@ class InferenceServicer(Servicer, pb_grpc.InferenceServiceServicer):
 
     @rpc(Role.INFERENCE)
     async def Tag(self, request: pb.TagRequest, ctx: RpcContext) -> pb.TagResponse:
+        self._check_count(request.inputs)
         adapter, tenant = self._adapter(request.adapter_id, ctx, required=True)
         require_head(adapter, (await self._lookup(adapter, tenant)).head_type, TAG_HEADS, "Tag")
         rows, output = await self._submit(Task.TAG, request.inputs, adapter, tenant, ctx)
@@ -113,13 +116,17 @@ class InferenceServicer(Servicer, pb_grpc.InferenceServiceServicer):
         if self.draining:
             raise ShuttingDown("the server is draining; retry on another replica")
 
-    def _encode(self, inputs) -> list[EncodedRow]:
-        """Checks every input, then tokenises all texts of the request in one tokenizer call."""
+    def _check_count(self, inputs) -> None:
+        """First of all: a request refused anyway must not load its adapter on first use."""
         if not inputs:
             raise InvalidRequest("inputs must not be empty", "inputs")
         most = self.scheduler.config.max_batch_rows  # the advertised max_inputs_per_request; over the token budget
         if len(inputs) > most:  # a request is split, over this count it is refused (TEI's max client batch size)
             raise InvalidRequest(f"{len(inputs)} inputs exceed the limit of {most} per request", "inputs")
+
+    def _encode(self, inputs) -> list[EncodedRow]:
+        """Checks every input (their count was checked first), then tokenises all texts of the request in one
+        tokenizer call."""
         limit, vocab = self.engine.max_seq_len, self.engine.model_config.vocab_size
         rows: list[EncodedRow | None] = []
         texts, text_rows = [], []

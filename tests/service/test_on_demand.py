@@ -206,6 +206,12 @@ def test_requests_refused_anyway_load_nothing_and_unloads_last_until_the_next_re
         bad.classify(TEXTS, "minilm/sentiment")
     assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT and not store_engine.list_adapters()
     with on_demand.client() as client:
+        for call in (lambda: client.classify([], "minilm/sentiment"), lambda: client.tag(TEXTS * 100, "minilm/ner"),
+                     lambda: client.embed([], "minilm/topics")):
+            with pytest.raises(RpcError) as info:
+                call()
+            assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT and not store_engine.list_adapters()
+    with on_demand.client() as client:
         client.classify(TEXTS, "minilm/sentiment")
         client.unload_adapter("minilm/sentiment")
         assert client.list_adapters() == []
