@@ -24,7 +24,9 @@ from engine.service.threads import ThreadSlots, on_own_thread
 from engine.types import AdapterInfo
 
 
-MAX_LOADS, MAX_LOADS_PER_TENANT = 16, 4  # LoadAdapter and AverageAdapters calls on threads at once
+# LoadAdapter and AverageAdapters calls on threads at once: in all, by tenant keys together (operators keep the
+# rest, whatever tenants' downloads hang), and by one tenant
+MAX_LOADS, MAX_TENANT_LOADS, MAX_LOADS_PER_TENANT = 16, 12, 4
 
 
 class AdapterServicer(Servicer, pb_grpc.AdapterServiceServicer):
@@ -32,9 +34,9 @@ class AdapterServicer(Servicer, pb_grpc.AdapterServiceServicer):
         super().__init__(auth, metrics, max_reply_bytes)
         self.engine = engine
         # each load reads on a thread of its own until it ends, also after its caller gave up: bounded, and per
-        # tenant key, so that one tenant's loads from a URL that never answers cannot pile up threads or take
-        # every slot
-        self._loads = ThreadSlots(MAX_LOADS, MAX_LOADS_PER_TENANT, "adapter loads")
+        # tenant, so that one tenant's loads from a URL that never answers cannot pile up threads or take every
+        # slot, nor can all tenants together take the operators' slots
+        self._loads = ThreadSlots(MAX_LOADS, MAX_TENANT_LOADS, MAX_LOADS_PER_TENANT, "adapter loads", "tenant")
 
     @rpc(Role.ADMIN)
     async def LoadAdapter(self, request: pb.LoadAdapterRequest, ctx: RpcContext) -> pb.LoadAdapterResponse:

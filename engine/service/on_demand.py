@@ -13,8 +13,9 @@ the tiers as any other adapter (device slot, host copy, read back from the store
   look at the store (a flood of unknown names must not become a flood of file-system reads), remembered for
   at most MAX_REMEMBERED names.
 - The look and the load run on a daemon thread each, never on the event loop or a pool shared with other
-  work (a stalled mount must hold neither). At most MAX_READS run at once, counted until their thread ends;
-  beyond that a request naming a name not loaded yet is refused RESOURCE_EXHAUSTED, to try again in a second
+  work (a stalled mount must hold neither). At most MAX_READS run at once and one per name, counted until
+  their thread ends; beyond that a request naming a name not loaded yet is refused RESOURCE_EXHAUSTED, to try
+  again in a second
   (as when every adapter slot is busy). A load's callers wait at most LOAD_WAIT_S: then the name is answered
   AdapterSourceError for RETRY_AFTER_S, while its thread, if hung, still holds its read.
 - Unloading such an adapter lasts until a request names it again: with this on, the store decides what is
@@ -53,7 +54,8 @@ class OnDemandLoader:
         if engine.adapters.store is None:
             raise ValueError("loading adapters on demand needs an adapter store (--adapter-store)")
         self.engine, self.metrics, self.retry_after_s, self.wait_s = engine, metrics, retry_after_s, wait_s
-        self._reads = ThreadSlots(MAX_READS, MAX_READS, "adapter reads from the store")
+        # one read per name: a name whose read hung past the wait limit must not start another after each retry
+        self._reads = ThreadSlots(MAX_READS, MAX_READS, 1, "adapter reads from the store", "name")
         self._closed = asyncio.Event()
         self._loading: dict[str, asyncio.Future] = {}  # name -> its load: its result (see _load) or error
         # name -> (when it failed, the error to answer or None for "not in the store"), oldest first
@@ -69,7 +71,7 @@ class OnDemandLoader:
             raise _copy(failed[1]) if failed[1] is not None else missing
         load = self._loading.get(name)
         if load is None:
-            read = self._reads.submit(functools.partial(self._load, name), "adapter-on-demand")  # or AdapterLoadsBusy
+            read = self._reads.submit(functools.partial(self._load, name), "adapter-on-demand", name)  # or busy
             load = self._loading[name] = asyncio.ensure_future(self._load_within(name, read))
             load.add_done_callback(lambda done: self._done(name, done))
         if not load.done():  # asyncio.wait: a caller that gives up (or is refused) leaves the load to the others
@@ -92,6 +94,8 @@ class OnDemandLoader:
         try:
             return await asyncio.wait_for(read, self.wait_s)
         except asyncio.TimeoutError:  # the thread runs on, holding its read; if it ends well, the adapter is there
+            if not read.cancelled():  # the read's own TimeoutError (an OSError: ETIMEDOUT), not the wait limit
+                raise
             log.warning("loading adapter %r on first use: no answer from the adapter store within %g s", name,
                         self.wait_s)
             raise AdapterSourceError(SCHEME + name, f"the adapter store gave no answer within {self.wait_s:g} s; "

@@ -54,35 +54,48 @@ def _settle(future: asyncio.Future, result, error: BaseException | None) -> None
         future.set_exception(error)
 
 
-class ThreadSlots:
-    """At most ``limit`` blocking calls on threads at once, and ``per_key`` of them for one key (None: no per-key
-    bound), each counted until its thread ends: a caller that gives up frees nothing while its read still hangs,
-    so hung reads cannot pile up threads without bound."""
+KEYED = object()  # ThreadSlots' count of all keyed calls together
 
-    def __init__(self, limit: int, per_key: int, what: str):
-        self.limit, self.per_key, self.what = limit, per_key, what  # what: e.g. "adapter loads"
+
+class ThreadSlots:
+    """At most ``limit`` blocking calls on threads at once; of them at most ``keyed`` with a key (a tenant, a
+    name) together, so that calls without one (operators) keep ``limit - keyed`` of their own, and ``per_key``
+    for one key. Each is counted until its thread ends: a caller that gives up frees nothing while its read
+    still hangs, so hung reads cannot pile up threads without bound."""
+
+    def __init__(self, limit: int, keyed: int, per_key: int, what: str, key_kind: str):
+        self.limit, self.keyed, self.per_key = limit, keyed, per_key
+        self.what, self.key_kind = what, key_kind  # e.g. "adapter loads", "tenant": for the messages
         self._lock = threading.Lock()
-        self._running: collections.Counter = collections.Counter()  # key -> calls on threads now; None: all
+        self._running: collections.Counter = collections.Counter()  # key -> calls now; None: all; KEYED: keyed
 
     def submit(self, work: Callable[[], T], name: str, key: str | None = None) -> asyncio.Future:
         """Takes a slot and starts ``work`` on its own thread now (start_thread), or raises AdapterLoadsBusy."""
+        limits = [(None, self.limit, "")]
+        if key is not None:
+            limits += [(KEYED, self.keyed, f" for all {self.key_kind}s together"),
+                       (key, self.per_key, f" for {self.key_kind} {key!r}")]
+        counts = [count for count, _, _ in limits]
         with self._lock:
-            if self._running[None] >= self.limit:
-                raise AdapterLoadsBusy(f"{self.limit} {self.what} are under way; try again in a moment")
-            if key is not None and self._running[key] >= self.per_key:
-                raise AdapterLoadsBusy(f"{self.per_key} {self.what} of {key!r} are under way; try again in a moment")
-            self._running.update((None, key) if key is not None else (None,))
+            for count, most, scope in limits:
+                if self._running[count] >= most:
+                    raise AdapterLoadsBusy(f"{self.what} under way: at most {most}{scope} at once; try again in a "
+                                           "moment")
+            self._running.update(counts)
 
         def counted() -> T:
             try:
                 return work()
             finally:
                 with self._lock:
-                    self._running.subtract((None, key) if key is not None else (None,))
+                    self._running.subtract(counts)
 
         try:
             return start_thread(counted, name)
-        except BaseException:  # no thread started (none left to the process): nothing will give the slot back
+        except BaseException as exc:  # no thread started: nothing else will give the slot back
             with self._lock:
-                self._running.subtract((None, key) if key is not None else (None,))
+                self._running.subtract(counts)
+            if isinstance(exc, RuntimeError):  # "can't start new thread": the process has no more to give
+                raise AdapterLoadsBusy(f"{self.what}: no thread could be started ({exc}); try again in a "
+                                       "moment") from None
             raise

@@ -1,6 +1,7 @@
 """serve --load-on-demand: a request naming a store adapter nobody loaded loads it once, shared; nothing else."""
 import asyncio
 import collections
+import errno
 import logging
 import shutil
 import threading
@@ -48,11 +49,20 @@ def store_engine(minilm_setup, tmp_path_factory):
     return Engine(EngineConfig(device="cpu", adapter_store=str(store)))
 
 
+def _settle(engine: Engine) -> None:
+    """Waits for the load threads still running (a released hung read goes on to load its adapter), then unloads
+    everything: the next test starts with nothing loaded."""
+    deadline = time.monotonic() + 30
+    while any(t.name.startswith("adapter-") for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    for info in engine.list_adapters():
+        engine.unload_adapter(info.name, info.tenant)
+
+
 @pytest.fixture()
 def on_demand(start_server, store_engine):
     yield start_server(engine=store_engine, load_on_demand=True)
-    for info in store_engine.list_adapters():
-        store_engine.unload_adapter(info.name, info.tenant)
+    _settle(store_engine)
 
 
 def test_a_store_adapter_is_loaded_on_first_use_once_and_shared(on_demand, store_engine, minilm_setup, caplog):
@@ -197,8 +207,7 @@ def test_a_stalled_store_holds_only_its_own_callers(start_server, store_engine, 
         assert time.monotonic() - started < 8
     finally:
         release.set()
-        for adapter in store_engine.list_adapters():
-            store_engine.unload_adapter(adapter.name, adapter.tenant)
+        _settle(store_engine)
 
 
 def test_requests_refused_anyway_load_nothing_and_unloads_last_until_the_next_request(on_demand, store_engine):
@@ -282,5 +291,33 @@ def test_a_drain_refuses_the_callers_waiting_for_a_hung_read(start_server, store
         assert code == grpc.StatusCode.UNAVAILABLE and took < 10, (code, took)  # not the 20 s deadline or grace
     finally:
         release.set()
-        for adapter in store_engine.list_adapters():
-            store_engine.unload_adapter(adapter.name, adapter.tenant)
+        _settle(store_engine)
+
+
+def test_a_hung_read_is_not_started_again_and_holds_only_its_name(on_demand, store_engine, monkeypatch):
+    stalled = StalledStore(monkeypatch, lambda source: source == "store://minilm/sentiment")
+    loader = on_demand.server.inference.on_demand
+    loader.wait_s, loader.retry_after_s = 0.2, 0.0  # every request past the wait limit and the memory
+    try:
+        with on_demand.client(timeout=10) as client:
+            for _ in range(MAX_READS + 2):  # each would have started a read of its own, till every slot hung
+                with pytest.raises(RpcError) as info:
+                    client.classify(TEXTS, "minilm/sentiment")
+                assert info.value.code in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.RESOURCE_EXHAUSTED)
+            assert stalled.looks == ["store://minilm/sentiment"]
+            assert len(client.tag(TEXTS, "minilm/ner")) == 3  # other names load meanwhile
+    finally:
+        stalled.release.set()
+
+
+def test_a_reads_own_timeout_is_not_taken_for_the_wait_limit(store_engine):
+    from engine.service.metrics import Metrics
+
+    async def run():
+        failed = asyncio.get_running_loop().create_future()
+        failed.set_exception(TimeoutError(errno.ETIMEDOUT, "Connection timed out"))
+        await OnDemandLoader(store_engine, Metrics())._load_within("x", failed)
+
+    with pytest.raises(TimeoutError) as info:  # was "the adapter store gave no answer within 30 s", at once
+        asyncio.run(run())
+    assert info.value.errno == errno.ETIMEDOUT

@@ -31,20 +31,26 @@ def test_results_errors_and_a_caller_that_gives_up():
 
 def test_thread_slots_count_each_call_until_its_thread_ends():
     release = threading.Event()
-    slots = ThreadSlots(3, 2, "adapter loads")
+    slots = ThreadSlots(4, 3, 2, "adapter loads", "tenant")
+
+    def hang():
+        return asyncio.ensure_future(slots.submit(lambda: release.wait(10), "t", "acme"))
 
     async def run():
-        hung = [asyncio.ensure_future(slots.submit(lambda: release.wait(10), "t", "acme")) for _ in range(2)]
-        with pytest.raises(AdapterLoadsBusy, match="2 adapter loads of 'acme' are under way"):
+        hung = [hang(), hang()]
+        with pytest.raises(AdapterLoadsBusy, match="adapter loads under way: at most 2 for tenant 'acme' at once"):
             slots.submit(lambda: None, "t", "acme")
-        third = asyncio.ensure_future(slots.submit(lambda: release.wait(10), "t", None))  # operators: no per-key
-        with pytest.raises(AdapterLoadsBusy, match="3 adapter loads are under way"):
-            slots.submit(lambda: None, "t", "globex")
-        for waiting in (*hung, third):  # the callers give up; their threads still hold the slots
+        hung.append(asyncio.ensure_future(slots.submit(lambda: release.wait(10), "t", "globex")))
+        with pytest.raises(AdapterLoadsBusy, match="at most 3 for all tenants together at once"):
+            slots.submit(lambda: None, "t", "initech")
+        hung.append(asyncio.ensure_future(slots.submit(lambda: release.wait(10), "t", None)))  # operators' share
+        with pytest.raises(AdapterLoadsBusy, match="adapter loads under way: at most 4 at once"):
+            slots.submit(lambda: None, "t", None)
+        for waiting in hung:  # the callers give up; their threads still hold the slots
             waiting.cancel()
         await asyncio.sleep(0.05)
         with pytest.raises(AdapterLoadsBusy):
-            slots.submit(lambda: None, "t", "globex")
+            slots.submit(lambda: None, "t", None)
         release.set()
         for _ in range(100):  # the threads end and give their slots back
             await asyncio.sleep(0.02)
@@ -52,5 +58,21 @@ def test_thread_slots_count_each_call_until_its_thread_ends():
                 return await slots.submit(lambda: "ran", "t", "acme")
             except AdapterLoadsBusy:
                 continue
+
+    assert asyncio.run(run()) == "ran"
+
+
+def test_a_process_without_threads_left_is_busy_and_loses_no_slot(monkeypatch):
+    slots = ThreadSlots(1, 1, 1, "adapter loads", "tenant")
+
+    def no_thread(self):
+        raise RuntimeError("can't start new thread")
+
+    async def run():
+        with monkeypatch.context() as patch:
+            patch.setattr(threading.Thread, "start", no_thread)
+            with pytest.raises(AdapterLoadsBusy, match="no thread could be started"):  # was INTERNAL
+                slots.submit(lambda: None, "t", "acme")
+        return await slots.submit(lambda: "ran", "t", "acme")  # its slot came back
 
     assert asyncio.run(run()) == "ran"
