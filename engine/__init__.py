@@ -15,7 +15,8 @@ _LAZY = {"Engine": "engine.engine"}  # what needs torch
 
 __all__ = ["Engine", "EngineConfig", "AdapterInfo", "CatalogEntry", "Classification", "ForwardOutput", "Pooling",
            "TokenTag", "AdapterServeError", "AdapterNameTaken", "AdapterNotFound", "AdapterCapacityExceeded",
-           "AdapterSourceError", "AdapterSourceRefused", "InvalidAdapter", "InvalidRequest", "ModelLoadError", "UnsupportedAdapter"]
+           "AdapterSourceError", "AdapterSourceRefused", "InvalidAdapter", "InvalidRequest", "ModelLoadError",
+           "UnsupportedAdapter"]
 
 
 def __getattr__(name: str):

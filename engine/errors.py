@@ -47,7 +47,8 @@ class AdapterCapacityExceeded(AdapterServeError):
 
 
 class AdapterLoadsBusy(AdapterServeError):
-    """Too many adapters are being loaded on first use at once (serve --load-on-demand): try again shortly."""
+    """Too many adapter loads or reads are under way at once (LoadAdapter and AverageAdapters calls, reads from the
+    store on first use), or no thread could be started for one: try again shortly."""
 
 
 class AdapterSourceError(AdapterServeError):

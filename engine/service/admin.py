@@ -20,7 +20,7 @@ from engine.service.auth import Authenticator, Role
 from engine.service.convert import adapter_pb, catalog_entry_pb
 from engine.service.metrics import Metrics
 from engine.service.rpc import RpcContext, Servicer, rpc
-from engine.service.threads import ThreadSlots, on_own_thread
+from engine.service.threads import ThreadSlots, start_thread
 from engine.types import AdapterInfo
 
 
@@ -86,7 +86,7 @@ class AdapterServicer(Servicer, pb_grpc.AdapterServiceServicer):
         if not request.name:
             raise InvalidRequest("name is required", "name")
         unload = functools.partial(self.engine.unload_adapter, request.name, ctx.tenant(request.tenant))
-        await on_own_thread(unload, "adapter-unload")
+        await start_thread(unload, "adapter-unload")
         return pb.UnloadAdapterResponse()
 
     @rpc(Role.ADMIN, smaller=paging.smaller_pages)

@@ -15,9 +15,8 @@ the tiers as any other adapter (device slot, host copy, read back from the store
 - The look and the load run on a daemon thread each, never on the event loop or a pool shared with other
   work (a stalled mount must hold neither). At most MAX_READS run at once and one per name, counted until
   their thread ends; beyond that a request naming a name not loaded yet is refused RESOURCE_EXHAUSTED, to try
-  again in a second
-  (as when every adapter slot is busy). A load's callers wait at most LOAD_WAIT_S: then the name is answered
-  AdapterSourceError for RETRY_AFTER_S, while its thread, if hung, still holds its read.
+  again in a second (as when every adapter slot is busy). A load's callers wait at most LOAD_WAIT_S: then the
+  name is answered AdapterSourceError for RETRY_AFTER_S, while its thread, if hung, still holds its read.
 - Unloading such an adapter lasts until a request names it again: with this on, the store decides what is
   served; take a folder out of the store to stop serving it. Only folders the catalog lists load: not one
   kept inside another adapter's folder.
@@ -128,12 +127,11 @@ class OnDemandLoader:
         error = load.exception()
         outcome = "error" if error is not None else load.result()
         self.metrics.on_demand_loads.labels(outcome).inc()
+        self._failed.pop(name, None)  # forgotten when loaded; else re-added at the end, the last to be dropped
         if outcome in (LOADED, TAKEN):
-            self._failed.pop(name, None)
             return
         if error is not None and not isinstance(error, AdapterServeError):
             log.error("loading adapter %r on first use failed", name, exc_info=error)
-        self._failed.pop(name, None)  # to the end: the newest entry is the last one dropped
         # a copy: the error itself goes on to this load's callers, and its traceback would keep their frames
         # (their requests, up to the message limit each) for as long as it is remembered
         self._failed[name] = (time.monotonic(), None if error is None else _copy(error))

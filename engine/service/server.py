@@ -27,7 +27,7 @@ from engine.service.auth import Authenticator
 from engine.service.inference import InferenceServicer
 from engine.service.metrics import Metrics
 from engine.service.on_demand import OnDemandLoader
-from engine.service.threads import on_own_thread
+from engine.service.threads import start_thread
 
 log = logging.getLogger("adapterserve.server")
 INFERENCE_SERVICE = inference_service_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
@@ -162,7 +162,7 @@ class AdapterServer:
         give_up = time.monotonic() + self.config.grace_s
         await self._grpc.stop(self.config.grace_s)
         # a thread of its own: hung adapter reads may hold every worker of asyncio's shared pool
-        await on_own_thread(functools.partial(self.loop.stop, max(1.0, give_up - time.monotonic())), "drain")
+        await start_thread(functools.partial(self.loop.stop, max(1.0, give_up - time.monotonic())), "drain")
         for task in self._tasks:
             task.cancel()
         if self._metrics_http is not None:

@@ -16,15 +16,9 @@ from engine.errors import AdapterLoadsBusy
 T = TypeVar("T")
 
 
-async def on_own_thread(work: Callable[[], T], name: str) -> T:
-    """``work()`` on a new daemon thread named ``name``; its result or its exception. A caller that is
-    cancelled stops waiting; the thread runs on and its result is dropped."""
-    return await start_thread(work, name)
-
-
 def start_thread(work: Callable[[], T], name: str) -> asyncio.Future:
-    """Starts ``work()`` on a new daemon thread now (call it on the event loop); the future gets its result or
-    exception. Cancelling the future drops them; the thread runs on."""
+    """Starts ``work()`` on a new daemon thread named ``name`` now (call it on the event loop); await the future
+    for its result or exception. A caller that cancels it stops waiting; the thread runs on, its result dropped."""
     loop = asyncio.get_running_loop()
     future: asyncio.Future = loop.create_future()
 

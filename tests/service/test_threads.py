@@ -1,11 +1,11 @@
-"""on_own_thread: blocking work on a daemon thread of its own, its result or exception handed back."""
+"""start_thread: blocking work on a daemon thread of its own, its result or exception handed back."""
 import asyncio
 import threading
 
 import pytest
 
 from engine.errors import AdapterLoadsBusy
-from engine.service.threads import ThreadSlots, on_own_thread
+from engine.service.threads import ThreadSlots, start_thread
 
 
 def test_results_errors_and_a_caller_that_gives_up():
@@ -15,13 +15,13 @@ def test_results_errors_and_a_caller_that_gives_up():
         raise StopIteration  # a future refuses it: the caller waited forever
 
     async def run():
-        assert await on_own_thread(lambda: threading.current_thread().daemon, "t") is True
+        assert await start_thread(lambda: threading.current_thread().daemon, "t") is True
         with pytest.raises(KeyError):
-            await on_own_thread(lambda: {}["x"], "t")
+            await start_thread(lambda: {}["x"], "t")
         with pytest.raises(RuntimeError, match="t raised StopIteration"):
-            await asyncio.wait_for(on_own_thread(stop, "t"), 10)
+            await asyncio.wait_for(start_thread(stop, "t"), 10)
         with pytest.raises(asyncio.TimeoutError):  # stops waiting; the thread runs on and its result is dropped
-            await asyncio.wait_for(on_own_thread(lambda: release.wait(10), "t"), 0.1)
+            await asyncio.wait_for(start_thread(lambda: release.wait(10), "t"), 0.1)
         release.set()
         await asyncio.sleep(0.1)  # its result arrives for a cancelled future: dropped without an error
         return "done"
