@@ -61,8 +61,22 @@ def mapping_for(exc: Exception) -> Mapping:
     return INTERNAL
 
 
-# An absolute server path in a message: "/" at the start of a word (not in a URL's "//", nor in "org/name")
+# An absolute server path in a message: "/" at the start of a word (not in a URL's "//", nor in "org/name"), up to
+# a space or punctuation; a quoted one (repr or '...' in our messages) whole, spaces and colons included
 SERVER_PATH = re.compile(r"(?<![\w:/.~])/[^\s'\"()\[\],;:]+")
+QUOTED_SERVER_PATH = re.compile(r"(?<![\w])(['\"])/[^'\"\n]*\1")
+PATH_TAIL = r"[^\s'\"()\[\],;:]*"  # what may follow a known path in a message: a file inside it
+
+
+def hide_server_paths(text: str, exc: Exception) -> str:
+    """``text`` with absolute server paths replaced by "<server path>". The error's own ``source``, when it is a
+    path, is replaced exactly first (with any file path below it): a folder named with spaces or colons is not cut
+    in two by the generic pattern, which ends a path at the first of them."""
+    source = getattr(exc, "source", None)
+    if isinstance(source, str) and source.startswith("/") and source.strip("/"):
+        text = re.sub(re.escape(source.rstrip("/")) + PATH_TAIL, lambda _: "<server path>", text)
+    text = QUOTED_SERVER_PATH.sub(lambda m: f"{m[1]}<server path>{m[1]}", text)
+    return SERVER_PATH.sub("<server path>", text)
 
 
 def to_status(exc: Exception, request_id: str, hide_paths: bool = False) -> grpc.Status:
@@ -70,7 +84,7 @@ def to_status(exc: Exception, request_id: str, hide_paths: bool = False) -> grpc
     ``hide_paths`` (a tenant's key) absolute server paths in the message read "<server path>": a shared adapter's
     folder, the store's or the hub cache's place are the operator's business."""
     mapping = mapping_for(exc)
-    text = SERVER_PATH.sub("<server path>", str(exc)) if hide_paths else str(exc)
+    text = hide_server_paths(str(exc), exc) if hide_paths else str(exc)
     message = _cut(text) if mapping is not INTERNAL else f"internal error (request {request_id}); see server logs"
     info = error_details_pb2.ErrorInfo(reason=mapping.reason, domain=DOMAIN, metadata={"requestId": request_id})
     details = [info]

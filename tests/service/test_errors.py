@@ -282,6 +282,25 @@ def test_what_a_tenant_key_is_shown_of_a_path(message, shown):
     assert to_status(error, "r1", hide_paths=True).details == shown
 
 
+@pytest.mark.parametrize("source, detail, shown", [
+    # the generic pattern ends a path at a space or a colon: "<server path> token/x" showed the folder's tail
+    ("/srv/my token/x", "missing adapter_config.json", "invalid adapter <server path>: missing adapter_config.json"),
+    ("/srv/a:b/x", "bad JSON in /srv/a:b/x/adapter_config.json: line 1",
+     "invalid adapter <server path>: bad JSON in <server path>: line 1"),
+    ("/srv/x/", "its file /srv/x/head config.json is empty", "invalid adapter <server path>: its file <server path> "
+     "config.json is empty"),  # a file with a space below the source: its tail shows, the folder does not
+    ("store://x", "cannot open it: [Errno 2] No such file or directory: '/srv/store/my token/x'",
+     "invalid adapter store://x: cannot open it: [Errno 2] No such file or directory: '<server path>'"),
+    ("store://x", 'the folder "/srv/a b" is gone', 'invalid adapter store://x: the folder "<server path>" is gone'),
+    ("/", "the root /srv/x is gone", "invalid adapter /: the root <server path> is gone"),
+])
+def test_a_server_path_with_spaces_or_colons_is_hidden_whole(source, detail, shown):
+    from engine.errors import InvalidAdapter
+    from engine.service.status import to_status
+
+    assert to_status(InvalidAdapter(source, detail), "r1", hide_paths=True).details == shown
+
+
 @pytest.mark.parametrize("request_id", ["y" * 257, "two\nlines"])
 def test_a_request_id_no_log_line_should_carry_is_refused(authed, caplog, request_id):
     """A 5 MB request_id was answered OK and made a 5 MB access log line (a probe)."""
