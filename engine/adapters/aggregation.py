@@ -10,6 +10,7 @@ refuses). IA3 has only B-like vectors, so negate_b equals linear there. Heads ar
 (`average_head` is a separate call in the library).
 """
 import math
+import numbers
 from enum import Enum
 
 import torch
@@ -19,6 +20,32 @@ from engine.adapters.spec import AdapterSpec, BottleneckWeights, IA3Weights, Lor
 from engine.errors import InvalidRequest
 
 IGNORED_CONFIG_KEYS = ("dropout", "init_weights")  # as the library's config comparison
+# The library compares the configs it loaded, i.e. with its dataclass defaults filled in (`BnConfig`, `LoRAConfig`;
+# IA3 loads as a LoRAConfig too), so a file that leaves out a field at its default has the same config as one that
+# saves it; tests/lifecycle/test_aggregation.py checks these against the library's own dataclasses.
+LIBRARY_DEFAULTS = {
+    Method.BOTTLENECK: {
+        "original_ln_before": False, "original_ln_after": True, "ln_before": False, "ln_after": False,
+        "init_weights_seed": None, "is_parallel": False, "scaling": 1.0, "use_gating": False,
+        "residual_before_ln": True, "adapter_residual_before_ln": False, "inv_adapter": None,
+        "inv_adapter_reduction_factor": None, "cross_adapter": False, "leave_out": [], "phm_layer": False,
+        "phm_dim": 4, "factorized_phm_W": True, "shared_W_phm": False, "shared_phm_rule": True,
+        "factorized_phm_rule": False, "phm_c_init": "normal", "phm_init_range": 0.0001, "learn_phm": True,
+        "hypercomplex_nonlinearity": "glorot-uniform", "phm_rank": 1, "phm_bias": True, "stochastic_depth": 0.0},
+    Method.LORA: {
+        "architecture": "lora", "selfattn_lora": True, "intermediate_lora": False, "output_lora": False,
+        "leave_out": [], "r": 8, "alpha": 8, "attn_matrices": ["q", "v"], "composition_mode": "add",
+        "init_weights_seed": None, "use_gating": False, "use_dora": False, "vera_d": None, "vera_b": None,
+        "dtype": None},
+}
+LIBRARY_DEFAULTS[Method.IA3] = LIBRARY_DEFAULTS[Method.LORA]
+# Fields the library's config hash leaves out at these values (utils.ADAPTER_CONFIG_HASH_IGNORE_DEFAULT)
+HASH_IGNORED_DEFAULTS = {
+    "phm_layer": True, "phm_dim": 4, "factorized_phm_W": True, "shared_W_phm": False, "shared_phm_rule": True,
+    "factorized_phm_rule": False, "phm_c_init": "normal", "phm_init_range": 0.0001, "learn_phm": True,
+    "hypercomplex_nonlinearity": "glorot-uniform", "phm_rank": 1, "phm_bias": True, "init_weights": "bert",
+    "scaling": 1.0,
+}
 
 
 class CombineStrategy(Enum):
@@ -27,12 +54,38 @@ class CombineStrategy(Enum):
     LORA_DELTA_W_SVD = "lora_delta_w_svd"
 
 
-def average_specs(name: str, specs: list[AdapterSpec], weights: list[float], strategy: str,
-                  svd_rank: int | None, target: TargetModel) -> AdapterSpec:
-    combine = _check(specs, weights, strategy, svd_rank, target)
+def check_request(sources: list[str], weights: list, strategy: str, svd_rank) -> tuple[CombineStrategy, list[float]]:
+    """-> (strategy, weights as floats): the request's own parameters, checked before any source is looked up,
+    so a taken name or an unknown source is reported for a request that is otherwise valid."""
+    if not sources:
+        raise InvalidRequest("average_adapters needs at least one source adapter", "sources")
+    if len(weights) != len(sources):
+        raise InvalidRequest(f"{len(weights)} weights for {len(sources)} source adapters", "weights")
+    # numbers.Real: numpy scalars too (np.float32 is no float subclass); bool is a number, but no weight
+    if any(isinstance(x, bool) or not isinstance(x, numbers.Real) or not math.isfinite(x) for x in weights):
+        raise InvalidRequest(f"weights must be finite numbers, got {weights!r}", "weights")
+    weights = [float(x) for x in weights]
     total = sum(weights)
     if total == 0 or not math.isfinite(total):
         raise InvalidRequest(f"the weights sum to {total}; they are normalised to sum to 1", "weights")
+    try:
+        combine = CombineStrategy(strategy)
+    except ValueError:
+        raise InvalidRequest(f"combine_strategy {strategy!r} is not one of {[c.value for c in CombineStrategy]}",
+                             "combine_strategy") from None
+    if combine is CombineStrategy.LORA_DELTA_W_SVD:
+        if isinstance(svd_rank, bool) or not isinstance(svd_rank, int) or svd_rank < 1:
+            raise InvalidRequest(f"lora_delta_w_svd needs a positive svd_rank, got {svd_rank!r}", "svd_rank")
+    elif svd_rank is not None:
+        raise InvalidRequest("svd_rank applies only to combine_strategy 'lora_delta_w_svd'", "svd_rank")
+    return combine, weights
+
+
+def average_specs(name: str, specs: list[AdapterSpec], weights: list[float], combine: CombineStrategy,
+                  svd_rank: int | None, target: TargetModel) -> AdapterSpec:
+    """The average of ``specs``; ``weights`` and ``combine`` as `check_request` returned them."""
+    _check_sources(specs, combine, svd_rank, target)
+    total = sum(weights)
     w = [x / total for x in weights]
     first = specs[0]
     config = dict(first.config)
@@ -58,27 +111,17 @@ def average_specs(name: str, specs: list[AdapterSpec], weights: list[float], str
     return AdapterSpec(name, first.method, "average", lora=lora, config=config)
 
 
-def _check(specs, weights, strategy, svd_rank, target: TargetModel) -> CombineStrategy:
-    if not specs:
-        raise InvalidRequest("average_adapters needs at least one source adapter", "sources")
-    if len(weights) != len(specs):
-        raise InvalidRequest(f"{len(weights)} weights for {len(specs)} source adapters", "weights")
-    if any(isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) for x in weights):
-        raise InvalidRequest(f"weights must be finite numbers, got {weights!r}", "weights")
-    try:
-        combine = CombineStrategy(strategy)
-    except ValueError:
-        raise InvalidRequest(f"combine_strategy {strategy!r} is not one of {[c.value for c in CombineStrategy]}",
-                             "combine_strategy") from None
+def _check_sources(specs: list[AdapterSpec], combine: CombineStrategy, svd_rank: int | None,
+                   target: TargetModel) -> None:
     first = specs[0]
     for spec in specs[1:]:
-        if spec.method is not first.method or _comparable(spec.config) != _comparable(first.config):
+        if spec.method is not first.method or _comparable(spec) != _comparable(first):
             raise InvalidRequest(f"cannot average adapters with different configurations ({first.name!r} and "
                                  f"{spec.name!r}); all sources need the same method and config", "sources")
         if _shapes(spec) != _shapes(first):
             raise InvalidRequest(f"{spec.name!r} and {first.name!r} have different weight shapes", "sources")
     if combine is not CombineStrategy.LINEAR and first.method is Method.BOTTLENECK:
-        raise InvalidRequest(f"combine_strategy {strategy!r} is for LoRA; bottleneck adapters average linearly",
+        raise InvalidRequest(f"combine_strategy {combine.value!r} is for LoRA; bottleneck adapters average linearly",
                              "combine_strategy")
     if combine is CombineStrategy.LORA_DELTA_W_SVD:
         if first.method is not Method.LORA or first.config.get("architecture") != "lora":
@@ -86,25 +129,25 @@ def _check(specs, weights, strategy, svd_rank, target: TargetModel) -> CombineSt
         if target.info.layout.merged_qkv:
             raise InvalidRequest("lora_delta_w_svd is not supported on GPT-2 (merged c_attn), as in the adapters "
                                  "library", "combine_strategy")
-        if not isinstance(svd_rank, int) or svd_rank < 1:
-            raise InvalidRequest(f"lora_delta_w_svd needs a positive svd_rank, got {svd_rank!r}", "svd_rank")
         largest = min(min(w.lora_a.shape[1], w.lora_b.shape[0]) for w in first.lora.values())
         if svd_rank > largest:
             raise InvalidRequest(f"svd_rank {svd_rank} exceeds the rank a delta W of these sites can have ({largest})",
                                  "svd_rank")
-    elif svd_rank is not None:
-        raise InvalidRequest("svd_rank applies only to combine_strategy 'lora_delta_w_svd'", "svd_rank")
-    return combine
 
 
-def _comparable(config) -> dict:
-    """The library compares configs by a hash of their non-empty values, dropout and init_weights aside."""
+def _comparable(spec: AdapterSpec) -> dict:
+    """The library compares configs by a hash of their non-empty values, dropout and init_weights aside, with its
+    defaults filled in and a few fields left out at their defaults. PEFT configs (no library) as saved."""
     def minimal(value):
         if isinstance(value, dict):
             return {k: minimal(v) for k, v in value.items() if v}
         return value
 
-    return minimal({k: v for k, v in dict(config).items() if k not in IGNORED_CONFIG_KEYS})
+    config = dict(spec.config)
+    if "peft_type" not in config:
+        config = {**LIBRARY_DEFAULTS[spec.method], **config}
+    kept = minimal({k: v for k, v in config.items() if k not in IGNORED_CONFIG_KEYS})
+    return {k: v for k, v in kept.items() if not (k in HASH_IGNORED_DEFAULTS and v == HASH_IGNORED_DEFAULTS[k])}
 
 
 def _shapes(spec: AdapterSpec) -> dict:

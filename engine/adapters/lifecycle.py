@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
-from engine.adapters.aggregation import average_specs
+from engine.adapters.aggregation import average_specs, check_request
 from engine.adapters.files import TargetModel
 from engine.adapters.formats import read_adapter
 from engine.adapters.pool import AdapterPool
@@ -97,6 +97,7 @@ class AdapterLifecycle:
         if twice:  # the library maps names to weights in a dict: the last weight alone would count
             raise InvalidRequest(f"sources name {', '.join(map(repr, twice))} more than once; give each adapter once, "
                                  "with the sum of its weights", "sources")
+        combine, weights = check_request(sources, weights, combine_strategy, svd_rank)
         if not overwrite_ok and self.registry.own(name, tenant) is not None:  # the library's overwrite_ok=False,
             raise _name_taken(name, tenant, AVERAGE_REPLACES)  # checked again as it is published, for averages
             # racing to one name
@@ -105,7 +106,7 @@ class AdapterLifecycle:
             specs = [self.tiers.host_spec(r.key) for r in records]
         finally:
             self._release(records)
-        spec = average_specs(name, specs, list(weights), combine_strategy, svd_rank, self.target)
+        spec = average_specs(name, specs, weights, combine, svd_rank, self.target)
         try:
             spec.check_representable(self.pool.dtype)
         except InvalidAdapter as exc:  # each source fitted the serving dtype: the weights made the average overflow

@@ -131,3 +131,82 @@ def test_refused_averages_change_nothing(engine, sources, weights, options, frag
     with pytest.raises(InvalidRequest, match=fragment):
         engine.average_adapters("refused", sources, weights, **options)
     assert loaded() == before
+
+
+def _copy_without(folder, tmp_path, name, *fields):
+    """A copy of an adapter folder whose adapter_config.json leaves out ``fields`` (as older library versions
+    saved configs without the fields added since)."""
+    import json
+    import shutil
+
+    copy = tmp_path / name
+    shutil.copytree(folder, copy)
+    saved = json.loads((copy / "adapter_config.json").read_text())
+    for field in fields:
+        del saved["config"][field]
+    (copy / "adapter_config.json").write_text(json.dumps(saved))
+    return copy
+
+
+def test_a_config_that_leaves_out_a_default_averages_as_the_full_one(bert, library, engine, tmp_path):
+    """The library compares loaded configs, defaults filled in: the raw files' difference refused these (review)."""
+    folders = library[0]
+    engine.load_adapter(_copy_without(folders["lora1"], tmp_path, "lora1-min", "composition_mode", "alpha"),
+                        "lora1-min")
+    engine.load_adapter(_copy_without(folders["bn1"], tmp_path, "bn1-min", "phm_dim", "init_weights_seed"), "bn1-min")
+    for method in ("lora", "bn"):
+        full = engine.average_adapters(f"{method}-full", [f"{method}0", f"{method}1"], [0.3, 0.7])
+        short = engine.average_adapters(f"{method}-short", [f"{method}0", f"{method}1-min"], [0.3, 0.7])
+        outs = [engine.forward(bert.input_ids, bert.attention_mask, [info.name] * 4, bert.token_type_ids)
+                for info in (full, short)]
+        assert torch.equal(outs[0].last_hidden_state, outs[1].last_hidden_state)
+    # left out is the default, not a wildcard: a file without alpha (8) against alpha 16 differs, as for the library
+    engine.load_adapter(_copy_without(folders["lora2"], tmp_path, "lora2-min", "alpha"), "lora2-min")
+    engine.load_adapter(_copy_with(folders["lora0"], tmp_path, "lora-alpha16", alpha=16), "lora-alpha16")
+    with pytest.raises(InvalidRequest, match="different configurations"):
+        engine.average_adapters("never", ["lora2-min", "lora-alpha16"], [1, 1])
+
+
+def _copy_with(folder, tmp_path, name, **fields):
+    import json
+
+    copy = _copy_without(folder, tmp_path, name)
+    saved = json.loads((copy / "adapter_config.json").read_text())
+    saved["config"].update(fields)
+    (copy / "adapter_config.json").write_text(json.dumps(saved))
+    return copy
+
+
+def test_the_defaults_filled_in_are_the_librarys():
+    import dataclasses
+
+    from adapters import BnConfig, LoRAConfig
+
+    from engine.adapters.aggregation import LIBRARY_DEFAULTS, Method
+
+    for method, config in ((Method.BOTTLENECK, BnConfig), (Method.LORA, LoRAConfig)):
+        want = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                for f in dataclasses.fields(config)
+                if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
+        assert LIBRARY_DEFAULTS[method] == {k: v for k, v in want.items() if k not in ("dropout", "init_weights")}
+
+
+def test_numpy_weights_are_numbers(bert, engine):
+    import numpy as np
+
+    as_float = engine.average_adapters("np-float", ["lora0", "lora1"], [0.25, 0.75])
+    as_numpy = engine.average_adapters("np-f32", ["lora0", "lora1"], list(np.array([0.25, 0.75], dtype=np.float32)))
+    outs = [engine.forward(bert.input_ids, bert.attention_mask, [info.name] * 4, bert.token_type_ids)
+            for info in (as_float, as_numpy)]
+    assert torch.equal(outs[0].last_hidden_state, outs[1].last_hidden_state)
+
+
+@pytest.mark.parametrize("sources,weights,options,fragment", [
+    ([], [], {}, "at least one"),
+    (["lora1"], [1], {"combine_strategy": "lora_delta_w_svd", "svd_rank": -1}, "positive svd_rank"),
+    (["missing"], [0], {}, "sum to 0"),  # before the unknown source, too
+])
+def test_a_bad_request_is_named_before_a_taken_name(engine, sources, weights, options, fragment):
+    """A request without sources for a loaded name was answered "already loaded ... needs overwrite_ok" (review)."""
+    with pytest.raises(InvalidRequest, match=fragment):
+        engine.average_adapters("lora0", sources, weights, **options)
