@@ -8,9 +8,10 @@ import torch
 from torch import nn
 
 from engine.batch import AdapterBatch
-from engine.model.common import ArchInfo, SiteLayout, attention, merge_heads, padding_bias, split_heads
+from engine.model.common import (ArchInfo, SiteLayout, attention, merge_heads, model_act, padding_bias,
+                                 split_heads)
 from engine.model.sites import BottleneckSite, LinearSite
-from kernels import act_from_name, apply_act
+from kernels import apply_act
 
 BERT_FAMILY = ("bert", "roberta", "xlm-roberta")
 LAYOUT = SiteLayout(
@@ -82,7 +83,7 @@ class Intermediate(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.dense = LinearSite(cfg.hidden_size, cfg.intermediate_size)
-        self.act = act_from_name(cfg.hidden_act)
+        self.act = model_act(cfg.hidden_act, "hidden_act")
 
 
 class Layer(nn.Module):

@@ -5,6 +5,17 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from kernels import Act, act_from_name
+
+
+def model_act(name, field: str) -> Act:
+    """The activation a base model's config names; ValueError (a ModelLoadError at load) for one we do not build,
+    such as prelu or xielu, which carry learned parameters."""
+    try:
+        return act_from_name(name)
+    except KeyError:
+        raise ValueError(f"{field} {name!r} is not supported") from None
+
 
 @dataclass(frozen=True)
 class SiteLayout:

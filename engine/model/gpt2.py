@@ -7,9 +7,10 @@ load. ``c_attn`` is one merged q/k/v projection; LoRA on it uses a block-structu
 from torch import nn
 
 from engine.batch import AdapterBatch
-from engine.model.common import ArchInfo, SiteLayout, attention, merge_heads, padding_bias, split_heads
+from engine.model.common import (ArchInfo, SiteLayout, attention, merge_heads, model_act, padding_bias,
+                                 split_heads)
 from engine.model.sites import BottleneckSite, LinearSite
-from kernels import act_from_name, apply_act
+from kernels import apply_act
 
 # Conv1D weights stored [in, out] in GPT-2 checkpoints, transposed at load
 CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -44,7 +45,7 @@ class MLP(nn.Module):
         inner = cfg.n_inner or 4 * cfg.n_embd
         self.c_fc = LinearSite(cfg.n_embd, inner)
         self.c_proj = LinearSite(inner, cfg.n_embd)
-        self.act = act_from_name(cfg.activation_function)
+        self.act = model_act(cfg.activation_function, "activation_function")
 
     def forward(self, x, meta):
         return self.c_proj(apply_act(self.c_fc(x, meta), self.act), meta)
@@ -80,7 +81,7 @@ class GPT2Model(nn.Module):
     def forward(self, input_ids, attention_mask, token_type_ids=None, meta: AdapterBatch | None = None):
         # positions count a row's own tokens, as generate() computes them, so a left-padded row equals the row alone
         # (transformers' forward counts from the first column: left padding shifted every position of the row)
-        positions = (attention_mask.cumsum(1) - 1).clamp_(min=0)
+        positions = (attention_mask.long().cumsum(1) - 1).clamp_(min=0)  # a float or bool mask counts as 0/1
         x = self.wte(input_ids) + self.wpe(positions)
         if token_type_ids is not None:  # GPT-2 embeds token types with its word embeddings, as transformers does
             x = x + self.wte(token_type_ids)

@@ -10,9 +10,10 @@ import torch
 from torch import nn
 
 from engine.batch import AdapterBatch
-from engine.model.common import ArchInfo, SiteLayout, attention, merge_heads, padding_bias, split_heads
+from engine.model.common import (ArchInfo, SiteLayout, attention, merge_heads, model_act, padding_bias,
+                                 split_heads)
 from engine.model.sites import BottleneckSite, LinearSite
-from kernels import act_from_name, apply_act
+from kernels import apply_act
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2")
 # the adapters library swaps the MLP names on Llama: "intermediate" LoRA/IA3 sits on down_proj
@@ -95,7 +96,7 @@ class MLP(nn.Module):
         self.gate_proj = LinearSite(cfg.hidden_size, cfg.intermediate_size, bias=bias)
         self.up_proj = LinearSite(cfg.hidden_size, cfg.intermediate_size, bias=bias)
         self.down_proj = LinearSite(cfg.intermediate_size, cfg.hidden_size, bias=bias)
-        self.act = act_from_name(cfg.hidden_act)
+        self.act = model_act(cfg.hidden_act, "hidden_act")
 
     def forward(self, x, meta):
         return self.down_proj(apply_act(self.gate_proj(x, meta), self.act) * self.up_proj(x, meta), meta)

@@ -170,6 +170,16 @@ def test_a_padded_row_equals_the_row_alone(tiny):
         assert (out.last_hidden_state[i, real] - alone).abs().max() < 1e-5, (arch, i)
 
 
+def test_float_and_bool_masks_equal_the_integer_one(tiny):
+    # GPT-2 counted its positions with the mask's cumsum, which stays float for a float mask: a raw RuntimeError
+    arch, model, path, pad = tiny
+    ids, mask = _batch(100, pad)
+    engine = Engine.from_pretrained(path, device="cpu")
+    want = engine.forward(ids, mask, [None] * 3).last_hidden_state
+    for other in (mask.float(), mask.bool()):
+        assert torch.equal(engine.forward(ids, other, [None] * 3).last_hidden_state, want), (arch, other.dtype)
+
+
 @pytest.mark.parametrize("layout", ["bin", "sharded", "prefixed"])
 def test_checkpoint_layouts(tiny, layout, tmp_path):
     arch, model, path, pad = tiny
@@ -212,6 +222,14 @@ def test_model_errors_are_typed(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "t5"}))
     with pytest.raises(ModelLoadError, match="model_type 't5' is not supported"):
         Engine.from_pretrained(tmp_path, device="cpu")
+    # activations with learned parameters (transformers builds them): a KeyError escaped untyped
+    for config in ({"model_type": "llama", **TINY, "hidden_act": "prelu"},
+                   {"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4, "activation_function": "xielu"},
+                   {"model_type": "bert", **TINY, "hidden_act": "no-such-act"}):
+        (tmp_path / "config.json").write_text(json.dumps(config))
+        field = "activation_function" if config["model_type"] == "gpt2" else "hidden_act"
+        with pytest.raises(ModelLoadError, match=f"{field} '{config.get(field)}' is not supported"):
+            Engine.from_pretrained(tmp_path, device="cpu")
 
 
 def test_cpu_gemm_backends_agree(tiny, monkeypatch):

@@ -52,6 +52,31 @@ def test_qwen2_mlp_sites_follow_the_plugin_interface(tmp_path, name, config):
     torch.testing.assert_close(got[MASK.bool()], want[MASK.bool()], atol=1e-5, rtol=1e-5)
 
 
+def test_qwen2_refuses_what_the_plugin_interface_refuses(tmp_path):
+    """original_ln_after=false on qwen2: the library's layer hooks refuse it, so a folder edited to it has no
+    reference; the engine served it with Llama's semantics (a probe)."""
+    from engine import UnsupportedAdapter
+
+    _, llama = _base_spec("llama")
+    cfg = transformers.Qwen2Config(**{k: getattr(llama, k) for k in (
+        "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+        "max_position_embeddings", "pad_token_id")}, num_key_value_heads=2)
+    transformers.Qwen2Model._from_config(cfg, attn_implementation="eager").save_pretrained(tmp_path / "base")
+    model = transformers.Qwen2Model.from_pretrained(tmp_path / "base", attn_implementation="eager").eval()
+    adapters.init(model)
+    with pytest.raises(ValueError, match="original_ln_after=False"):
+        model.add_adapter("no_ln_after", config=SeqBnConfig(original_ln_after=False))
+    model.add_adapter("seq_bn", config=SeqBnConfig())
+    model.save_adapter(str(tmp_path / "seq_bn"), "seq_bn")
+    saved = json.loads((tmp_path / "seq_bn" / "adapter_config.json").read_text())
+    saved["config"]["original_ln_after"] = False
+    (tmp_path / "seq_bn" / "adapter_config.json").write_text(json.dumps(saved))
+    engine = Engine.from_pretrained(tmp_path / "base", device="cpu")
+    with pytest.raises(UnsupportedAdapter, match="original_ln_after=false on qwen2"):
+        engine.load_adapter(tmp_path / "seq_bn")
+    assert engine.list_adapters() == []
+
+
 @pytest.mark.parametrize("arch,left", [("llama", False), ("llama", True), ("gpt2", False)])
 def test_decoder_heads_read_the_token_the_library_reads_for_the_row_alone(tmp_path, arch, left):
     # GPT-2 left padding is not here: its absolute positions shift with padding, in the library as in the engine

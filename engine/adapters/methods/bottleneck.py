@@ -21,6 +21,9 @@ DEFAULTS = {  # BnConfig field defaults, for configs saved by older versions tha
     "is_parallel": False, "scaling": 1.0, "use_gating": False, "residual_before_ln": True,
     "adapter_residual_before_ln": False, "inv_adapter": None, "leave_out": [], "phm_layer": False,
 }
+# model types the library has no model code for: it serves them through its plugin interface, whose bottleneck layer
+# hooks refuse original_ln_after=false (methods/bottleneck.py LAYER_HOOK_UNSUPPORTED)
+LAYER_HOOKED = {"qwen2"}
 REQUIRED = ("mh_adapter", "output_adapter", "reduction_factor", "non_linearity")
 # fields that only matter in training, or for the compacter/invertible/cross options refused below
 INERT = {
@@ -53,6 +56,10 @@ def parse_bottleneck(name: str, config: dict, state: dict, target: TargetModel, 
         act = act_from_name(cfg["non_linearity"])
     except KeyError:
         raise UnsupportedAdapter(source, f"activation {cfg['non_linearity']!r} is not supported") from None
+    if target.info.model_type in LAYER_HOOKED and cfg["original_ln_after"] is False:
+        raise UnsupportedAdapter(source, f"original_ln_after=false on {target.info.model_type}: the adapters library "
+                                 "adds bottlenecks to this model through its layer hooks, which refuse that option, so "
+                                 "there is no reference to serve")
     variant = _variant(cfg, source, pre_ln=target.info.is_decoder)
     hidden = target.info.hidden_size
     scaling_kind = _scaling_kind(cfg["scaling"], source)
