@@ -110,8 +110,10 @@ def _parser() -> argparse.ArgumentParser:
                          choices=["linear", "lora_linear_only_negate_b", "lora_delta_w_svd"])
     average.add_argument("--svd-rank", type=arg.positive(int), help="the rank of a lora_delta_w_svd average")
     average.add_argument("--overwrite", action="store_true", help="replace an adapter already loaded under NAME")
+    average.add_argument("--weights-as-given", action="store_true",
+                         help="do not normalise the weights to sum to 1 (a=1 b=1 sums two adapters, a=1 b=-1 subtracts)")
     average.set_defaults(run=lambda a: _call(a, lambda c: c.average_adapters(
-        a.name, a.sources, a.tenant, a.combine_strategy, a.svd_rank, a.overwrite)))
+        a.name, a.sources, a.tenant, a.combine_strategy, a.svd_rank, a.overwrite, not a.weights_as_given)))
     show = verbs.add_parser("show", parents=[client], help="one loaded adapter")
     show.add_argument("name")
     show.set_defaults(run=lambda a: _call(a, lambda c: c.get_adapter(a.name, a.tenant)))

@@ -158,9 +158,11 @@ class Client(_Base):
 
     def average_adapters(self, name: str, sources: Sequence[tuple[str, float]], tenant: str | None = None,
                          combine_strategy: str = "linear", svd_rank: int | None = None,
-                         overwrite_ok: bool = False) -> AdapterInfo:
-        """A new adapter, the weighted average of loaded ones: ``sources`` is [(name, weight), ...]."""
-        return self._invoke(Calls.average_adapters(name, sources, tenant, combine_strategy, svd_rank, overwrite_ok))
+                         overwrite_ok: bool = False, normalize_weights: bool = True) -> AdapterInfo:
+        """A new adapter, the weighted average of loaded ones: ``sources`` is [(name, weight), ...]; the weights
+        are normalised to sum to 1 unless ``normalize_weights`` is False."""
+        return self._invoke(Calls.average_adapters(name, sources, tenant, combine_strategy, svd_rank, overwrite_ok,
+                                                   normalize_weights))
 
     def unload_adapter(self, name: str, tenant: str | None = None) -> None:
         return self._invoke(Calls.unload_adapter(name, tenant))
@@ -245,9 +247,9 @@ class AsyncClient(_Base):
 
     async def average_adapters(self, name: str, sources: Sequence[tuple[str, float]], tenant: str | None = None,
                                combine_strategy: str = "linear", svd_rank: int | None = None,
-                               overwrite_ok: bool = False) -> AdapterInfo:
+                               overwrite_ok: bool = False, normalize_weights: bool = True) -> AdapterInfo:
         return await self._invoke(Calls.average_adapters(name, sources, tenant, combine_strategy, svd_rank,
-                                                          overwrite_ok))
+                                                          overwrite_ok, normalize_weights))
 
     async def unload_adapter(self, name: str, tenant: str | None = None) -> None:
         return await self._invoke(Calls.unload_adapter(name, tenant))

@@ -151,12 +151,13 @@ class Calls:
 
     @staticmethod
     def average_adapters(name: str, sources: Sequence[tuple[str, float]], tenant: str | None, combine_strategy: str,
-                         svd_rank: int | None, overwrite_ok: bool) -> Call:
+                         svd_rank: int | None, overwrite_ok: bool, normalize_weights: bool) -> Call:
         if isinstance(sources, str) or not all(isinstance(s, (list, tuple)) and len(s) == 2 for s in sources):
             raise TypeError(f"sources must be a list of (adapter, weight) pairs, got {sources!r}")
         request = admin_pb.AverageAdaptersRequest(
             name=name, sources=[admin_pb.WeightedAdapter(name=n, weight=w) for n, w in sources], tenant=tenant or "",
-            combine_strategy=combine_strategy, svd_rank=svd_rank or 0, overwrite_ok=overwrite_ok)
+            combine_strategy=combine_strategy, svd_rank=svd_rank or 0, overwrite_ok=overwrite_ok,
+            weights_as_given=not normalize_weights)
         return Call("admin", "AverageAdapters", request, lambda r: _info(r.adapter))
 
     @staticmethod

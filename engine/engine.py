@@ -112,12 +112,14 @@ class Engine:
 
     def average_adapters(self, name: str, sources: list[str], weights: list[float], tenant: str | None = None,
                          combine_strategy: str = "linear", *, svd_rank: int | None = None,
-                         overwrite_ok: bool = False) -> AdapterInfo:
+                         overwrite_ok: bool = False, normalize_weights: bool = True) -> AdapterInfo:
         """A new adapter, the weighted average of loaded ones (the `adapters` library's `average_adapter`):
-        combine_strategy "linear", "lora_linear_only_negate_b" or "lora_delta_w_svd" (needs svd_rank).
-        Like the library, it refuses a name already loaded (for this tenant) unless ``overwrite_ok``, which
-        hot-swaps it as a re-load does."""
-        return self.adapters.average(name, sources, weights, tenant, combine_strategy, svd_rank, overwrite_ok)
+        combine_strategy "linear", "lora_linear_only_negate_b" or "lora_delta_w_svd" (needs svd_rank). The
+        weights are normalised to sum to 1 unless ``normalize_weights`` is False (then [1, 1] is the sum of two
+        adapters' weights, [1, -1] their difference). Like the library, it refuses a name already loaded (for this
+        tenant) unless ``overwrite_ok``, which hot-swaps it as a re-load does."""
+        return self.adapters.average(name, sources, weights, tenant, combine_strategy, svd_rank, overwrite_ok,
+                                     normalize_weights)
 
     def adapters_ready(self, adapters: list[str | None], tenant: str | None | list[str | None] = None,
                        since: float | None = None) -> bool:

@@ -54,9 +54,12 @@ class CombineStrategy(Enum):
     LORA_DELTA_W_SVD = "lora_delta_w_svd"
 
 
-def check_request(sources: list[str], weights: list, strategy: str, svd_rank) -> tuple[CombineStrategy, list[float]]:
-    """-> (strategy, weights as floats): the request's own parameters, checked before any source is looked up,
-    so a taken name or an unknown source is reported for a request that is otherwise valid."""
+def check_request(sources: list[str], weights: list, strategy: str, svd_rank,
+                  normalize_weights: bool = True) -> tuple[CombineStrategy, list[float]]:
+    """-> (strategy, the weights to apply): the request's own parameters, checked before any source is looked up,
+    so a taken name or an unknown source is reported for a request that is otherwise valid. The weights are
+    normalised to sum to 1 unless ``normalize_weights`` is False (the library's option: a sum of task vectors, or
+    a difference with weights 1 and -1)."""
     if not sources:
         raise InvalidRequest("average_adapters needs at least one source adapter", "sources")
     if len(weights) != len(sources):
@@ -65,9 +68,11 @@ def check_request(sources: list[str], weights: list, strategy: str, svd_rank) ->
     if any(isinstance(x, bool) or not isinstance(x, numbers.Real) or not math.isfinite(x) for x in weights):
         raise InvalidRequest(f"weights must be finite numbers, got {weights!r}", "weights")
     weights = [float(x) for x in weights]
-    total = sum(weights)
-    if total == 0 or not math.isfinite(total):
-        raise InvalidRequest(f"the weights sum to {total}; they are normalised to sum to 1", "weights")
+    if normalize_weights:
+        total = sum(weights)
+        if total == 0 or not math.isfinite(total):
+            raise InvalidRequest(f"the weights sum to {total}; they are normalised to sum to 1", "weights")
+        weights = [x / total for x in weights]
     try:
         combine = CombineStrategy(strategy)
     except ValueError:
@@ -85,8 +90,7 @@ def average_specs(name: str, specs: list[AdapterSpec], weights: list[float], com
                   svd_rank: int | None, target: TargetModel) -> AdapterSpec:
     """The average of ``specs``; ``weights`` and ``combine`` as `check_request` returned them."""
     _check_sources(specs, combine, svd_rank, target)
-    total = sum(weights)
-    w = [x / total for x in weights]
+    w = weights
     first = specs[0]
     config = dict(first.config)
     if first.method is Method.BOTTLENECK:

@@ -88,7 +88,8 @@ class AdapterLifecycle:
             raise
 
     def average(self, name: str, sources: list[str], weights: list[float], tenant: str | None,
-                combine_strategy: str, svd_rank: int | None, overwrite_ok: bool) -> AdapterInfo:
+                combine_strategy: str, svd_rank: int | None, overwrite_ok: bool,
+                normalize_weights: bool = True) -> AdapterInfo:
         check_name(name)
         check_tenant(tenant)
         for source in sources:  # an empty name would be a row without adapter in the lookup below
@@ -97,7 +98,8 @@ class AdapterLifecycle:
         if twice:  # the library maps names to weights in a dict: the last weight alone would count
             raise InvalidRequest(f"sources name {', '.join(map(repr, twice))} more than once; give each adapter once, "
                                  "with the sum of its weights", "sources")
-        combine, weights = check_request(sources, weights, combine_strategy, svd_rank)
+        given = list(weights)
+        combine, weights = check_request(sources, weights, combine_strategy, svd_rank, normalize_weights)
         if not overwrite_ok and self.registry.own(name, tenant) is not None:  # the library's overwrite_ok=False,
             raise _name_taken(name, tenant, AVERAGE_REPLACES)  # checked again as it is published, for averages
             # racing to one name
@@ -110,10 +112,11 @@ class AdapterLifecycle:
         try:
             spec.check_representable(self.pool.dtype)
         except InvalidAdapter as exc:  # each source fitted the serving dtype: the weights made the average overflow
-            raise InvalidRequest(f"with the weights {list(weights)} (normalised to sum to 1) the average overflows: "
-                                 f"{exc}", "weights") from None
-        label = ", ".join(f"{s}*{w:g}" for s, w in zip(sources, weights))
-        return self._publish(replace(spec, source=f"average[{combine_strategy}]({label})"), tenant, False, None, None,
+            how = "normalised to sum to 1" if normalize_weights else "as given"
+            raise InvalidRequest(f"with the weights {given} ({how}) the average overflows: {exc}", "weights") from None
+        label = ", ".join(f"{s}*{w:g}" for s, w in zip(sources, given))
+        kind = combine_strategy if normalize_weights else f"{combine_strategy}, weights as given"
+        return self._publish(replace(spec, source=f"average[{kind}]({label})"), tenant, False, None, None,
                              overwrite_ok, AVERAGE_REPLACES)
 
     def unload(self, name: str, tenant: str | None) -> None:

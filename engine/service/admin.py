@@ -77,7 +77,7 @@ class AdapterServicer(Servicer, pb_grpc.AdapterServiceServicer):
         names, weights = [s.name for s in request.sources], [s.weight for s in request.sources]
         average = functools.partial(self.engine.average_adapters, request.name, names, weights, tenant,
                                     request.combine_strategy or "linear", svd_rank=request.svd_rank or None,
-                                    overwrite_ok=request.overwrite_ok)
+                                    overwrite_ok=request.overwrite_ok, normalize_weights=not request.weights_as_given)
         info = await self._loads.submit(average, "adapter-average", ctx.principal.tenant)
         return pb.AverageAdaptersResponse(adapter=adapter_pb(info, ctx.principal.tenant))
 

@@ -40,10 +40,11 @@ def library(bert, tmp_path_factory):
             model.save_adapter(str(root / name), name)
             folders[name] = root / name
 
-    def averaged(method: str, strategy: str, svd_rank: int | None = None) -> torch.Tensor:
+    def averaged(method: str, strategy: str, svd_rank: int | None = None, weights=WEIGHTS,
+                 normalize: bool = True) -> torch.Tensor:
         """Hidden states of the oracle batch through the library's average of method0..2."""
-        model.average_adapter("avg", [f"{method}{i}" for i in range(3)], weights=WEIGHTS, combine_strategy=strategy,
-                              svd_rank=svd_rank, overwrite_ok=True)
+        model.average_adapter("avg", [f"{method}{i}" for i in range(3)], weights=weights, combine_strategy=strategy,
+                              svd_rank=svd_rank, overwrite_ok=True, normalize_weights=normalize)
         model.set_active_adapters("avg")
         captured.clear()
         with torch.no_grad():
@@ -77,6 +78,24 @@ def test_average_equals_the_library(bert, library, engine, method, strategy, svd
     info = engine.average_adapters(name, [f"{method}{i}" for i in range(3)], WEIGHTS, combine_strategy=strategy,
                                    svd_rank=svd_rank)
     assert info.source.startswith(f"average[{strategy}]")
+    out = engine.forward(bert.input_ids, bert.attention_mask, [name] * 4, bert.token_type_ids)
+    mask = bert.attention_mask.bool()
+    assert (out.last_hidden_state - want)[mask].abs().max().item() < ATOL
+
+
+@pytest.mark.parametrize("method,strategy,svd_rank", [
+    ("bn", "linear", None),
+    ("ia3", "linear", None),
+    ("lora", "lora_linear_only_negate_b", None),
+    ("lora", "lora_delta_w_svd", 3),
+])
+def test_weights_as_given_equal_the_librarys_unnormalised_average(bert, library, engine, method, strategy, svd_rank):
+    weights = [1.0, -1.0, 0.0]  # a difference of two adapters: they sum to 0, which normalising refuses
+    want = library[1](method, strategy, svd_rank, weights, normalize=False)
+    name = f"diff-{method}-{strategy}"
+    info = engine.average_adapters(name, [f"{method}{i}" for i in range(3)], weights, combine_strategy=strategy,
+                                   svd_rank=svd_rank, normalize_weights=False)
+    assert info.source == f"average[{strategy}, weights as given]({method}0*1, {method}1*-1, {method}2*0)"
     out = engine.forward(bert.input_ids, bert.attention_mask, [name] * 4, bert.token_type_ids)
     mask = bert.attention_mask.bool()
     assert (out.last_hidden_state - want)[mask].abs().max().item() < ATOL

@@ -115,10 +115,17 @@ def test_average_adapters_over_grpc_and_the_cli(server, minilm_setup, capsys):
         svd = admin.average_adapters("avg", [("topics", 1.0)], combine_strategy="lora_delta_w_svd", svd_rank=2,
                                      overwrite_ok=True)
         assert (svd.method, svd.source) == ("lora", "average[lora_delta_w_svd](topics*1)")
+        # the library's normalize_weights=False: three times the adapter's weights, not the adapter
+        tripled = admin.average_adapters("tripled", [("plain", 3.0)], normalize_weights=False)
+        assert tripled.source == "average[linear, weights as given](plain*3)"
+        assert not torch.allclose(torch.tensor(admin.embed(TEXTS, "tripled")), got, atol=1e-3)
+        admin.unload_adapter("tripled")
     assert main(["adapters", "average", "from-cli", "plain=0.5", "topics=0.5", "--server", server.target]) == 1
     assert "cannot average adapters with different configurations" in capsys.readouterr().err
     assert main(["adapters", "average", "from-cli", "plain=0.5", "--server", server.target]) == 0
     assert json.loads(capsys.readouterr().out)["source"] == "average[linear](plain*0.5)"
+    assert main(["adapters", "average", "summed", "plain=1", "--weights-as-given", "--server", server.target]) == 0
+    assert json.loads(capsys.readouterr().out)["source"] == "average[linear, weights as given](plain*1)"
 
 
 def test_concurrent_clients_get_the_engines_per_row_results(server, minilm_setup):
