@@ -20,7 +20,7 @@ from engine.errors import InvalidRequest
 from engine.model.heads import apply_heads, head_token_index, pool
 from engine.model.sites import BottleneckSite, name_sites
 from engine.model.weights import load_base_model
-from engine.resolve import default_pooling, resolve_device, resolve_model
+from engine.resolve import default_pooling, resolve_device, resolve_model, sentence_max_tokens
 from engine.text import CLASSIFY_HEADS, TAG_HEADS, classifications, encode_texts, pad_rows, require_head, token_tags
 from engine.types import AdapterInfo, CatalogEntry, Classification, ForwardOutput, RowHead, TokenTag
 
@@ -56,6 +56,8 @@ class Engine:
         if self.max_seq_len > self.model.max_tokens:  # past the position table: IndexError in the embeddings
             raise ValueError(f"max_seq_len {self.max_seq_len} exceeds the {self.model.max_tokens} tokens a row of "
                              f"this {self.info.model_type} model holds")
+        # texts to embed are cut where sentence-transformers cuts them (TEI too), other tasks' at max_seq_len
+        self.embed_max_len = min(sentence_max_tokens(self.model_dir) or self.max_seq_len, self.max_seq_len)
         self._tokenizer, self.tokenizer_problem = _load_tokenizer(self.model_dir)  # problem: None, or why not
 
     @classmethod
@@ -158,13 +160,16 @@ class Engine:
                 for t in token_tags(out.logits, out.heads, rows, self.tokenizer, adapter, "tag")]
 
     def embed(self, texts: list[str], adapter: str | None = None, tenant: str | None = None) -> torch.Tensor:
-        """[n, H] sentence embeddings (the engine's pooling), through the adapter if one is named."""
-        return torch.cat([out.embeddings for out, _ in self._forward_texts(texts, adapter, tenant)])
+        """[n, H] sentence embeddings (the engine's pooling), through the adapter if one is named; texts are cut at
+        ``embed_max_len`` tokens (the model folder's sentence-transformers max_seq_length, else max_seq_len)."""
+        return torch.cat([out.embeddings for out, _ in self._forward_texts(texts, adapter, tenant,
+                                                                           self.embed_max_len)])
 
-    def _forward_texts(self, texts: list[str], adapter: str | None, tenant: str | None):
-        """Tokenises, then runs chunks of at most max_batch_rows rows, all on the adapter version current at
-        the start (a re-load meanwhile serves later calls): [(output, rows)] per chunk."""
-        rows = encode_texts(self.tokenizer, texts, self.max_seq_len)
+    def _forward_texts(self, texts: list[str], adapter: str | None, tenant: str | None, limit: int | None = None):
+        """Tokenises (cut at ``limit`` tokens, default max_seq_len), then runs chunks of at most max_batch_rows rows,
+        all on the adapter version current at the start (a re-load meanwhile serves later calls): [(output, rows)]
+        per chunk."""
+        rows = encode_texts(self.tokenizer, texts, limit or self.max_seq_len)
         step, results = self.config.max_batch_rows, []
         with self.adapters.acquired([adapter], [tenant]) as version:
             for i in range(0, len(rows), step):

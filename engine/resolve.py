@@ -33,6 +33,19 @@ def resolve_device(device: str) -> torch.device:
     return resolved
 
 
+def sentence_max_tokens(model_dir: Path) -> int | None:
+    """The folder's sentence-transformers ``max_seq_length`` (sentence_bert_config.json), if it has a valid one:
+    sentence-transformers cuts texts there (256 tokens for all-MiniLM-L6-v2, whose position table holds 512)."""
+    config_file = model_dir / "sentence_bert_config.json"
+    if not config_file.exists():
+        return None
+    try:
+        value = json.loads(config_file.read_text()).get("max_seq_length")
+    except (OSError, ValueError, AttributeError):  # unreadable, not JSON, or not an object: no such setting
+        return None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
 def default_pooling(model_dir: Path, is_decoder: bool) -> tuple[Pooling, bool]:
     """The folder's sentence-transformers pooling (and Normalize module) if any, else CLS or last token."""
     modules_file, pooling_file = model_dir / "modules.json", model_dir / "1_Pooling" / "config.json"

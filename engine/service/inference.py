@@ -94,7 +94,8 @@ class InferenceServicer(Servicer, pb_grpc.InferenceServiceServicer):
                       ctx: RpcContext) -> tuple[list[EncodedRow], RequestOutput]:
         """Queues the request, in parts when it exceeds one forward's token budget, and waits for all of them."""
         self._refuse_if_draining()
-        rows = await asyncio.get_running_loop().run_in_executor(self._tokenizing, self._encode, inputs)
+        text_limit = self.engine.embed_max_len if task is Task.EMBED else self.engine.max_seq_len
+        rows = await asyncio.get_running_loop().run_in_executor(self._tokenizing, self._encode, inputs, text_limit)
         budget = self.scheduler.config.max_batch_tokens
         for i, row in enumerate(rows):
             if len(row.ids) > budget:  # a part of its own would not fit one forward either
@@ -124,9 +125,9 @@ class InferenceServicer(Servicer, pb_grpc.InferenceServiceServicer):
         if len(inputs) > most:  # a request is split, over this count it is refused (TEI's max client batch size)
             raise InvalidRequest(f"{len(inputs)} inputs exceed the limit of {most} per request", "inputs")
 
-    def _encode(self, inputs) -> list[EncodedRow]:
+    def _encode(self, inputs, text_limit: int) -> list[EncodedRow]:
         """Checks every input (their count was checked first), then tokenises all texts of the request in one
-        tokenizer call."""
+        tokenizer call, cutting them at ``text_limit`` tokens; token ids may hold up to max_seq_len."""
         limit, vocab = self.engine.max_seq_len, self.engine.model_config.vocab_size
         rows: list[EncodedRow | None] = []
         texts, text_rows = [], []
@@ -143,6 +144,6 @@ class InferenceServicer(Servicer, pb_grpc.InferenceServiceServicer):
                 raise InvalidRequest(f"inputs[{i}] has neither text nor token_ids", f"inputs[{i}]")
         if texts:
             fields = [f"inputs[{position}].text" for position in text_rows]
-            for position, row in zip(text_rows, tokenize(self.engine.tokenizer, texts, limit, fields)):
+            for position, row in zip(text_rows, tokenize(self.engine.tokenizer, texts, text_limit, fields)):
                 rows[position] = row
         return rows

