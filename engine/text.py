@@ -102,6 +102,8 @@ def classifications(logits: Sequence[torch.Tensor], heads: Sequence[RowHead | No
             probs = torch.sigmoid(row.float())
             chosen = tuple(label for label, p in zip(head.labels, probs.tolist()) if p > 0.5)
             results.append(Classification(chosen[0] if chosen else "", _scores(probs, head.labels), chosen))
+        elif len(head.labels) == 1:  # a regression head (the library trains it with MSE): a softmax would be 1.0
+            results.append(Classification(head.labels[0], _scores(row.float(), head.labels), head.labels))
         else:
             probs = torch.softmax(row.float(), dim=-1)
             best = head.labels[int(probs.argmax())]

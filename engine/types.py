@@ -86,7 +86,7 @@ class ForwardOutput:
 @dataclass(frozen=True)
 class Classification:
     label: str  # best label (classification) or the first label over 0.5 (multilabel; "" if none)
-    scores: dict[str, float]  # softmax (classification) or sigmoid (multilabel) per label
+    scores: dict[str, float]  # softmax (classification), sigmoid (multilabel) or the raw value (one-label regression)
     labels: tuple[str, ...]  # multilabel: every label with score > 0.5; classification: (label,)
 
 

