@@ -1,4 +1,4 @@
-"""The rule for names people choose: adapter names, tenants and the label names of heads.
+"""The rule for names people choose: adapter names and tenants; a looser one for the label names of heads.
 
 Rows name their adapter by it and keys bind to a tenant by it, and an empty one means none (proto3 cannot
 tell an empty string from an unset field), so it must not be empty. Both are echoed in logs, metric labels
@@ -30,6 +30,26 @@ def name_problem(name: object) -> str | None:
         return f"holds at most {MAX_NAME_CHARS} characters, got {len(name)}"
     if name != name.strip() or any(_unseen(c) for c in name):
         return f"must not hold control characters, invisible ones or surrounding spaces, got {name!r}"
+    return None
+
+
+# Labels are text a head's author wrote in any script, not names that select something: zero-width joiners (emoji
+# sequences, Persian and Indic words) and variation selectors (the emoji form of U+2764) are part of it. Refused are
+# what would break a log line or a table (controls, line separators), what UTF-8 cannot carry (lone surrogates),
+# and the bidi controls that reorder the text shown around them.
+LABEL_UNSEEN_CATEGORIES = frozenset({"Cc", "Cs", "Zl", "Zp"})
+BIDI_CONTROLS = frozenset(chr(c) for c in (*range(0x202A, 0x202F), *range(0x2066, 0x206A), 0x061C, 0x200E, 0x200F))
+
+
+def label_problem(label: object) -> str | None:
+    """What breaks the rule for a head's label name (to follow "a label name"), or None."""
+    if not isinstance(label, str) or not label.strip():
+        return f"must be a non-empty string, got {label!r}"
+    if len(label) > MAX_NAME_CHARS:
+        return f"holds at most {MAX_NAME_CHARS} characters, got {len(label)}"
+    if any(c in BIDI_CONTROLS or (not c.isascii() and unicodedata.category(c) in LABEL_UNSEEN_CATEGORIES)
+           or (c.isascii() and not c.isprintable()) for c in label):
+        return f"must not hold control characters, line separators or bidi controls, got {label!r}"
     return None
 
 

@@ -3,13 +3,16 @@
 The library builds a head as ``[Dropout, Linear(H, H), act] * (layers - 1) + [Dropout, Linear(H, labels)]``
 and names the Linears by their index in that list (``heads.<name>.1``, ``heads.<name>.4``).
 """
+import logging
 from pathlib import Path
 
 from engine.adapters.files import TargetModel, checked, present, read_json, read_weights, take
 from engine.adapters.spec import HeadSpec, HeadType
 from engine.errors import InvalidAdapter, UnsupportedAdapter
-from engine.names import name_problem
+from engine.names import label_problem
 from kernels import Act, act_from_name
+
+log = logging.getLogger("adapterserve.adapters")
 
 HEAD_TYPES = {t.value: t for t in HeadType}
 # Label names go out in every load reply, GetAdapter and ListAdapters: a head of 200,000 labels loaded, then its
@@ -46,6 +49,14 @@ def read_head(folder: Path, target: TargetModel) -> HeadSpec | None:
         raise UnsupportedAdapter(source, f"head activation {cfg.get('activation_function')!r} is not supported") from None
     labels = _labels(cfg, num_labels, source)  # before the weights: a head too large to serve is not read
     state = read_weights(folder, "model_head.safetensors", "pytorch_model_head.bin")
+    # The library saves (and loads) a head's weights by the substring "heads.<name>", so a folder saved for "sent"
+    # beside a head "sent_v2" also holds heads.sent_v2.*: the library's load leaves them aside, and so do we
+    spilled = [key for key in state if key.startswith(f"heads.{name}") and not key.startswith(f"heads.{name}.")]
+    if spilled:
+        log.warning("%s: ignoring %d weights of other heads saved into its head file (the library saves every head "
+                    "whose name starts with %r), e.g. %s", source, len(spilled), name, spilled[0])
+        for key in spilled:
+            del state[key]
     hidden, index, linears = target.info.hidden_size, 0, []
     for layer in range(layers):
         last = layer == layers - 1
@@ -73,7 +84,7 @@ def _labels(cfg: dict, num_labels: int, source: str) -> tuple[str, ...]:
     if not isinstance(label2id, dict) or not all(isinstance(i, int) and not isinstance(i, bool) for i in label2id.values()):
         raise InvalidAdapter(source, f"label2id must map label names to integers, got {label2id!r}")
     for label in label2id:  # labels go out in every reply and listing: a 9 MB one broke ListAdapters for everyone
-        problem = name_problem(label)
+        problem = label_problem(label)
         if problem is not None:  # "" also means "no label over 0.5" in multi-label replies
             raise InvalidAdapter(source, f"a label name in label2id {problem}")
     if sorted(label2id.values()) != list(range(num_labels)):

@@ -69,10 +69,12 @@ def test_malformed_config_values(engine, bert, tmp_path, case, changes, error, f
     ({"head_type": ["classification"]}, UnsupportedAdapter, "head type ['classification']"),
     ({"activation_function": 5}, UnsupportedAdapter, "head activation 5"),
     ({"num_labels": True}, InvalidAdapter, "num_labels must be positive integers, got 2, True"),
-    # label names follow the name rule: they go out in every listing (a 9 MB one broke ListAdapters for everyone)
+    # label names go out in every listing (a 9 MB one broke ListAdapters for everyone)
     ({"label2id": {"x" * 300: 0, "pos": 1}}, InvalidAdapter, "a label name in label2id holds at most 256 characters"),
     ({"label2id": {"": 0, "pos": 1}}, InvalidAdapter, "a label name in label2id must be a non-empty string, got ''"),
-    ({"label2id": {"a\u202eb": 0, "pos": 1}}, InvalidAdapter, "must not hold control characters, invisible ones"),
+    ({"label2id": {"a\u202eb": 0, "pos": 1}}, InvalidAdapter, "must not hold control characters, line separators or "
+     "bidi controls"),
+    ({"label2id": {"neg": 0, "a\u2028b": 1}}, InvalidAdapter, r"got 'a\u2028b'"),
     ({"label2id": {"neg": 0, "pos\n": 1}}, InvalidAdapter, "got 'pos\\n'"),
     # every reply describing the adapter carries its labels: 200,000 of them loaded, then broke the load's own reply.
     # Refused before the head weights are read (these would not fit: (2, 64) saved)
@@ -86,6 +88,50 @@ def test_malformed_head_config(engine, bert, tmp_path, changes, error, fragment)
     head["config"].update(changes)
     (folder / "head_config.json").write_text(json.dumps(head))
     assert_refused(engine, folder, error, fragment)
+
+
+@pytest.mark.parametrize("labels", [
+    ("\u2764\ufe0f", "\U0001f494", "\U0001f610"),  # an emoji with its variation selector
+    ("\U0001f468\u200d\U0001f469\u200d\U0001f467", "solo", "pair"),  # joined by zero-width joiners
+    ("\u0646\u06cc\u0645\u0647\u200c\u0634\u0628", "day", "dusk"),  # Persian, with a zero-width non-joiner
+    (" pos", "neg ", "mixed"),  # surrounding spaces, as the author wrote them
+])
+def test_label_names_in_any_script_load(engine, bert, tmp_path, labels):
+    """Labels were held to the adapter-name rule, which refuses every invisible character: the library serves these
+    and we refused the whole adapter (review)."""
+    folder = copy_case(bert, "seq_bn", tmp_path / "seq_bn")
+    head = json.loads((folder / "head_config.json").read_text())
+    head["config"]["label2id"] = {label: i for i, label in enumerate(labels)}
+    (folder / "head_config.json").write_text(json.dumps(head))
+    info = engine.load_adapter(folder, "script-labels")
+    try:
+        assert info.labels == labels
+    finally:
+        engine.unload_adapter("script-labels")
+
+
+def test_weights_of_other_heads_spilled_into_the_head_file_are_left_aside(engine, bert, tmp_path, caplog):
+    """The library saves a head by the substring "heads.<name>": beside a head "<name>_v2", that one's weights land in
+    this folder too. The library's load leaves them aside; ours refused the folder ("unexpected head weights")."""
+    folder = copy_case(bert, "seq_bn", tmp_path / "seq_bn")
+    name = json.loads((folder / "head_config.json").read_text())["name"]
+    path = next(p for p in (folder / "model_head.safetensors", folder / "pytorch_model_head.bin") if p.exists())
+    state = load_file(path) if path.suffix == ".safetensors" else torch.load(path, weights_only=True)
+    state |= {f"heads.{name}_v2.{k[len(f'heads.{name}.'):]}": v.clone() for k, v in state.items()}
+    save_file(state, path) if path.suffix == ".safetensors" else torch.save(state, path)
+    clean = engine.load_adapter(bert.cases["seq_bn"].path, "clean")
+    spilled = engine.load_adapter(folder, "spilled")
+    assert f"ignoring {len(state) // 2} weights of other heads" in caplog.text
+    clean_out, spilled_out = (engine.forward(bert.input_ids, bert.attention_mask, [n] * 4, bert.token_type_ids)
+                              for n in ("clean", "spilled"))
+    assert all(torch.equal(a, b) for a, b in zip(clean_out.logits, spilled_out.logits))
+    assert clean.labels == spilled.labels
+    for n in ("clean", "spilled"):
+        engine.unload_adapter(n)
+    # a key of another head that does not share the prefix is still refused
+    state["heads.other.1.bias"] = torch.zeros(2)
+    save_file(state, path) if path.suffix == ".safetensors" else torch.save(state, path)
+    assert_refused(engine, folder, InvalidAdapter, "unexpected head weights", "heads.other.1.bias")
 
 
 @pytest.mark.parametrize("case,changes,fragment", [
