@@ -187,19 +187,22 @@ class AdapterLifecycle:
         info = AdapterInfo(spec.name, tenant, spec.method.value, folder.source if folder else spec.source,
                            spec.num_params, head.head_type.value if head else None, head.labels if head else (), -1)
         record = AdapterRecord(info, next(self._keys))
-        current = self.registry.own(spec.name, tenant) if overwrite_ok else None  # the version this one replaces
-        self.tiers.add(Residency(record, read, device_bytes(spec, self.pool.dtype), pin), spec,
-                       current.key if current is not None else None)
-        if folder is not None and folder.owned:
-            with self._downloads_lock:
-                self._downloads[record.key] = folder
+        entry = Residency(record, read, device_bytes(spec, self.pool.dtype), pin)
+
+        def place(replaced: AdapterRecord | None) -> None:
+            self.tiers.add(entry, spec, replaced.key if replaced is not None else None)
+            if folder is not None and folder.owned:
+                with self._downloads_lock:
+                    self._downloads[record.key] = folder
         if overwrite_ok:
-            replaced, unused = self.registry.register(record)
+            replaced, unused = self.registry.register(record, place)
             if unused:
                 self._free(replaced)
-        elif not self.registry.register_new(record):
-            self._free(record)  # its slot or host copy, and the downloaded folder's entry
-            raise _name_taken(spec.name, tenant, replacing)
+        else:
+            place(None)
+            if not self.registry.register_new(record):
+                self._free(record)  # its slot or host copy, and the downloaded folder's entry
+                raise _name_taken(spec.name, tenant, replacing)
         return self._describe(record) or replace(info, tier="source")  # None: already unloaded by another thread
 
     def _read_again(self, folder: AdapterFolder, name: str, stamp: tuple) -> AdapterSpec:

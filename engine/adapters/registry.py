@@ -11,6 +11,7 @@ under the lock by whoever brings its count to zero (``retire``/``register`` or t
 """
 import threading
 from dataclasses import dataclass
+from typing import Callable
 
 from engine.errors import AdapterNotFound
 from engine.types import AdapterInfo
@@ -29,11 +30,17 @@ class AdapterRegistry:
         self._lock = threading.Lock()
         self._records: dict[tuple[str | None, str], AdapterRecord] = {}
 
-    def register(self, record: AdapterRecord) -> tuple[AdapterRecord | None, bool]:
-        """Makes ``record`` visible; returns the version it replaced (now retired) and whether to free it now."""
+    def register(self, record: AdapterRecord,
+                 place: Callable[[AdapterRecord | None], None]) -> tuple[AdapterRecord | None, bool]:
+        """Makes ``record`` visible; returns the version it replaced (now retired) and whether to free it now.
+
+        ``place(replaced)`` files the new version first (it may raise: then nothing changes), under the same lock
+        hold: a pinned swap may evict the version it replaces, and a batch that acquired that one in between
+        found no slot to bring it back to."""
         info = record.info
         with self._lock:
             old = self._records.get((info.tenant, info.name))
+            place(old)
             self._records[(info.tenant, info.name)] = record
             if old is None:
                 return None, False

@@ -17,6 +17,7 @@ file I/O: reads from a source run on their own threads (one per version being re
 the result waits on its future outside the lock. Reads are single-flight per version. The work per batch
 grows with its rows and evictions, not with the number of registered adapters.
 """
+import logging
 import threading
 import time
 from collections import OrderedDict
@@ -29,7 +30,9 @@ import torch
 from engine.adapters.pool import AdapterPool
 from engine.adapters.registry import AdapterRecord
 from engine.adapters.spec import AdapterSpec
-from engine.errors import AdapterCapacityExceeded, AdapterServeError, AdapterSourceError
+from engine.errors import AdapterCapacityExceeded, AdapterLoadsBusy, AdapterServeError, AdapterSourceError
+
+log = logging.getLogger("adapterserve.adapters")
 
 HOLD_S = 5.0  # seconds a promised or freshly read host copy is kept over the CPU budget (see the module docstring)
 
@@ -187,7 +190,12 @@ class AdapterTiers:
         limit = self.budget.max_device_bytes
         need_bytes = 0 if limit is None else self._device_bytes + entry.nbytes - limit
         victims = []
-        for other in self._on_device.values():
+        replaced = self._on_device.get(replaces) if replaces is not None else None
+        # the version entry replaces first: it is retired next anyway, and an older idle one would be evicted for
+        # nothing (its next use reading its files again)
+        candidates = [replaced, *(e for e in self._on_device.values() if e is not replaced)] if replaced else \
+            self._on_device.values()
+        for other in candidates:
             if need_slots <= 0 and need_bytes <= 0:
                 return victims
             if (not other.pinned or other.key == replaces) and other.record.refs == 0:
@@ -251,8 +259,13 @@ class AdapterTiers:
             self._retrim[1].cancel()
         timer = threading.Timer(at - time.monotonic() + 0.01, lambda: self._trim_now(timer))
         timer.daemon = True
+        try:
+            timer.start()
+        except RuntimeError as exc:  # no thread left in this process: the next load, eviction or release trims
+            self._retrim = None
+            log.warning("cannot start the CPU-tier trim timer (%s); copies over budget wait for the next trim", exc)
+            return
         self._retrim = (at, timer)
-        timer.start()
 
     def _trim_now(self, timer: threading.Timer) -> None:
         with self._lock:
@@ -264,10 +277,14 @@ class AdapterTiers:
         """One read per version at a time, each on its own thread: with a shared pool of two, two reads hung on
         a stalled mount or download held back every other adapter's read, and the requests waiting for them."""
         if entry.reading is None:
-            entry.read_at = time.monotonic()
-            entry.reading = future = Future()
-            threading.Thread(target=self._read, args=(entry, future), name=f"adapter-read-{entry.key}",
-                             daemon=True).start()
+            future = Future()
+            try:  # the thread waits for our lock before it records anything, so reading is set first
+                threading.Thread(target=self._read, args=(entry, future), name=f"adapter-read-{entry.key}",
+                                 daemon=True).start()
+            except RuntimeError as exc:  # no thread left in this process: nothing changed, the next request retries
+                raise AdapterLoadsBusy(f"cannot start a thread to read adapter {entry.record.info.name!r} ({exc}); "
+                                       "try again shortly") from None
+            entry.read_at, entry.reading = time.monotonic(), future
         return entry.reading
 
     def _read(self, entry: Residency, future: Future) -> None:

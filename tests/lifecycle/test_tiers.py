@@ -7,6 +7,7 @@ from adapter_edits import copy_case
 from lifecycle_helpers import assert_rows, placement, run
 
 from engine import AdapterCapacityExceeded, AdapterSourceError
+from engine.errors import AdapterLoadsBusy
 
 
 def test_lru_eviction_order_through_the_tiers(make_engine, bert):
@@ -72,6 +73,89 @@ def test_a_pinned_version_is_swapped_on_a_device_full_of_pinned_ones(make_engine
         engine.load_adapter(bert.cases["par_bn"].path, name="c", pin=True)
     assert [(i.name, i.tier) for i in engine.list_adapters()] == [("a", "device"), ("b", "device")]
     assert engine.pool.num_free == 0
+
+
+def test_a_pinned_swap_evicts_the_version_it_replaces_first(make_engine, bert):
+    """It evicted the least recently used idle adapter instead, then freed the replaced one: a slot stood empty and
+    the other adapter had to be read from its files again (review)."""
+    engine = make_engine(max_device_adapters=2, max_cpu_adapters=0)
+    engine.load_adapter(bert.cases["lora"].path, name="y")  # idle, least recently used
+    engine.load_adapter(bert.cases["seq_bn"].path, name="x", pin=True)
+    run(engine, bert, ["x"])
+    engine.load_adapter(bert.cases["ia3"].path, name="x", pin=True)
+    assert placement(engine) == {"x": "device", "y": "device"} and engine.pool.num_free == 0
+
+
+def test_a_batch_during_a_pinned_swap_gets_the_old_or_the_new_version(make_engine, bert, monkeypatch):
+    """The swap evicted the version it replaces before the name moved: a batch acquiring the name in between found
+    every slot pinned and failed with AdapterCapacityExceeded (~18% of forwards under a swap loop, review)."""
+    engine = make_engine(max_device_adapters=2, max_cpu_adapters=0)
+    engine.load_adapter(bert.cases["seq_bn"].path, name="x", pin=True)
+    engine.load_adapter(bert.cases["lora"].path, name="p", pin=True)
+    add, placed, go = engine.adapters.tiers.add, threading.Event(), threading.Event()
+
+    def add_then_wait(*args):  # the new version is filed (the old one evicted); the name has not moved yet
+        add(*args)
+        placed.set()
+        assert go.wait(10)
+    monkeypatch.setattr(engine.adapters.tiers, "add", add_then_wait)
+    swap = threading.Thread(target=lambda: engine.load_adapter(bert.cases["ia3"].path, name="x", pin=True))
+    swap.start()
+    assert placed.wait(10)
+    outcome = []
+    batch = threading.Thread(target=lambda: outcome.append(_outcome(lambda: run(engine, bert, ["x"]))))
+    batch.start()
+    time.sleep(0.2)  # the batch is waiting (fixed) or has failed (before)
+    go.set()
+    swap.join(10)
+    batch.join(10)
+    assert not isinstance(outcome[0], Exception), outcome[0]
+    assert_rows(bert, outcome[0], ["ia3"])  # it waited for the swap: the new version
+
+
+def _outcome(call):
+    try:
+        return call()
+    except Exception as exc:  # noqa: BLE001 - the test reports it
+        return exc
+
+
+def test_a_read_whose_thread_cannot_start_is_busy_and_tried_again(make_engine, bert, monkeypatch):
+    """The read's future was recorded before its thread started: a failed start (a process at its thread limit)
+    answered RuntimeError, and every later batch waited for that future forever (review)."""
+    engine = make_engine(max_device_adapters=1, max_cpu_adapters=0)
+    engine.load_adapter(bert.cases["lora"].path, name="a")
+    engine.load_adapter(bert.cases["ia3"].path, name="b")  # no slot free and no CPU budget: b waits at its source
+    assert placement(engine) == {"a": "device", "b": "source"}
+    start = threading.Thread.start
+
+    def no_thread(thread):
+        if thread.name.startswith("adapter-read-"):
+            raise RuntimeError("can't start new thread")
+        return start(thread)
+    monkeypatch.setattr(threading.Thread, "start", no_thread)
+    with pytest.raises(AdapterLoadsBusy, match="cannot start a thread to read adapter 'b'"):
+        run(engine, bert, ["b"])
+    assert engine.get_adapter("b").state == "ready"  # not "loading" for good
+    monkeypatch.setattr(threading.Thread, "start", start)
+    assert_rows(bert, run(engine, bert, ["b"]), ["ia3"])
+
+
+def test_a_trim_timer_that_cannot_start_leaves_nothing_behind(make_engine, bert, monkeypatch):
+    """The CPU tier's re-trim timer starts at the end of a load, after the version is filed: a failed start raised
+    out of the load and left its slot taken with no name on it (review)."""
+    import engine.adapters.tiers as tiers
+
+    engine = make_engine(max_device_adapters=1, max_cpu_adapters=0)
+    engine.load_adapter(bert.cases["lora"].path, name="a")
+    engine.adapters_ready(["a"])  # holds a's host copy for HOLD_S: a load evicting nothing still over-budgets it
+    monkeypatch.setattr(tiers.threading.Timer, "start", lambda timer: (_ for _ in ()).throw(
+        RuntimeError("can't start new thread")))
+    engine.load_adapter(bert.cases["ia3"].path, name="b", pin=True)  # evicts a to the CPU tier, over its budget
+    monkeypatch.undo()
+    for name in ("a", "b"):
+        engine.unload_adapter(name)
+    assert engine.list_adapters() == [] and engine.pool.num_free == engine.pool.capacity
 
 
 def test_a_swap_that_cannot_be_copied_to_the_device_leaves_the_pinned_version_there(make_engine, bert, monkeypatch):
