@@ -13,7 +13,9 @@ from engine.config import DEFAULT_MODEL
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args, extra = _parser().parse_known_args(argv)
+    if extra:  # argparse would report them with the top-level usage; the command's own is the helpful one
+        args.command_parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=os.environ.get("ADAPTERSERVE_LOG_LEVEL", "INFO"), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
@@ -38,12 +40,13 @@ def _parser() -> argparse.ArgumentParser:
                        help="a request naming an adapter nobody loaded that the store holds (e.g. bert/sentiment) "
                             "loads it, shared with every tenant (needs --adapter-store)")
     serve.add_argument("--host", default="0.0.0.0", help="address to listen on (default: %(default)s, all)")
-    serve.add_argument("--port", type=arg.port, default=50051,
+    serve.add_argument("--port", type=arg.port, default=arg.DEFAULT_PORT,
                        help="gRPC port; 0 picks a free one (default: %(default)s)")
     serve.add_argument("--metrics-port", type=arg.port_or_off, default=9090,
                        help="Prometheus /metrics port; -1 disables it (default: %(default)s)")
-    serve.add_argument("--device", default="auto")
-    serve.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
+    serve.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default: %(default)s, CUDA if present)")
+    serve.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
+                       help="serving dtype (default: the checkpoint's)")
     serve.add_argument("--api-keys", help='key file, {"keys": [<hash-key output>, ...]}; without it auth is off')
     serve.add_argument("--threads", type=arg.positive(int), help="torch CPU threads (default: torch's choice)")
     serve.add_argument("--max-batch-rows", type=arg.positive(int), default=64,
@@ -56,9 +59,10 @@ def _parser() -> argparse.ArgumentParser:
                        help="waiting requests before RESOURCE_EXHAUSTED (default: %(default)s)")
     serve.add_argument("--max-message-mb", type=arg.message_mb, default=16,
                        help="largest gRPC request or reply (default: %(default)s)")
-    serve.add_argument("--max-device-adapters", type=arg.positive(int), default=64, help="adapter slots on the device")
+    serve.add_argument("--max-device-adapters", type=arg.positive(int), default=64,
+                       help="adapter slots on the device (default: %(default)s)")
     serve.add_argument("--max-cpu-adapters", type=arg.positive(int, zero=True), default=256,
-                       help="adapters kept in host memory")
+                       help="adapters kept in host memory beside those on the device (default: %(default)s)")
     serve.add_argument("--grace-seconds", type=arg.positive(float, zero=True), default=30.0,
                        help="how long SIGTERM waits for accepted requests (default: %(default)s)")
     serve.add_argument("--vllm-compat-metrics", action="store_true", help="also export vllm:lora_requests_info")
@@ -67,19 +71,23 @@ def _parser() -> argparse.ArgumentParser:
                             "adapter=\"\"; off by default: every adapter label is another Prometheus series")
     serve.add_argument("--no-access-log", action="store_true",
                        help="no JSON log line per request (logger adapterserve.access); errors are still logged")
+    serve.add_argument("--no-reflection", action="store_true",
+                       help="turn gRPC server reflection off (on by default, like health it needs no API key)")
     serve.set_defaults(run=_serve)
 
     keys = sub.add_parser("hash-key", help="print the key-file entry for an API key",
                           description='Prints one entry of the --api-keys file, {"keys": [entry, ...]}.')
     keys.add_argument("key", help="the secret clients will send as 'authorization: Bearer KEY'")
     keys.add_argument("--tenant", type=arg.name("a tenant"),
-                      help="bind the key to this tenant (default: an operator key, no tenant)")
-    keys.add_argument("--role", choices=["inference", "admin"], default="inference")
+                      help="bind the key to this tenant (default: none; with --role admin that is an operator key)")
+    keys.add_argument("--role", choices=["inference", "admin"], default="inference",
+                      help="inference: Classify, Embed, Tag and reads; admin: also loads, unloads and averages "
+                           "adapters (default: %(default)s)")
     keys.set_defaults(run=_hash_key)
 
     client = argparse.ArgumentParser(add_help=False)
     client.add_argument("--server", type=arg.address,
-                        default=os.environ.get("ADAPTERSERVE_SERVER") or "localhost:50051",
+                        default=os.environ.get("ADAPTERSERVE_SERVER") or f"localhost:{arg.DEFAULT_PORT}",
                         help="host:port (default: $ADAPTERSERVE_SERVER or %(default)s)")
     client.add_argument("--api-key", default=os.environ.get("ADAPTERSERVE_API_KEY"),
                         help="API key (default: $ADAPTERSERVE_API_KEY)")
@@ -130,6 +138,8 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("prompt")
     generate.add_argument("--adapter", default="")
     generate.set_defaults(run=_generate)
+    for command in [*sub.choices.values(), *verbs.choices.values()]:  # "adapters load"'s own wins over "adapters"
+        command.set_defaults(command_parser=command)
     return parser
 
 
@@ -140,11 +150,21 @@ def _serve(args) -> int:
         return _start_and_serve(args)
     except (AdapterServeError, ValueError, OSError, ImportError) as exc:  # bad flags, model, adapters, key file,
         # ports, or another package's `kernels` (engine.check_kernels)
-        print(f"adapterserve serve: error: {type(exc).__name__}: {_one_line(exc)}", file=sys.stderr)
+        print(f"adapterserve serve: error: {_one_line(exc)}", file=sys.stderr)
         return 2
 
 
-def _one_line(exc: Exception) -> str:
+def _rpc_error(exc, server: str) -> str:
+    """A failed call on one line; no server to talk to is said so, not in gRPC's connection jargon."""
+    import grpc
+
+    if exc.code == grpc.StatusCode.UNAVAILABLE and not exc.reason:  # the server's own UNAVAILABLE has a reason
+        return (f"no adapterserve server answered at {server} (is it running, and is that its gRPC port?): "
+                f"{_one_line(exc.message)}")
+    return _one_line(exc)
+
+
+def _one_line(exc: Exception | str) -> str:
     """An error's text on one line: some carry a library's multi-line message (torch's weights_only refusal)."""
     return " ".join(str(exc).split())
 
@@ -195,7 +215,7 @@ def _load_and_serve(args) -> int:
         host=args.host, port=args.port, metrics_port=None if args.metrics_port < 0 else args.metrics_port,
         api_keys=args.api_keys, grace_s=args.grace_seconds, vllm_compat_metrics=args.vllm_compat_metrics,
         metrics_per_adapter=args.metrics_per_adapter, max_message_mb=args.max_message_mb,
-        load_on_demand=args.load_on_demand),
+        load_on_demand=args.load_on_demand, reflection=not args.no_reflection),
         SchedulerConfig(max_queue=args.max_queue, max_batch_rows=args.max_batch_rows,
                         max_batch_tokens=args.max_batch_tokens, max_wait_s=args.max_wait_ms / 1000))
 
@@ -253,7 +273,7 @@ def _call(args, action) -> int:
         try:
             result = action(client)
         except RpcError as exc:
-            print(f"error: {_one_line(exc)}", file=sys.stderr)
+            print(f"error: {_rpc_error(exc, args.server)}", file=sys.stderr)
             return 1
     if result is not None:
         print(json.dumps(_plain(result), indent=2))
@@ -271,7 +291,7 @@ def _generate(args) -> int:
             for piece in client.generate(args.prompt, args.adapter or None):
                 print(piece, end="", flush=True)
         except RpcError as exc:
-            print(f"error: {_one_line(exc)}", file=sys.stderr)
+            print(f"error: {_rpc_error(exc, args.server)}", file=sys.stderr)
             return 1
     print()
     return 0

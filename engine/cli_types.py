@@ -5,6 +5,8 @@ import math
 from engine.errors import InvalidRequest
 from engine.names import check_name
 
+DEFAULT_PORT = 50051  # the server's (serve --port)
+
 
 def port(text: str) -> int:
     port = int(text)
@@ -44,6 +46,8 @@ def address(text: str) -> str:
     """argparse type: the server's host:port; gRPC would only fail on an empty one after logging internals."""
     if not text.strip():
         raise argparse.ArgumentTypeError(f"the server address must be host:port, got {text!r}")
+    if ":" not in text or text.endswith("]"):  # a host alone ("localhost", "[::1]"): gRPC would dial port 443
+        text += f":{DEFAULT_PORT}"
     tail = text.rpartition(":")[2]
     if tail.isdigit() and int(tail) > 65535:  # gRPC takes it modulo 65536: localhost:99999 reached port 34463
         raise argparse.ArgumentTypeError(f"a port is 0-65535, got {tail} in {text!r}")

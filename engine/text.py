@@ -135,7 +135,8 @@ def token_tags(logits: Sequence[torch.Tensor], heads: Sequence[RowHead | None], 
 
 def require_head(adapter: str, head_type: str | None, kinds: tuple[str, ...], task: str) -> None:
     if head_type not in kinds:
-        raise InvalidRequest(f"adapter {adapter!r} has head {head_type!r}; {task} needs one of {list(kinds)}")
+        has = f"a {head_type} head" if head_type else "no head"
+        raise InvalidRequest(f"adapter {adapter!r} has {has}; {task} needs one of {list(kinds)}")
 
 
 def _scores(probs: torch.Tensor, labels: tuple[str, ...]) -> dict[str, float]:

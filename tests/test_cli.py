@@ -39,6 +39,47 @@ def test_start_up_failures_are_one_line_errors(flags, message, capsys):
     assert main(["serve", "--port", "0", "--metrics-port", "-1", *flags]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+    assert "Error: " not in err  # no exception class names ("ValueError: adapter store ...", a review)
+
+
+@pytest.mark.parametrize("argv, usage", [
+    (["info", "--bogus"], "usage: adapterserve info "),
+    (["serve", "--bogus"], "usage: adapterserve serve "),
+    (["adapters", "load", "/x", "--bogus"], "usage: adapterserve adapters load "),
+])
+def test_an_unknown_flag_shows_its_commands_usage(argv, usage, capsys):
+    """argparse reported it with the top-level usage, "adapterserve [-h] COMMAND ..." (a review)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and usage in err and "unrecognized arguments: --bogus" in err
+
+
+def test_a_server_address_without_a_port_takes_the_servers_default():
+    from engine.cli_types import address
+
+    # gRPC dials port 443 for a host alone: "--server localhost" never reached a server on 50051
+    assert [address(a) for a in ("localhost", "[::1]", "h:7", "::1")] == ["localhost:50051", "[::1]:50051", "h:7",
+                                                                          "::1"]
+
+
+def test_no_server_there_is_said_plainly(capsys):
+    import socket
+
+    with socket.socket() as probe:  # a port nothing listens on once closed
+        probe.bind(("localhost", 0))
+        port = probe.getsockname()[1]
+    assert main(["embed", "hi", "--server", f"localhost:{port}", "--timeout", "5"]) == 1
+    err = capsys.readouterr().err
+    assert f"error: no adapterserve server answered at localhost:{port} (is it running" in err
+    assert "(no reason)" not in err
+
+
+def test_hash_key_help_says_what_each_role_may_do(capsys):
+    with pytest.raises(SystemExit):
+        main(["hash-key", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "with --role admin that is an operator key" in out and "admin: also loads, unloads and averages" in out
 
 
 def test_no_access_log_quiets_only_the_access_logger(monkeypatch):

@@ -90,6 +90,10 @@ class AdapterSources:
                                           local_files_only=constants.HF_HUB_OFFLINE))
         except Exception as exc:  # hub errors come in many types; all mean "cannot get it"
             local = "" if source.startswith("hf://") else "no local folder of that name, and "
+            if constants.HF_HUB_OFFLINE:  # the hub's own text then advises local_files_only=False, no option of ours
+                raise AdapterSourceError(source, f"{local}not in the Hugging Face cache, and HF_HUB_OFFLINE is set: "
+                                                 "this server does not download (unset it, or fill the cache "
+                                                 "beforehand)") from None
             raise AdapterSourceError(source, f"{local}not on the Hugging Face hub or in its cache: "
                                              f"{type(exc).__name__}: {exc}") from None
         size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())

@@ -93,7 +93,7 @@ def test_embed_with_and_without_adapter(engine, library):
 
 
 def test_task_needs_the_right_head(engine):
-    with pytest.raises(InvalidRequest, match="'ner' has head 'tagging'; classify needs"):
+    with pytest.raises(InvalidRequest, match="'ner' has a tagging head; classify needs"):
         engine.classify(TEXTS, "ner")
     with pytest.raises(InvalidRequest, match="tag needs"):
         engine.tag(TEXTS, "sentiment")

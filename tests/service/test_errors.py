@@ -201,7 +201,7 @@ def test_a_tenant_admin_hub_id_never_reads_a_server_folder_of_that_name(authed, 
     with authed.client("acme-admin") as acme_admin:
         err = _expect(grpc.StatusCode.FAILED_PRECONDITION, "ADAPTER_SOURCE_UNAVAILABLE",
                       lambda: acme_admin.load_adapter("adapters/sentiment"))
-        assert "hf://adapters/sentiment" in err.message and "hub" in err.message
+        assert "hf://adapters/sentiment" in err.message and "Hugging Face" in err.message
         assert "sentiment" not in {a.name for a in acme_admin.list_adapters()}
 
 
