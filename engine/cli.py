@@ -81,8 +81,8 @@ def _parser() -> argparse.ArgumentParser:
     keys.add_argument("--tenant", type=arg.name("a tenant"),
                       help="bind the key to this tenant (default: none; with --role admin that is an operator key)")
     keys.add_argument("--role", choices=["inference", "admin"], default="inference",
-                      help="inference: Classify, Embed, Tag and reads; admin: also loads, unloads and averages "
-                           "adapters (default: %(default)s)")
+                      help="inference: Classify, Embed, Tag and server info; admin: also lists, shows, loads, "
+                           "unloads and averages adapters (default: %(default)s)")
     keys.set_defaults(run=_hash_key)
 
     client = argparse.ArgumentParser(add_help=False)

@@ -6,6 +6,7 @@ from engine.errors import InvalidRequest
 from engine.names import check_name
 
 DEFAULT_PORT = 50051  # the server's (serve --port)
+GRPC_SCHEMES = ("dns:", "unix:", "unix-abstract:", "ipv4:", "ipv6:", "vsock:")  # gRPC targets: passed as they are
 
 
 def port(text: str) -> int:
@@ -48,6 +49,8 @@ def address(text: str) -> str:
         raise argparse.ArgumentTypeError(f"the server address must be host:port, got {text!r}")
     if ":" not in text or text.endswith("]"):  # a host alone ("localhost", "[::1]"): gRPC would dial port 443
         text += f":{DEFAULT_PORT}"
+    elif text.count(":") >= 2 and "[" not in text and "/" not in text and not text.startswith(GRPC_SCHEMES):
+        text = f"[{text}]:{DEFAULT_PORT}"  # a bare IPv6 address ("::1") holds no port
     tail = text.rpartition(":")[2]
     if tail.isdigit() and int(tail) > 65535:  # gRPC takes it modulo 65536: localhost:99999 reached port 34463
         raise argparse.ArgumentTypeError(f"a port is 0-65535, got {tail} in {text!r}")

@@ -33,23 +33,29 @@ def name_problem(name: object) -> str | None:
     return None
 
 
-# Labels are text a head's author wrote in any script, not names that select something: zero-width joiners (emoji
-# sequences, Persian and Indic words) and variation selectors (the emoji form of U+2764) are part of it. Refused are
-# what would break a log line or a table (controls, line separators), what UTF-8 cannot carry (lone surrogates),
-# and the bidi controls that reorder the text shown around them.
-LABEL_UNSEEN_CATEGORIES = frozenset({"Cc", "Cs", "Zl", "Zp"})
-BIDI_CONTROLS = frozenset(chr(c) for c in (*range(0x202A, 0x202F), *range(0x2066, 0x206A), 0x061C, 0x200E, 0x200F))
+# Labels are text a head's author wrote in any script, not names that select something: zero-width joiners and
+# non-joiners (emoji sequences, Persian and Indic words) and variation selectors and tag characters (the emoji form
+# of U+2764, flag sequences) are part of it, between or after visible characters. Every other character the name
+# rule calls unseen is refused (controls, zero-width spaces, bidi controls, fillers, separators), and a label needs
+# a visible character: "" means "no label over 0.5" in multi-label replies, and an invisible one would pass for it.
+JOINERS = frozenset("\u200c\u200d")
+SELECTORS = ((0xFE00, 0xFE0F), (0xE0020, 0xE007F), (0xE0100, 0xE01EF))
 
 
 def label_problem(label: object) -> str | None:
     """What breaks the rule for a head's label name (to follow "a label name"), or None."""
-    if not isinstance(label, str) or not label.strip():
+    if not isinstance(label, str) or not label:
         return f"must be a non-empty string, got {label!r}"
     if len(label) > MAX_NAME_CHARS:
         return f"holds at most {MAX_NAME_CHARS} characters, got {len(label)}"
-    if any(c in BIDI_CONTROLS or (not c.isascii() and unicodedata.category(c) in LABEL_UNSEEN_CATEGORIES)
-           or (c.isascii() and not c.isprintable()) for c in label):
-        return f"must not hold control characters, line separators or bidi controls, got {label!r}"
+    for i, c in enumerate(label):
+        joiner, selector = c in JOINERS, any(lo <= ord(c) <= hi for lo, hi in SELECTORS)
+        placed = (0 < i < len(label) - 1) if joiner else i > 0 if selector else True
+        if ((joiner or selector) and not placed) or (not (joiner or selector) and _unseen(c)):
+            return (f"must not hold control characters or invisible ones but joiners and variation selectors "
+                    f"after a visible character, got {label!r}")
+    if label.isspace():
+        return f"needs a visible character, got {label!r}"
     return None
 
 

@@ -59,8 +59,8 @@ def test_a_server_address_without_a_port_takes_the_servers_default():
     from engine.cli_types import address
 
     # gRPC dials port 443 for a host alone: "--server localhost" never reached a server on 50051
-    assert [address(a) for a in ("localhost", "[::1]", "h:7", "::1")] == ["localhost:50051", "[::1]:50051", "h:7",
-                                                                          "::1"]
+    assert [address(a) for a in ("localhost", "[::1]", "h:7", "::1", "fe80::1", "[::1]:7", "unix:/tmp/s")] == [
+        "localhost:50051", "[::1]:50051", "h:7", "[::1]:50051", "[fe80::1]:50051", "[::1]:7", "unix:/tmp/s"]
 
 
 def test_no_server_there_is_said_plainly(capsys):
@@ -79,7 +79,7 @@ def test_hash_key_help_says_what_each_role_may_do(capsys):
     with pytest.raises(SystemExit):
         main(["hash-key", "--help"])
     out = " ".join(capsys.readouterr().out.split())
-    assert "with --role admin that is an operator key" in out and "admin: also loads, unloads and averages" in out
+    assert "with --role admin that is an operator key" in out and "admin: also lists, shows, loads, unloads and averages" in out
 
 
 def test_no_access_log_quiets_only_the_access_logger(monkeypatch):

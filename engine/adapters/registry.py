@@ -31,16 +31,18 @@ class AdapterRegistry:
         self._records: dict[tuple[str | None, str], AdapterRecord] = {}
 
     def register(self, record: AdapterRecord,
-                 place: Callable[[AdapterRecord | None], None]) -> tuple[AdapterRecord | None, bool]:
+                 place: Callable[[AdapterRecord | None], None] | None = None) -> tuple[AdapterRecord | None, bool]:
         """Makes ``record`` visible; returns the version it replaced (now retired) and whether to free it now.
 
-        ``place(replaced)`` files the new version first (it may raise: then nothing changes), under the same lock
-        hold: a pinned swap may evict the version it replaces, and a batch that acquired that one in between
-        found no slot to bring it back to."""
+        ``place(replaced)``, if given, files the new version first (it may raise: then nothing changes), under the
+        same lock hold: a pinned swap may evict the version it replaces, and a batch that acquired that one in
+        between found no slot to bring it back to. Every lookup waits meanwhile (a device copy), so only pinned
+        swaps pass one."""
         info = record.info
         with self._lock:
             old = self._records.get((info.tenant, info.name))
-            place(old)
+            if place is not None:
+                place(old)
             self._records[(info.tenant, info.name)] = record
             if old is None:
                 return None, False

@@ -64,7 +64,7 @@ def mapping_for(exc: Exception) -> Mapping:
 # An absolute server path in a message: "/" at the start of a word (not in a URL's "//", nor in "org/name"), up to
 # a space or punctuation; a quoted one (repr or '...' in our messages) whole, spaces and colons included
 SERVER_PATH = re.compile(r"(?<![\w:/.~])/[^\s'\"()\[\],;:]+")
-QUOTED_SERVER_PATH = re.compile(r"(?<![\w])(['\"])/[^'\"\n]*\1")
+QUOTED_SERVER_PATH = re.compile(r"(?<![\w])(?:(')/[^'\n]*'|(\")/[^\"\n]*\")")
 PATH_TAIL = r"[^\s'\"()\[\],;:]*"  # what may follow a known path in a message: a file inside it
 
 
@@ -75,7 +75,7 @@ def hide_server_paths(text: str, exc: Exception) -> str:
     source = getattr(exc, "source", None)
     if isinstance(source, str) and source.startswith("/") and source.strip("/"):
         text = re.sub(re.escape(source.rstrip("/")) + PATH_TAIL, lambda _: "<server path>", text)
-    text = QUOTED_SERVER_PATH.sub(lambda m: f"{m[1]}<server path>{m[1]}", text)
+    text = QUOTED_SERVER_PATH.sub(lambda m: (q := m[1] or m[2]) + "<server path>" + q, text)
     return SERVER_PATH.sub("<server path>", text)
 
 

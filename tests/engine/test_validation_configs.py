@@ -72,8 +72,14 @@ def test_malformed_config_values(engine, bert, tmp_path, case, changes, error, f
     # label names go out in every listing (a 9 MB one broke ListAdapters for everyone)
     ({"label2id": {"x" * 300: 0, "pos": 1}}, InvalidAdapter, "a label name in label2id holds at most 256 characters"),
     ({"label2id": {"": 0, "pos": 1}}, InvalidAdapter, "a label name in label2id must be a non-empty string, got ''"),
-    ({"label2id": {"a\u202eb": 0, "pos": 1}}, InvalidAdapter, "must not hold control characters, line separators or "
-     "bidi controls"),
+    ({"label2id": {"a\u202eb": 0, "pos": 1}}, InvalidAdapter, "must not hold control characters or invisible ones"),
+    # invisible labels, and look-alikes of a visible one, stay refused (an earlier version of the label rule let them)
+    ({"label2id": {"\u200b": 0, "pos": 1}}, InvalidAdapter, "must not hold control characters or invisible ones"),
+    ({"label2id": {"neg": 0, "pos\u200b": 1}}, InvalidAdapter, "must not hold control characters or invisible"),
+    ({"label2id": {"neg": 0, "pos\u200d": 1}}, InvalidAdapter, "joiners and variation selectors after a visible"),
+    ({"label2id": {"\ufe0f": 0, "pos": 1}}, InvalidAdapter, "joiners and variation selectors after a visible"),
+    ({"label2id": {"\x85": 0, "pos": 1}}, InvalidAdapter, r"got '\x85'"),
+    ({"label2id": {"  ": 0, "pos": 1}}, InvalidAdapter, "a label name in label2id needs a visible character"),
     ({"label2id": {"neg": 0, "a\u2028b": 1}}, InvalidAdapter, r"got 'a\u2028b'"),
     ({"label2id": {"neg": 0, "pos\n": 1}}, InvalidAdapter, "got 'pos\\n'"),
     # every reply describing the adapter carries its labels: 200,000 of them loaded, then broke the load's own reply.

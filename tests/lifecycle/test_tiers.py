@@ -113,6 +113,29 @@ def test_a_batch_during_a_pinned_swap_gets_the_old_or_the_new_version(make_engin
     assert_rows(bert, outcome[0], ["ia3"])  # it waited for the swap: the new version
 
 
+def test_lookups_do_not_wait_for_the_device_copy_of_an_unpinned_swap(make_engine, bert, monkeypatch):
+    """Only a pinned swap files its version under the registry lock: the event loop's lookups wait for none other
+    (every swap held them for its device copy, a review)."""
+    engine = make_engine(max_device_adapters=4)
+    engine.load_adapter(bert.cases["seq_bn"].path, name="x")
+    engine.load_adapter(bert.cases["lora"].path, name="other")
+    load, copying = engine.pool.load, threading.Event()
+
+    def slow_load(spec):
+        copying.set()
+        time.sleep(1.0)
+        return load(spec)
+    monkeypatch.setattr(engine.pool, "load", slow_load)
+    swap = threading.Thread(target=lambda: engine.load_adapter(bert.cases["ia3"].path, name="x"))
+    swap.start()
+    assert copying.wait(10)
+    t0 = time.monotonic()
+    engine.registry.lookup("other", None)
+    waited = time.monotonic() - t0
+    swap.join(10)
+    assert waited < 0.5, waited
+
+
 def _outcome(call):
     try:
         return call()

@@ -292,6 +292,7 @@ def test_what_a_tenant_key_is_shown_of_a_path(message, shown):
     ("store://x", "cannot open it: [Errno 2] No such file or directory: '/srv/store/my token/x'",
      "invalid adapter store://x: cannot open it: [Errno 2] No such file or directory: '<server path>'"),
     ("store://x", 'the folder "/srv/a b" is gone', 'invalid adapter store://x: the folder "<server path>" is gone'),
+    ("org/x", "cache miss at \"/srv/team's share/dir\"", 'invalid adapter org/x: cache miss at "<server path>"'),
     ("/", "the root /srv/x is gone", "invalid adapter /: the root <server path> is gone"),
 ])
 def test_a_server_path_with_spaces_or_colons_is_hidden_whole(source, detail, shown):
