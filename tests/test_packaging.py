@@ -81,5 +81,5 @@ def test_serve_with_a_foreign_kernels_package_says_so_in_one_line(tmp_path):
     result = _python("import sys; sys.path.insert(0, sys.argv[1]); from engine.cli import main; "
                      "sys.exit(main(['serve', '--port', '0', '--metrics-port', '-1']))", str(tmp_path))
     assert result.returncode == 2, result.stderr
-    assert result.stderr.startswith("adapterserve serve: error: ImportError: `import kernels` found "), result.stderr
+    assert result.stderr.startswith("adapterserve serve: error: `import kernels` found "), result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr  # was a traceback, exit 1
