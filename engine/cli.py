@@ -119,7 +119,8 @@ def _parser() -> argparse.ArgumentParser:
     average.add_argument("--svd-rank", type=arg.positive(int), help="the rank of a lora_delta_w_svd average")
     average.add_argument("--overwrite", action="store_true", help="replace an adapter already loaded under NAME")
     average.add_argument("--weights-as-given", action="store_true",
-                         help="do not normalise the weights to sum to 1 (a=1 b=1 sums two adapters, a=1 b=-1 subtracts)")
+                         help="do not normalise the weights to sum to 1 (a=1 b=1 sums two adapters, "
+                              "a=1 b=-1 subtracts)")
     average.set_defaults(run=lambda a: _call(a, lambda c: c.average_adapters(
         a.name, a.sources, a.tenant, a.combine_strategy, a.svd_rank, a.overwrite, not a.weights_as_given)))
     show = verbs.add_parser("show", parents=[client], help="one loaded adapter")

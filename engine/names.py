@@ -49,9 +49,13 @@ def label_problem(label: object) -> str | None:
     if len(label) > MAX_NAME_CHARS:
         return f"holds at most {MAX_NAME_CHARS} characters, got {len(label)}"
     for i, c in enumerate(label):
-        joiner, selector = c in JOINERS, any(lo <= ord(c) <= hi for lo, hi in SELECTORS)
-        placed = (0 < i < len(label) - 1) if joiner else i > 0 if selector else True
-        if ((joiner or selector) and not placed) or (not (joiner or selector) and _unseen(c)):
+        if c in JOINERS:
+            allowed = 0 < i < len(label) - 1  # between two characters
+        elif any(lo <= ord(c) <= hi for lo, hi in SELECTORS):
+            allowed = i > 0  # after the character it selects a form of
+        else:
+            allowed = not _unseen(c)
+        if not allowed:
             return (f"must not hold control characters or invisible ones but joiners and variation selectors "
                     f"after a visible character, got {label!r}")
     if label.isspace():

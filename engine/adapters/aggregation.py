@@ -16,6 +16,8 @@ from enum import Enum
 import torch
 
 from engine.adapters.files import TargetModel
+from engine.adapters.methods.bottleneck import DEFAULTS as BOTTLENECK_DEFAULTS
+from engine.adapters.methods.lora import DEFAULTS as LORA_DEFAULTS
 from engine.adapters.spec import AdapterSpec, BottleneckWeights, IA3Weights, LoraWeights, Method
 from engine.errors import InvalidRequest
 
@@ -24,19 +26,12 @@ IGNORED_CONFIG_KEYS = ("dropout", "init_weights")  # as the library's config com
 # IA3 loads as a LoRAConfig too), so a file that leaves out a field at its default has the same config as one that
 # saves it; tests/lifecycle/test_aggregation.py checks these against the library's own dataclasses.
 LIBRARY_DEFAULTS = {
-    Method.BOTTLENECK: {
-        "original_ln_before": False, "original_ln_after": True, "ln_before": False, "ln_after": False,
-        "init_weights_seed": None, "is_parallel": False, "scaling": 1.0, "use_gating": False,
-        "residual_before_ln": True, "adapter_residual_before_ln": False, "inv_adapter": None,
-        "inv_adapter_reduction_factor": None, "cross_adapter": False, "leave_out": [], "phm_layer": False,
+    Method.BOTTLENECK: {  # the parser's defaults, and those of the fields it ignores
+        **BOTTLENECK_DEFAULTS, "init_weights_seed": None, "inv_adapter_reduction_factor": None, "cross_adapter": False,
         "phm_dim": 4, "factorized_phm_W": True, "shared_W_phm": False, "shared_phm_rule": True,
         "factorized_phm_rule": False, "phm_c_init": "normal", "phm_init_range": 0.0001, "learn_phm": True,
         "hypercomplex_nonlinearity": "glorot-uniform", "phm_rank": 1, "phm_bias": True, "stochastic_depth": 0.0},
-    Method.LORA: {
-        "architecture": "lora", "selfattn_lora": True, "intermediate_lora": False, "output_lora": False,
-        "leave_out": [], "r": 8, "alpha": 8, "attn_matrices": ["q", "v"], "composition_mode": "add",
-        "init_weights_seed": None, "use_gating": False, "use_dora": False, "vera_d": None, "vera_b": None,
-        "dtype": None},
+    Method.LORA: {**LORA_DEFAULTS, "architecture": "lora", "init_weights_seed": None, "dtype": None},
 }
 LIBRARY_DEFAULTS[Method.IA3] = LIBRARY_DEFAULTS[Method.LORA]
 # Fields the library's config hash leaves out at these values (utils.ADAPTER_CONFIG_HASH_IGNORE_DEFAULT)
@@ -90,27 +85,26 @@ def average_specs(name: str, specs: list[AdapterSpec], weights: list[float], com
                   svd_rank: int | None, target: TargetModel) -> AdapterSpec:
     """The average of ``specs``; ``weights`` and ``combine`` as `check_request` returned them."""
     _check_sources(specs, combine, svd_rank, target)
-    w = weights
     first = specs[0]
     config = dict(first.config)
     if first.method is Method.BOTTLENECK:
         parameter_scaling = config.get("scaling") in ("learned", "channel")  # a float scaling is config, not weights
-        bottleneck = {site: _bottleneck([s.bottleneck[site] for s in specs], w, parameter_scaling)
+        bottleneck = {site: _bottleneck([s.bottleneck[site] for s in specs], weights, parameter_scaling)
                       for site in first.bottleneck}
         return AdapterSpec(name, first.method, "average", first.act, first.variant, bottleneck=bottleneck,
                            config=config)
     if first.method is Method.IA3:
-        ia3 = {site: IA3Weights(_weighted([s.ia3[site].vector for s in specs], w), first.ia3[site].on_input)
+        ia3 = {site: IA3Weights(_weighted([s.ia3[site].vector for s in specs], weights), first.ia3[site].on_input)
                for site in first.ia3}
         return AdapterSpec(name, first.method, "average", ia3=ia3, config=config)
     if combine is CombineStrategy.LORA_DELTA_W_SVD:
         alpha = config.get("alpha", 8)
         config["r"] = svd_rank
-        lora = {site: _svd([s.lora[site] for s in specs], w, svd_rank, alpha / svd_rank) for site in first.lora}
+        lora = {site: _svd([s.lora[site] for s in specs], weights, svd_rank, alpha / svd_rank) for site in first.lora}
     else:
-        a_weights = [abs(x) for x in w] if combine is CombineStrategy.LORA_LINEAR_ONLY_NEGATE_B else w
+        a_weights = [abs(x) for x in weights] if combine is CombineStrategy.LORA_LINEAR_ONLY_NEGATE_B else weights
         lora = {site: LoraWeights(_weighted([s.lora[site].lora_a for s in specs], a_weights),
-                                  _weighted([s.lora[site].lora_b for s in specs], w), first.lora[site].scaling)
+                                  _weighted([s.lora[site].lora_b for s in specs], weights), first.lora[site].scaling)
                 for site in first.lora}
     return AdapterSpec(name, first.method, "average", lora=lora, config=config)
 

@@ -194,13 +194,12 @@ class AdapterLifecycle:
             if folder is not None and folder.owned:
                 with self._downloads_lock:
                     self._downloads[record.key] = folder
-        if overwrite_ok and pin:  # it may evict the version it replaces: filed and swapped in one registry hold
-            replaced, unused = self.registry.register(record, place)
-            if unused:
-                self._free(replaced)
-        elif overwrite_ok:  # never evicts the version it replaces: lookups need not wait for its device copy
-            place(self.registry.own(spec.name, tenant))
-            replaced, unused = self.registry.register(record)
+        if overwrite_ok:
+            if pin:  # it may evict the version it replaces: filed and swapped in one registry hold
+                replaced, unused = self.registry.register(record, place)
+            else:  # never evicts the version it replaces: lookups need not wait for its device copy
+                place(self.registry.own(spec.name, tenant))
+                replaced, unused = self.registry.register(record)
             if unused:
                 self._free(replaced)
         else:

@@ -190,12 +190,9 @@ class AdapterTiers:
         limit = self.budget.max_device_bytes
         need_bytes = 0 if limit is None else self._device_bytes + entry.nbytes - limit
         victims = []
-        replaced = self._on_device.get(replaces) if replaces is not None else None
-        # the version entry replaces first: it is retired next anyway, and an older idle one would be evicted for
-        # nothing (its next use reading its files again)
-        candidates = [replaced, *(e for e in self._on_device.values() if e is not replaced)] if replaced else \
-            self._on_device.values()
-        for other in candidates:
+        # the version entry replaces first (a stable sort keeps the LRU order of the rest): it is retired next anyway,
+        # and an older idle one would be evicted for nothing (its next use reading its files again)
+        for other in sorted(self._on_device.values(), key=lambda e: e.key != replaces):
             if need_slots <= 0 and need_bytes <= 0:
                 return victims
             if (not other.pinned or other.key == replaces) and other.record.refs == 0:
